@@ -1,0 +1,25 @@
+# RegSAM workflow. Stage one (`cache_teacher`) runs SAM once; stage two (`train_student`,
+# `evaluate`, `predict`) and the ablations read that single cache. Rules are thin: each calls
+# `python -m pipeline <command>`. Every config is validated here, before any job starts.
+#
+#   snakemake --cores 2                 # the whole chain on the embedded synthetic default
+#   snakemake --cores 2 cache_teacher   # stage one only
+#   snakemake --cores 2 ablation        # baseline / +fusion / +resolution / +SAM / all, then a report
+#   snakemake --executor slurm ...      # the same rules on a cluster (threads/resources declared)
+
+configfile: "configs/workflow.yaml"
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/teacher.smk"
+include: "workflow/rules/student.smk"
+include: "workflow/rules/ablation.smk"
+include: "workflow/rules/benchmark.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        run_dir("main") / "final.pth",
+        run_dir("main") / "eval" / "metrics.json",
+        run_dir("main") / "predict" / "predictions.json",

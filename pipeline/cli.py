@@ -1,0 +1,188 @@
+"""Command-line entry points (``python -m pipeline <command>`` or ``regsam <command>``).
+
+Every Snakemake rule is a thin call of one of these commands; each validates its config before
+doing any work. Heavy modules are imported inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config
+
+log = logging.getLogger("regsam")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.override)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(json.dumps(cfg.to_dict(), indent=2) if args.print else f"{args.config}: OK")
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from pipeline.data.synthetic import generate_synthetic_coco_panoptic
+
+    cfg = _config(args)
+    s = cfg.data.synthetic
+    generate_synthetic_coco_panoptic(Path(cfg.data.root), num_train=s.num_train, num_val=s.num_val,
+                                     image_size=tuple(s.image_size),
+                                     num_thing_classes=s.num_thing_classes,
+                                     num_stuff_classes=s.num_stuff_classes, seed=s.seed)
+    return 0
+
+
+def cmd_convert_cityscapes(args: argparse.Namespace) -> int:
+    from pipeline.data.cityscapes import convert_cityscapes
+
+    cfg = _config(args)
+    if not cfg.data.cityscapes_root:
+        raise ConfigError("data.cityscapes_root is not set; point it at the Cityscapes root "
+                          "(the folder holding gtFine/ and leftImg8bit/)")
+    convert_cityscapes(cfg.data.cityscapes_root, splits=tuple(args.splits))
+    return 0
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from pipeline.cache.runner import build_cache
+
+    cfg = _config(args)
+    path = build_cache(cfg, split=args.split, scheduler_address=args.scheduler_address,
+                       n_workers=args.workers)
+    print(path)
+    return 0
+
+
+def cmd_cache_path(args: argparse.Namespace) -> int:
+    from pipeline.cache.fingerprint import cache_dir
+
+    print(cache_dir(_config(args), args.split))
+    return 0
+
+
+def cmd_cache_inspect(args: argparse.Namespace) -> int:
+    from pipeline.cache.inspect import inspect_cache, print_inspection
+
+    print_inspection(inspect_cache(Path(args.path)))
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from pipeline.cache.inspect import verify_cache
+
+    problems = verify_cache(Path(args.path))
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.training.trainer import train
+
+    cfg = _config(args)
+    work_dir = Path(args.work_dir or Path(cfg.output_root) / cfg.experiment)
+    summary = train(cfg, work_dir, resume=not args.no_resume, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.run import evaluate_checkpoint
+
+    cfg = _config(args)
+    metrics = evaluate_checkpoint(cfg, Path(args.checkpoint), Path(args.out),
+                                  max_images=args.max_images)
+    print(json.dumps({k: metrics[k] for k in ("All", "Things", "Stuff") if k in metrics}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.run import predict_checkpoint
+
+    predict_checkpoint(Path(args.checkpoint), Path(args.input), Path(args.out),
+                       device=args.device, test_size=args.test_size)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report.report import build_report
+
+    build_report([Path(r) for r in args.runs], Path(args.out), title=args.title)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="regsam", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+        sp.add_argument("--override", "-o", action="append", default=[],
+                        metavar="KEY=VALUE", help="e.g. -o training.max_iters=100 (repeatable)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = with_config("check-config", cmd_check_config, "validate a config and exit")
+    sp.add_argument("--print", action="store_true", help="print the resolved config")
+    with_config("synthetic", cmd_synthetic, "write the synthetic COCO-panoptic dataset")
+    sp = with_config("convert-cityscapes", cmd_convert_cityscapes,
+                     "run cityscapesscripts' csCreatePanopticImgs on data.cityscapes_root")
+    sp.add_argument("--splits", nargs="+", default=["train", "val"])
+    sp = with_config("cache-teacher", cmd_cache_teacher, "stage one: run SAM once, cache to Zarr")
+    sp.add_argument("--split", default="train")
+    sp.add_argument("--scheduler-address", default=None, help="join an existing dask cluster")
+    sp.add_argument("--workers", type=int, default=None, help="LocalCluster worker count")
+    sp = with_config("cache-path", cmd_cache_path, "print the cache directory of a config")
+    sp.add_argument("--split", default="train")
+    sp = sub.add_parser("cache-inspect", help="summarise a teacher cache")
+    sp.add_argument("path")
+    sp.set_defaults(fn=cmd_cache_inspect)
+    sp = sub.add_parser("cache-verify", help="check a teacher cache for NaN/inf and gaps")
+    sp.add_argument("path")
+    sp.set_defaults(fn=cmd_cache_verify)
+    sp = with_config("train", cmd_train, "stage two: train the student (resumes by default)")
+    sp.add_argument("--work-dir", default=None)
+    sp.add_argument("--no-resume", action="store_true")
+    sp.add_argument("--no-progress", action="store_true")
+    sp = with_config("evaluate", cmd_evaluate, "PQ/SQ/RQ of a trained student on data.val")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--max-images", type=int, default=None)
+    sp = sub.add_parser("predict", help="panoptic PNG + JSON + overlays for a folder of images")
+    sp.add_argument("--checkpoint", required=True, help="final.pth of a run")
+    sp.add_argument("--input", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--test-size", type=int, default=None)
+    sp.set_defaults(fn=cmd_predict)
+    sp = sub.add_parser("report", help="ablation report (Markdown + PNG figures)")
+    sp.add_argument("--runs", nargs="+", required=True, help="run directories")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--title", default="RegSAM ablation")
+    sp.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"config error:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Typed experiment configuration.
+
+YAML files under ``configs/`` are merged along their ``_base_`` chain (a path or a list of
+paths relative to the file) and validated by the pydantic models below before any work starts.
+Key names follow the original RegSAM design (``model.use_learnable_fusion``,
+``model.resolution_distill.fa_subscale``, ``model.sam_distill.temperature``, ...).
+
+Errors are :class:`ConfigError` and name the offending key, the file that set it and, for unknown
+keys, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "load_config_dict",
+    "apply_overrides",
+    "config_digest",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key and the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+class SplitPaths(_Section):
+    """Where one split of a COCO-panoptic-format dataset lives (relative to ``data.root``)."""
+
+    images: str
+    json_file: str = Field(alias="json")
+    png_dir: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SyntheticConfig(_Section):
+    num_train: int = Field(64, ge=1)
+    num_val: int = Field(16, ge=1)
+    image_size: tuple[int, int] = (256, 256)
+    num_thing_classes: int = Field(3, ge=1)
+    num_stuff_classes: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    dataset: Literal["synthetic", "coco_panoptic", "cityscapes"] = "synthetic"
+    root: str = "data/synthetic"
+    train: SplitPaths = SplitPaths(images="train", json="annotations/panoptic_train.json",
+                                   png_dir="annotations/panoptic_train")
+    val: SplitPaths = SplitPaths(images="val", json="annotations/panoptic_val.json",
+                                 png_dir="annotations/panoptic_val")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    cityscapes_root: str | None = None
+    crop_size: tuple[int, int] = (256, 256)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    test_size: int = Field(256, ge=32, description="longest side at evaluation")
+    size_divisibility: int = Field(32, ge=1)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    num_workers: int = Field(2, ge=0)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must satisfy 0 < min <= max, got {list(v)}")
+        return v
+
+    @field_validator("crop_size")
+    @classmethod
+    def _positive_crop(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 32:
+            raise ValueError(f"both sides must be >= 32, got {list(v)}")
+        return v
+
+
+# -------------------------------------------------------------------------- teacher
+class SamTinyConfig(_Section):
+    """Sizes of the ``sam_tiny`` teacher built from segment-anything's own modules."""
+
+    img_size: int = Field(256, ge=64)
+    embed_dim: int = Field(64, ge=8)
+    depth: int = Field(4, ge=1)
+    num_heads: int = Field(2, ge=1)
+    global_attn_indexes: list[int] = [1, 3]
+    window_size: int = Field(4, ge=0)
+    decoder_depth: int = Field(1, ge=1)
+    decoder_mlp_dim: int = Field(256, ge=8)
+
+
+TeacherType = Literal["sam_tiny", "vit_b", "vit_l", "vit_h"]
+
+
+class TeacherConfig(_Section):
+    type: TeacherType = "sam_tiny"
+    checkpoint: str | None = None
+    tiny: SamTinyConfig = SamTinyConfig()
+    layers: list[int | Literal["neck"]] | None = Field(
+        None, description="ViT block indices to cache; 'neck' = SAM's 256-d image embedding; "
+        "null = the global-attention blocks, the last one through the neck")
+    points_per_stuff: int = Field(3, ge=1)
+    device: str = "auto"
+
+
+# ---------------------------------------------------------------------------- cache
+class CacheConfig(_Section):
+    root: str = "cache"
+    channels: int = Field(64, ge=1, description="levels wider than this are PCA-reduced")
+    dtype: Literal["float16", "int8"] = "float16"
+    mask_size: int = Field(64, ge=8)
+    compressor: Literal["zstd", "lz4", "blosclz", "zlib"] = "zstd"
+    clevel: int = Field(5, ge=0, le=9)
+    pca_samples: int = Field(32, ge=1)
+    prototype_scale: float = Field(10.0, gt=0)
+    scheduler_address: str | None = None
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
+# ---------------------------------------------------------------------------- model
+class BackboneConfig(_Section):
+    name: str = "regnetx_002"
+    pretrained_path: str | None = None
+    freeze_bn: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _regnet(cls, v: str) -> str:
+        if not v.startswith(("regnetx_", "regnety_", "regnetz_", "regnetv_")):
+            raise ValueError(f"must be a timm RegNet (regnetx_*, regnety_*), got {v!r}")
+        return v
+
+
+class NeckConfig(_Section):
+    channels: int = Field(128, ge=8)
+    mask_stride: Literal[4, 8] = 4
+    use_coord: bool = True
+
+
+class HeadConfig(_Section):
+    num_queries: int = Field(100, ge=1)
+    num_stages: int = Field(3, ge=1)
+    ffn_dim: int = Field(512, ge=8)
+
+
+class LossConfig(_Section):
+    cls_weight: float = Field(2.0, ge=0)
+    mask_weight: float = Field(5.0, ge=0)
+    dice_weight: float = Field(5.0, ge=0)
+    iou_weight: float = Field(1.0, ge=0)
+    no_object_weight: float = Field(0.1, ge=0)
+    num_points: int = Field(12544, ge=16)
+    oversample_ratio: float = Field(3.0, ge=1)
+    importance_sample_ratio: float = Field(0.75, ge=0, le=1)
+
+
+class ResolutionDistillConfig(_Section):
+    feat_channels: int = Field(128, ge=1)
+    sr_loss_weight: float = Field(0.5, ge=0)
+    fa_loss_weight: float = Field(0.5, ge=0)
+    fa_subscale: float = Field(0.0625, gt=0, le=1)
+    lr_scale: float = Field(0.5, gt=0, lt=1)
+
+    @field_validator("fa_subscale")
+    @classmethod
+    def _inverse_integer(cls, v: float) -> float:
+        n = round(1.0 / v)
+        if abs(1.0 / v - n) > 1e-6 * n:
+            raise ValueError(f"must be 1/n for a positive integer n (e.g. 0.0625 = 1/16), got {v}")
+        return v
+
+
+class SamDistillConfig(_Section):
+    teacher_model: TeacherType | None = Field(
+        None, description="null = teacher.type; if set it must equal teacher.type")
+    teacher_checkpoint: str | None = Field(
+        None, description="null = teacher.checkpoint; if set it must equal teacher.checkpoint")
+    feat_distill_weight: float = Field(1.0, ge=0)
+    output_distill_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    distill_feat_layers: list[int] = [0, 1, 2, 3]
+    teacher_mode: Literal["cache", "live"] = "cache"
+    num_points: int = Field(4096, ge=16)
+
+    @field_validator("distill_feat_layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct non-negative level indices, got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    backbone: BackboneConfig = BackboneConfig()
+    neck: NeckConfig = NeckConfig()
+    head: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
+    use_learnable_fusion: bool = True
+    use_resolution_distill: bool = False
+    resolution_distill: ResolutionDistillConfig = ResolutionDistillConfig()
+    use_sam_distill: bool = False
+    sam_distill: SamDistillConfig = SamDistillConfig()
+
+
+# ------------------------------------------------------------------------- training
+class TrainingConfig(_Section):
+    max_iters: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    backbone_lr_mult: float = Field(1.0, gt=0)
+    warmup_iters: int = Field(50, ge=0)
+    lr_schedule: Literal["poly", "cosine"] = "poly"
+    poly_power: float = Field(0.9, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    amp: bool = True
+    checkpoint_interval: int = Field(100, ge=1)
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int | None = Field(None, ge=1)
+    init_from: str | None = Field(None, description="weights to start from (progressive training)")
+    device: str = "auto"
+    num_threads: int | None = Field(None, ge=1)
+
+
+class EvaluationConfig(_Section):
+    object_mask_threshold: float = Field(0.5, ge=0, le=1)
+    overlap_threshold: float = Field(0.8, ge=0, le=1)
+    max_images: int | None = Field(None, ge=1)
+    num_visualize: int = Field(8, ge=0)
+
+
+class Config(_Section):
+    experiment: str = "regsam"
+    seed: int = 0
+    output_root: str = "runs"
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    cache: CacheConfig = CacheConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _teacher_consistency(self) -> "Config":
+        sd = self.model.sam_distill
+        if sd.teacher_model is not None and sd.teacher_model != self.teacher.type:
+            raise ValueError(
+                f"model.sam_distill.teacher_model={sd.teacher_model!r} differs from "
+                f"teacher.type={self.teacher.type!r}; the cache is built by the teacher section")
+        if sd.teacher_checkpoint is not None and sd.teacher_checkpoint != self.teacher.checkpoint:
+            raise ValueError(
+                f"model.sam_distill.teacher_checkpoint={sd.teacher_checkpoint!r} differs from "
+                f"teacher.checkpoint={self.teacher.checkpoint!r}")
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def split_paths(self, split: Literal["train", "val"]) -> tuple[Path, Path, Path]:
+        """(image_dir, json_path, png_dir) of a split, resolved against ``data.root``."""
+        paths = getattr(self.data, split)
+        root = Path(self.data.root)
+        return root / paths.images, root / paths.json_file, root / paths.png_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict, origin: dict[str, str], src: str, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origin, src, dotted + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+            _record(value, origin, src, dotted)
+    return out
+
+
+def _record(value: Any, origin: dict[str, str], src: str, dotted: str) -> None:
+    origin[dotted] = src
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(v, origin, src, f"{dotted}.{k}")
+
+
+def _resolve(path: Path, origin: dict[str, str], stack: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"circular _base_ chain: {chain}")
+    raw = _read_yaml(path)
+    bases = raw.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, _resolve(path.parent / b, origin, (*stack, path)), {}, "")
+    # re-record provenance of the bases, then this file's own keys
+    merged = _merge(merged, raw, origin, str(path))
+    return merged
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None, origin: dict[str, str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config dict."""
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+        _record(node[parts[-1]], origin, "command-line override", key.strip())
+    return out
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        keys.append(prefix + key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, prefix + key + "."))
+    return keys
+
+
+def _format_errors(exc: ValidationError, origin: dict[str, str], default_src: str) -> str:
+    lines = []
+    valid = _valid_keys(Config)
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        src = origin.get(loc, default_src)
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
+            if not close:  # compare the leaf names within the same section
+                section = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
+                same = [k for k in valid if k.startswith(section) and "." not in k[len(section):]]
+                close = difflib.get_close_matches(loc, same, n=1, cutoff=0.0)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{loc}' in {src}{hint}")
+        else:
+            bad = err.get("input")
+            lines.append(f"invalid value for '{loc or 'config'}' in {src}: {err['msg']} "
+                         f"(got {bad!r})")
+    return "\n".join(lines)
+
+
+def load_config_dict(raw: dict, origin: dict[str, str] | None = None,
+                     source: str = "<dict>") -> Config:
+    """Validate a raw (already merged) dict; errors name keys and their source files."""
+    origin = origin if origin is not None else {}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config with its ``_base_`` chain and optional ``key=value`` overrides."""
+    origin: dict[str, str] = {}
+    raw = _resolve(Path(path), origin)
+    raw = apply_overrides(raw, overrides, origin)
+    return load_config_dict(raw, origin, str(Path(path).resolve()))
+
+
+def config_digest(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
+    """A short sha256 digest of (parts of) a resolved config, for run identities."""
+    d = cfg.to_dict()
+    if sections:
+        d = {k: d[k] for k in sections}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

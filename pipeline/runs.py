@@ -1,0 +1,112 @@
+"""Expand an ablation/sweep/progressive spec into named student runs.
+
+A run is an experiment config file plus ``key=value`` overrides. All runs are validated when the
+spec is expanded, so a typo in one sweep fails before any job starts. The expansion is pure: the
+Snakefile turns it into wildcards, tests check it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config, ConfigError, load_config
+
+
+@dataclass(frozen=True)
+class Run:
+    """One student run: ``config`` + ``overrides``; ``init_from`` names a previous run (progressive)."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    init_from: str | None = None
+    group: str = "main"
+
+    def all_overrides(self, output_root: str) -> list[str]:
+        ov = list(self.overrides) + [f"experiment={self.name}"]
+        if self.init_from:
+            ov.append(f"training.init_from={output_root}/{self.init_from}/final.pth")
+        return ov
+
+    def load(self, output_root: str = "runs") -> Config:
+        return load_config(self.config, self.all_overrides(output_root))
+
+
+@dataclass
+class RunTable:
+    runs: dict[str, Run] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, run: Run) -> None:
+        if run.name in self.runs:
+            raise ConfigError(f"run name {run.name!r} is declared twice")
+        self.runs[run.name] = run
+        self.groups.setdefault(run.group, []).append(run.name)
+
+
+def _fmt(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _slug(value: Any) -> str:
+    return str(value).replace(".", "p").replace("-", "m")
+
+
+def expand_spec(spec_path: str | Path) -> RunTable:
+    """Read an ablation spec (see ``configs/ablation.yaml``) and return every run it declares."""
+    spec_path = Path(spec_path)
+    if not spec_path.is_file():
+        raise ConfigError(f"ablation spec not found: {spec_path}")
+    spec = yaml.safe_load(spec_path.read_text()) or {}
+    allowed = {"base", "variants", "sweeps", "progressive", "overrides"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ConfigError(f"{spec_path}: unknown top-level key(s) {sorted(unknown)}; "
+                          f"allowed: {sorted(allowed)}")
+    base = spec.get("base")
+    if not base:
+        raise ConfigError(f"{spec_path}: 'base' (an experiment config path) is required")
+    common = [f"{k}={_fmt(v)}" for k, v in (spec.get("overrides") or {}).items()]
+    table = RunTable()
+    variants = spec.get("variants") or {}
+    for name, ov in variants.items():
+        table.add(Run(name, base, tuple(common + [f"{k}={_fmt(v)}" for k, v in (ov or {}).items()]),
+                      group="ablation"))
+    for sweep_name, sweep in (spec.get("sweeps") or {}).items():
+        parent = sweep.get("variant")
+        if parent not in variants:
+            raise ConfigError(f"{spec_path}: sweeps.{sweep_name}.variant={parent!r} is not one of "
+                              f"the variants {sorted(variants)}")
+        grid = sweep.get("grid") or {}
+        if not grid:
+            raise ConfigError(f"{spec_path}: sweeps.{sweep_name}.grid is empty")
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            suffix = "-".join(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in zip(keys, values))
+            ov = table.runs[parent].overrides + tuple(f"{k}={_fmt(v)}" for k, v in zip(keys, values))
+            table.add(Run(f"{sweep_name}-{suffix}", base, ov, group=f"sweep_{sweep_name}"))
+    prog = spec.get("progressive")
+    if prog:
+        prev = None
+        for i, stage in enumerate(prog.get("stages") or []):
+            name = f"progressive{i}-{stage['name']}"
+            ov = tuple(common + [f"{k}={_fmt(v)}" for k, v in (stage.get("overrides") or {}).items()])
+            table.add(Run(name, base, ov, init_from=prev, group="progressive"))
+            prev = name
+    return table
+
+
+def validate_runs(table: RunTable, output_root: str = "runs") -> dict[str, Config]:
+    """Load every run's config (raises ConfigError naming the run on the first bad one)."""
+    out = {}
+    for name, run in table.runs.items():
+        try:
+            out[name] = run.load(output_root)
+        except ConfigError as exc:
+            raise ConfigError(f"run {name!r} ({run.config} + {list(run.overrides)}):\n{exc}") from None
+    return out

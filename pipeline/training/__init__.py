@@ -1,0 +1,1 @@
+"""Training: the loop, exact resume, DDP and teacher-target warping."""

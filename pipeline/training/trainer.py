@@ -1,0 +1,492 @@
+"""The student training loop.
+
+One :class:`TrainStep` module holds the student, the criterion and the optional training-only
+distillers, so DistributedDataParallel wraps a single ``forward`` that returns every loss term.
+The loop adds what a long run on a shared cluster needs: a seeded, position-addressable sampler
+(exact resume after a kill), atomic checkpoints, JSONL metrics, a tqdm bar, AMP on GPU and a
+clear stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.data.coco_panoptic import PanopticDataset, collate_panoptic
+from pipeline.data.transforms import TrainTransform, normalize_images
+from pipeline.losses.criterion import SetCriterion
+from pipeline.losses.matcher import HungarianMatcher
+from pipeline.models.student import RegSAMStudent, build_student
+from pipeline.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from pipeline.training.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+TASK_TERMS = ("loss_cls", "loss_mask", "loss_dice", "loss_iou")
+TOTAL_TERMS = TASK_TERMS + ("loss_resolution_distill", "loss_sam_distill")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; the message names the term and the iteration."""
+
+
+# --------------------------------------------------------------------------- data order
+class EpochIndexed(Dataset):
+    """Decodes a global stream position ``epoch * N + i`` into sample ``i`` of epoch ``epoch``.
+
+    The dataset seeds its augmentation from ``(seed, epoch, i)``, so a sample is a pure function
+    of its stream position and a resumed run sees exactly the samples it would have seen.
+    """
+
+    def __init__(self, dataset: PanopticDataset, teacher: Any | None = None):
+        self.dataset = dataset
+        self.teacher = teacher
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(int(key), len(self.dataset))
+        self.dataset.set_epoch(epoch)
+        sample = self.dataset[index]
+        if self.teacher is not None and "skip_reason" not in sample:
+            sample["teacher"] = self.teacher.lookup(self.dataset, index, sample)
+        return sample
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of an endless stream of seeded epoch permutations, from any iteration on.
+
+    Iteration ``it`` of rank ``r`` takes stream positions
+    ``[it * B * W + r * B, it * B * W + (r + 1) * B)``; position ``p`` is element ``p mod N`` of the
+    permutation of epoch ``p div N``. Elements are encoded as ``epoch * N + index``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_iter: int,
+                 max_iters: int, rank: int = 0, world_size: int = 1):
+        if num_samples <= 0:
+            raise ValueError("the training split has no samples")
+        self.n, self.b, self.seed = num_samples, batch_size, seed
+        self.start, self.stop = start_iter, max_iters
+        self.rank, self.world = rank, world_size
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perm_cache[epoch]
+
+    def batch_at(self, it: int) -> list[int]:
+        base = it * self.b * self.world + self.rank * self.b
+        out = []
+        for p in range(base, base + self.b):
+            epoch, k = divmod(p, self.n)
+            out.append(epoch * self.n + int(self._perm(epoch)[k]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for it in range(self.start, self.stop):
+            yield self.batch_at(it)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+# ---------------------------------------------------------------------------- the step
+class TrainStep(nn.Module):
+    """Student + criterion + optional distillers; ``forward`` returns all loss terms.
+
+    The distillers are training-only: :meth:`export_student` returns the student alone.
+    """
+
+    def __init__(self, student: RegSAMStudent, criterion: SetCriterion,
+                 resolution_distiller: nn.Module | None = None,
+                 sam_distiller: nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        self.criterion = criterion
+        self.resolution_distiller = resolution_distiller
+        self.sam_distiller = sam_distiller
+
+    def forward(self, images: torch.Tensor, targets: list[dict],
+                teacher: list[dict | None] | None = None) -> dict[str, torch.Tensor]:
+        """images: float [B, 3, H, W] normalised; targets: data sample dicts on the device."""
+        feats = self.student.forward_features(images)
+        outputs = self.student.forward_head(feats)
+        losses, indices = self.criterion(outputs, targets)
+        if self.resolution_distiller is not None:
+            losses.update(self.resolution_distiller(self.student, images, feats))
+        if self.sam_distiller is not None:
+            losses.update(self.sam_distiller(feats, outputs, indices, targets, teacher))
+        if feats.get("fusion_weights") is not None:
+            losses["_fusion_weights"] = feats["fusion_weights"].detach()
+        return losses
+
+
+def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the task terms and the two distillation totals (sub-terms are not re-added)."""
+    return sum(losses[k] for k in TOTAL_TERMS if k in losses)
+
+
+def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
+    for name, value in losses.items():
+        if name.startswith("_"):
+            continue
+        if not torch.isfinite(value).all():
+            raise NonFiniteLossError(
+                f"{name} is {value.item()} at iteration {it}; training stopped before the "
+                "optimizer step, so the last checkpoint is intact. Lower training.lr, enable "
+                "training.grad_clip or check the data and teacher cache.")
+
+
+# ------------------------------------------------------------------------------ helpers
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(spec)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+        if commit:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10,
+                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+            return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def to_device(sample: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in sample.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = to_device(v, device)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def build_datasets(cfg: Config) -> PanopticDataset:
+    image_dir, json_path, png_dir = cfg.split_paths("train")
+    transform = TrainTransform(crop_size=tuple(cfg.data.crop_size),
+                               scale_range=tuple(cfg.data.scale_range),
+                               hflip_prob=cfg.data.hflip_prob)
+    return PanopticDataset(image_dir, json_path, png_dir, transform=transform,
+                           on_bad_sample=cfg.data.on_bad_sample, seed=cfg.seed)
+
+
+def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
+    lc = cfg.model.loss
+    matcher = HungarianMatcher(cost_class=lc.cls_weight, cost_mask=lc.mask_weight,
+                               cost_dice=lc.dice_weight, num_points=lc.num_points)
+    return SetCriterion(num_classes, matcher, cls_weight=lc.cls_weight, mask_weight=lc.mask_weight,
+                        dice_weight=lc.dice_weight, iou_weight=lc.iou_weight,
+                        no_object_weight=lc.no_object_weight, num_points=lc.num_points,
+                        oversample_ratio=lc.oversample_ratio,
+                        importance_sample_ratio=lc.importance_sample_ratio)
+
+
+# ------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Trains one student run in ``work_dir`` (resumes from ``work_dir/checkpoints/last.pth``)."""
+
+    def __init__(self, cfg: Config, work_dir: str | Path, resume: bool = True,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        self.resume = resume
+        self.progress = progress
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(cfg.training.device, self.local_rank)
+        if cfg.training.num_threads:
+            torch.set_num_threads(cfg.training.num_threads)
+        self.skips: Counter[str] = Counter()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ building
+    def _init_distributed(self) -> None:
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.dataset = build_datasets(cfg)
+        self.categories = self.dataset.categories
+        num_classes = len(self.categories)
+        student = build_student(cfg.model, num_classes)
+        if cfg.training.init_from:
+            self._init_from(student, Path(cfg.training.init_from))
+        criterion = build_criterion(cfg, num_classes)
+
+        res = sam = None
+        self.teacher = None
+        if cfg.model.use_resolution_distill:
+            from pipeline.models.resolution_distill import ResolutionDistiller
+            rd = cfg.model.resolution_distill
+            res = ResolutionDistiller(in_channels=cfg.model.neck.channels,
+                                      feat_channels=rd.feat_channels,
+                                      sr_loss_weight=rd.sr_loss_weight,
+                                      fa_loss_weight=rd.fa_loss_weight,
+                                      fa_subscale=rd.fa_subscale, lr_scale=rd.lr_scale,
+                                      mask_stride=cfg.model.neck.mask_stride)
+        if cfg.model.use_sam_distill:
+            from pipeline.models.sam_distill import SamDistiller
+            from pipeline.training.teacher_source import TeacherSource
+            self.teacher = TeacherSource.from_config(cfg)
+            sd = cfg.model.sam_distill
+            sam = SamDistiller(student_channels=student.neck_channels,
+                               teacher_channels=self.teacher.level_channels,
+                               distill_feat_layers=sd.distill_feat_layers,
+                               feat_distill_weight=sd.feat_distill_weight,
+                               output_distill_weight=sd.output_distill_weight,
+                               temperature=sd.temperature, num_points=sd.num_points)
+        self.step_module = TrainStep(student, criterion, res, sam).to(self.device)
+        self.model: nn.Module = self.step_module
+        if self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+
+        tc = cfg.training
+        backbone_params = list(student.backbone.parameters())
+        backbone_ids = {id(p) for p in backbone_params}
+        rest = [p for p in self.step_module.parameters() if id(p) not in backbone_ids and p.requires_grad]
+        groups = [{"params": [p for p in backbone_params if p.requires_grad],
+                   "lr": tc.lr * tc.backbone_lr_mult}, {"params": rest, "lr": tc.lr}]
+        self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, tc.max_iters, tc.warmup_iters,
+                                         tc.lr_schedule, tc.poly_power)
+        self.use_amp = tc.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (self.use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    def _init_from(self, student: nn.Module, path: Path) -> None:
+        from pipeline.training.checkpoint import load_student_weights
+        blob = load_student_weights(path) if path.name.endswith("final.pth") else load_checkpoint(path)
+        state = blob.get("student") or blob.get("model") or blob
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        if unexpected or missing:
+            raise RuntimeError(f"training.init_from={path}: weights do not fit this student "
+                               f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+        log.info("initialised student from %s", path)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    def _state(self, it: int) -> dict[str, Any]:
+        return {
+            "iteration": it,
+            "model": self.step_module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "skips": dict(self.skips),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _save(self, it: int) -> None:
+        if not self.is_main:
+            return
+        state = self._state(it)
+        save_atomic(state, self.ckpt_dir / "last.pth")
+        log.info("checkpoint at iteration %d", it)
+
+    def _restore(self) -> int:
+        path = self.ckpt_dir / "last.pth"
+        if not (self.resume and path.is_file()):
+            return 0
+        state = load_checkpoint(path)
+        self.step_module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.skips.update(state.get("skips", {}))
+        it = int(state["iteration"])
+        if self.is_main:
+            log.info("resumed from %s at iteration %d", path, it)
+        return it
+
+    def export_student(self, path: Path) -> None:
+        """Inference weights only: no distillation modules, no optimizer."""
+        save_atomic({
+            "student": self.step_module.student.state_dict(),
+            "config": json.dumps(self.cfg.to_dict()),
+            "categories": json.dumps([c.__dict__ for c in self.categories]),
+        }, path)
+
+    def _write_run_info(self, extra: dict[str, Any]) -> None:
+        info = {
+            "experiment": self.cfg.experiment,
+            "seed": self.cfg.seed,
+            "git_commit": git_commit(),
+            "config": self.cfg.to_dict(),
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "torch": torch.__version__,
+        }
+        if self.teacher is not None:
+            info["cache_fingerprint"] = self.teacher.fingerprint
+            info["cache_path"] = str(self.teacher.path)
+        info.update(extra)
+        (self.work_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self, start_iter: int) -> DataLoader:
+        cfg = self.cfg
+        sampler = ResumableBatchSampler(len(self.dataset), cfg.training.batch_size, cfg.seed,
+                                        start_iter, cfg.training.max_iters, self.rank,
+                                        self.world_size)
+        gen = torch.Generator().manual_seed(cfg.seed)  # keeps the global RNG untouched
+        nw = cfg.data.num_workers
+        return DataLoader(EpochIndexed(self.dataset, self.teacher), batch_sampler=sampler,
+                          collate_fn=collate_panoptic, num_workers=nw, generator=gen,
+                          pin_memory=self.device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=4 if nw > 0 else None)
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training to ``training.max_iters``; returns a summary dict."""
+        self._init_distributed()
+        self._build()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        start = self._restore()
+        tc = self.cfg.training
+        metrics_path = self.work_dir / "metrics.jsonl"
+        if self.is_main:
+            self._truncate_metrics(metrics_path, start)
+            self._write_run_info({"status": "running", "start_iteration": start})
+        if start >= tc.max_iters:
+            log.info("already trained to %d iterations", start)
+            return self._finish(start, 0.0)
+
+        self.step_module.train()
+        bar = tqdm(total=tc.max_iters, initial=start, disable=not (self.progress and self.is_main),
+                   desc=f"train {self.cfg.experiment}", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        t_data = time.perf_counter()
+        it = start
+        mfile = open(metrics_path, "a") if self.is_main else None
+        try:
+            for batch in self._loader(start):
+                data_time = time.perf_counter() - t_data
+                for name, reason in batch.get("skipped", []):
+                    self.skips[reason] += 1
+                record = self._step(batch, it)
+                it += 1
+                if record is not None and mfile is not None:
+                    record.update(iter=it, data_time=round(data_time, 4),
+                                  time=round(time.perf_counter() - t_data, 4))
+                    mfile.write(json.dumps(record) + "\n")
+                    if it % tc.log_interval == 0 or it == tc.max_iters:
+                        mfile.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                bar.update(1)
+                if it % tc.checkpoint_interval == 0 or it == tc.max_iters:
+                    if mfile is not None:
+                        mfile.flush()
+                    self._save(it)
+                t_data = time.perf_counter()
+        finally:
+            bar.close()
+            if mfile is not None:
+                mfile.close()
+        return self._finish(it, time.perf_counter() - t_start)
+
+    def _step(self, batch: dict, it: int) -> dict[str, Any] | None:
+        targets = [to_device(t, self.device) for t in batch["targets"]]
+        if not targets:
+            self.scheduler.step()
+            return None
+        images = normalize_images(batch["images"].to(self.device, non_blocking=True))
+        teacher = [t.get("teacher") for t in targets] if self.teacher is not None else None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            losses = self.model(images, targets, teacher)
+        fusion = losses.pop("_fusion_weights", None)
+        check_finite(losses, it)
+        loss = total_loss(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.training.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), self.cfg.training.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[-1]["lr"]
+        self.scheduler.step()
+        record: dict[str, Any] = {"lr": lr, "loss": float(loss.detach())}
+        record.update({k: float(v.detach()) for k, v in losses.items()})
+        if fusion is not None:
+            record["fusion_weights"] = [round(float(w), 5) for w in fusion]
+        return record
+
+    @staticmethod
+    def _truncate_metrics(path: Path, start: int) -> None:
+        """Drop metric lines past the resumed iteration (written after the last checkpoint)."""
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("iter", 0) <= start]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _finish(self, it: int, seconds: float) -> dict[str, Any]:
+        summary = {"status": "done", "iterations": it, "train_seconds": round(seconds, 1),
+                   "skipped_samples": dict(self.skips)}
+        if self.is_main:
+            self.export_student(self.work_dir / "final.pth")
+            prev = {}
+            info_path = self.work_dir / "run_info.json"
+            if info_path.exists():
+                prev = json.loads(info_path.read_text())
+            total_seconds = prev.get("train_seconds_total", 0.0) + seconds
+            summary["train_seconds_total"] = round(total_seconds, 1)
+            self._write_run_info(summary)
+            if self.skips:
+                log.warning("skipped samples: %s", dict(self.skips))
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
+
+
+def train(cfg: Config, work_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
+    """Entry point used by the CLI and the Snakemake rule."""
+    return Trainer(cfg, work_dir, resume=resume, progress=progress).train()
+
+
+__all__ = ["Trainer", "TrainStep", "ResumableBatchSampler", "EpochIndexed", "NonFiniteLossError",
+           "train", "total_loss", "check_finite"]

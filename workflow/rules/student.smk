@@ -1,0 +1,78 @@
+# Stage two: train, evaluate and run a student. Working rules take a `run` wildcard (a name from
+# configs/ablation.yaml, or `main` for configs/workflow.yaml's `main`); the target rules below
+# (`train_student`, `evaluate`, `predict`) point them at the main run.
+# Only final.pth is declared: checkpoints/last.pth survives a failed job, and a rerun resumes.
+
+rule train_run:
+    input:
+        TRAIN_JSON,
+        needs_cache,
+        init_weights,
+    output:
+        OUTPUT_ROOT / "{run}" / "final.pth",
+    params:
+        args=run_args,
+        work_dir=lambda wc: run_dir(wc.run),
+    threads: config["threads"]
+    resources:
+        gpu=config["gpus"],
+        mem_mb=16000,
+        runtime=48 * 60,
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "logs/benchmarks/train/{run}.tsv"
+    shell:
+        "{PY} train {params.args} --work-dir {params.work_dir} --no-progress > {log} 2>&1"
+
+
+rule evaluate_run:
+    input:
+        VAL_JSON,
+        weights=OUTPUT_ROOT / "{run}" / "final.pth",
+    output:
+        OUTPUT_ROOT / "{run}" / "eval" / "metrics.json",
+    params:
+        args=run_args,
+        out=lambda wc: run_dir(wc.run) / "eval",
+    threads: config["threads"]
+    resources:
+        gpu=config["gpus"],
+    log:
+        "logs/evaluate/{run}.log",
+    benchmark:
+        "logs/benchmarks/evaluate/{run}.tsv"
+    shell:
+        "{PY} evaluate {params.args} --checkpoint {input.weights} --out {params.out} > {log} 2>&1"
+
+
+rule predict_run:
+    input:
+        weights=OUTPUT_ROOT / "{run}" / "final.pth",
+        images=PREDICT_INPUT,
+    output:
+        OUTPUT_ROOT / "{run}" / "predict" / "predictions.json",
+    params:
+        out=lambda wc: run_dir(wc.run) / "predict",
+    threads: config["threads"]
+    resources:
+        gpu=config["gpus"],
+    log:
+        "logs/predict/{run}.log",
+    shell:
+        "{PY} predict --checkpoint {input.weights} --input {input.images} --out {params.out} > {log} 2>&1"
+
+
+rule train_student:
+    input:
+        run_dir("main") / "final.pth",
+
+
+rule evaluate:
+    input:
+        run_dir("main") / "eval" / "metrics.json",
+
+
+rule predict:
+    input:
+        run_dir("main") / "predict" / "predictions.json",
