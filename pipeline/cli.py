@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     work_dir = Path(args.work_dir or Path(cfg.output_root) / cfg.experiment)
-    summary = train(cfg, work_dir, resume=not args.no_resume, progress=not args.no_progress)
+    summary = train(cfg, work_dir, resume=not args.no_resume, progress=not args.no_progress,
+                    stop_at=args.stop_at)
     print(json.dumps(summary))
     return 0
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--work-dir", default=None)
     sp.add_argument("--no-resume", action="store_true")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--stop-at", type=int, default=None,
+                    help="checkpoint and exit after this iteration (rerun to resume)")
     sp = with_config("evaluate", cmd_evaluate, "PQ/SQ/RQ of a trained student on data.val")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--out", required=True)

@@ -97,9 +97,9 @@ class SamTinyConfig(_Section):
 
     img_size: int = Field(256, ge=64)
     embed_dim: int = Field(64, ge=8)
-    depth: int = Field(4, ge=1)
+    depth: int = Field(8, ge=1)
     num_heads: int = Field(2, ge=1)
-    global_attn_indexes: list[int] = [1, 3]
+    global_attn_indexes: list[int] = [1, 3, 5, 7]
     window_size: int = Field(4, ge=0)
     decoder_depth: int = Field(1, ge=1)
     decoder_mlp_dim: int = Field(256, ge=8)

@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,13 +25,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data.coco_panoptic import PanopticDataset, collate_panoptic
+from pipeline.data.coco_panoptic import PanopticDataset, SkipSummary, collate_panoptic
 from pipeline.data.transforms import TrainTransform, normalize_images
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.models.student import RegSAMStudent, build_student
 from pipeline.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from pipeline.training.schedule import build_scheduler
+from pipeline.training.teacher_targets import batch_warp_teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,13 @@ class TrainStep(nn.Module):
         if self.resolution_distiller is not None:
             losses.update(self.resolution_distiller(self.student, images, feats))
         if self.sam_distiller is not None:
-            losses.update(self.sam_distiller(feats, outputs, indices, targets, teacher))
+            # cached maps live in the teacher's frame of the original image: warp them onto
+            # this batch's augmented views (one grid_sample per level for the whole batch)
+            sizes = self.sam_distiller.level_sizes([f.shape[-2:] for f in feats["neck_features"]])
+            warped = batch_warp_teacher_targets(
+                teacher, [t["transform"] for t in targets], tuple(images.shape[-2:]), sizes,
+                tuple(outputs["pred_masks"].shape[-2:]), device=images.device)
+            losses.update(self.sam_distiller(feats, outputs, indices, targets, warped))
         if feats.get("fusion_weights") is not None:
             losses["_fusion_weights"] = feats["fusion_weights"].detach()
         return losses
@@ -214,18 +220,19 @@ class Trainer:
     """Trains one student run in ``work_dir`` (resumes from ``work_dir/checkpoints/last.pth``)."""
 
     def __init__(self, cfg: Config, work_dir: str | Path, resume: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, stop_at: int | None = None):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.resume = resume
         self.progress = progress
+        self.stop_at = stop_at  # end this process early (e.g. a wall-time slice); resumable
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(cfg.training.device, self.local_rank)
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
-        self.skips: Counter[str] = Counter()
+        self.skips = SkipSummary()
 
     @property
     def is_main(self) -> bool:
@@ -297,10 +304,11 @@ class Trainer:
         from pipeline.training.checkpoint import load_student_weights
         blob = load_student_weights(path) if path.name.endswith("final.pth") else load_checkpoint(path)
         state = blob.get("student") or blob.get("model") or blob
-        missing, unexpected = student.load_state_dict(state, strict=False)
-        if unexpected or missing:
-            raise RuntimeError(f"training.init_from={path}: weights do not fit this student "
-                               f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+        try:
+            student.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise RuntimeError(f"training.init_from={path}: weights do not fit this student: "
+                               f"{str(exc)[:600]}") from None
         log.info("initialised student from %s", path)
 
     # ------------------------------------------------------------------ state
@@ -405,8 +413,7 @@ class Trainer:
         try:
             for batch in self._loader(start):
                 data_time = time.perf_counter() - t_data
-                for name, reason in batch.get("skipped", []):
-                    self.skips[reason] += 1
+                self.skips.add_batch(batch)
                 record = self._step(batch, it)
                 it += 1
                 if record is not None and mfile is not None:
@@ -417,15 +424,21 @@ class Trainer:
                         mfile.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
                 bar.update(1)
-                if it % tc.checkpoint_interval == 0 or it == tc.max_iters:
+                stopping = self.stop_at is not None and it >= self.stop_at
+                if it % tc.checkpoint_interval == 0 or it == tc.max_iters or stopping:
                     if mfile is not None:
                         mfile.flush()
                     self._save(it)
+                if stopping:
+                    break
                 t_data = time.perf_counter()
         finally:
             bar.close()
             if mfile is not None:
                 mfile.close()
+        if it < tc.max_iters:
+            log.info("stopped at iteration %d of %d (stop_at); rerun to resume", it, tc.max_iters)
+            return {"status": "stopped", "iterations": it}
         return self._finish(it, time.perf_counter() - t_start)
 
     def _step(self, batch: dict, it: int) -> dict[str, Any] | None:
@@ -476,16 +489,16 @@ class Trainer:
             total_seconds = prev.get("train_seconds_total", 0.0) + seconds
             summary["train_seconds_total"] = round(total_seconds, 1)
             self._write_run_info(summary)
-            if self.skips:
-                log.warning("skipped samples: %s", dict(self.skips))
+            log.info("data summary: %s", self.skips.report())
         if dist.is_initialized():
             dist.barrier()
         return summary
 
 
-def train(cfg: Config, work_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
+def train(cfg: Config, work_dir: str | Path, resume: bool = True, progress: bool = True,
+          stop_at: int | None = None) -> dict:
     """Entry point used by the CLI and the Snakemake rule."""
-    return Trainer(cfg, work_dir, resume=resume, progress=progress).train()
+    return Trainer(cfg, work_dir, resume=resume, progress=progress, stop_at=stop_at).train()
 
 
 __all__ = ["Trainer", "TrainStep", "ResumableBatchSampler", "EpochIndexed", "NonFiniteLossError",

@@ -1,0 +1,157 @@
+"""Light FPN neck and the multi-level fusion into one mask-feature map.
+
+Pixel ``(i, j)`` of a stride-``s`` map covers ``[s j, s (j + 1)) x [s i, s (i + 1))`` of the input,
+so resizing between strides uses bilinear interpolation with ``align_corners=False`` (upsampling)
+and average pooling (downsampling), both exact under that convention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ConvNormAct", "LevelFusion", "FPNNeck", "resize_to_stride", "coord_channels"]
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d (no bias) -> GroupNorm -> optional ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 activation: bool = True) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.GroupNorm(math.gcd(32, out_channels), out_channels),
+        ]
+        if activation:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+def resize_to_stride(x: Tensor, from_stride: int, to_stride: int) -> Tensor:
+    """Resample ``[B, C, h, w]`` at ``from_stride`` to ``to_stride`` (strides are powers of 2).
+
+    Returns ``[B, C, h * from_stride / to_stride, w * from_stride / to_stride]``.
+    """
+    if from_stride == to_stride:
+        return x
+    if from_stride > to_stride:
+        factor = from_stride // to_stride
+        return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    factor = to_stride // from_stride
+    return F.avg_pool2d(x, kernel_size=factor, stride=factor)
+
+
+def coord_channels(x: Tensor) -> Tensor:
+    """``[B, 2, H, W]`` pixel-centre coordinates (x, y) of ``x [B, C, H, W]`` in [-1, 1]."""
+    batch, _, height, width = x.shape
+    ys = (torch.arange(height, device=x.device, dtype=x.dtype) + 0.5) / height * 2 - 1
+    xs = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) / width * 2 - 1
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+class LevelFusion(nn.Module):
+    """Weighted sum of same-size maps.
+
+    ``learnable=True``: fast normalised fusion, ``w_l = relu(v_l) / (sum_k relu(v_k) + eps)``
+    with ``v`` initialised to ones. ``learnable=False``: the plain average (RAP-SAM).
+    """
+
+    def __init__(self, num_levels: int, learnable: bool = True, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.num_levels = num_levels
+        self.learnable = learnable
+        self.eps = eps
+        self.raw_weights = nn.Parameter(torch.ones(num_levels)) if learnable else None
+
+    def weights(self) -> Tensor | None:
+        """Normalised ``[L]`` non-negative weights summing to one (up to eps), or None."""
+        if self.raw_weights is None:
+            return None
+        w = F.relu(self.raw_weights)
+        return w / (w.sum() + self.eps)
+
+    def forward(self, maps: Sequence[Tensor]) -> Tensor:
+        """``maps``: L tensors ``[B, C, H, W]`` -> ``[B, C, H, W]``."""
+        if len(maps) != self.num_levels:
+            raise ValueError(f"LevelFusion expects {self.num_levels} maps, got {len(maps)}")
+        stacked = torch.stack(list(maps))  # [L, B, C, H, W]
+        w = self.weights()
+        if w is None:
+            return stacked.mean(0)
+        return torch.einsum("l,lbchw->bchw", w.to(stacked.dtype), stacked)
+
+
+class FPNNeck(nn.Module):
+    """FPN over backbone strides 4..32 plus the mask-feature aggregation of RAP-SAM/YOSO.
+
+    lateral 1x1 convs -> top-down nearest-upsample-and-add -> 3x3 output convs give P2..P5
+    (``channels`` each). Every level is resized to ``mask_stride`` and fused
+    (:class:`LevelFusion`); with ``use_coord`` the (x, y) coordinate channels are concatenated and
+    a 3x3 conv + 1x1 projection give the mask features.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        strides: Sequence[int] = (4, 8, 16, 32),
+        channels: int = 128,
+        mask_stride: int = 4,
+        use_coord: bool = True,
+        use_learnable_fusion: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(strides):
+            raise ValueError(f"in_channels {list(in_channels)} and strides {list(strides)} "
+                             "must have the same length")
+        if mask_stride not in (4, 8):
+            raise ValueError(f"model.neck.mask_stride must be 4 or 8, got {mask_stride}")
+        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+            raise ValueError(f"backbone strides must double level to level, got {list(strides)}")
+        self.in_channels = list(in_channels)
+        self.strides = list(strides)
+        self.channels = channels
+        self.mask_stride = mask_stride
+        self.use_coord = use_coord
+        self.lateral = nn.ModuleList(
+            nn.Conv2d(c, channels, kernel_size=1) for c in in_channels)
+        self.output = nn.ModuleList(
+            ConvNormAct(channels, channels, 3) for _ in in_channels)
+        self.fusion = LevelFusion(len(in_channels), learnable=use_learnable_fusion)
+        self.mask_conv = ConvNormAct(channels + (2 if use_coord else 0), channels, 3)
+        self.mask_proj = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def fusion_weights(self) -> Tensor | None:
+        """Normalised ``[L]`` level weights (learnable fusion) or None (plain average)."""
+        return self.fusion.weights()
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """
+        Arguments:
+            features: backbone maps ``[B, in_channels[l], H / strides[l], W / strides[l]]``.
+
+        Returns:
+            ``levels``: ``[B, channels, H / strides[l], W / strides[l]]`` for each level (P2..P5);
+            ``mask_features``: ``[B, channels, H / mask_stride, W / mask_stride]``.
+        """
+        if len(features) != len(self.lateral):
+            raise ValueError(f"FPNNeck expects {len(self.lateral)} feature maps, got {len(features)}")
+        for level, (x, c) in enumerate(zip(features, self.in_channels)):
+            if x.shape[1] != c:
+                raise ValueError(f"FPNNeck level {level}: expected {c} channels, got {x.shape[1]}")
+        laterals = [conv(x) for conv, x in zip(self.lateral, features)]
+        for level in range(len(laterals) - 2, -1, -1):
+            laterals[level] = laterals[level] + F.interpolate(
+                laterals[level + 1], size=laterals[level].shape[-2:], mode="nearest")
+        levels = [conv(x) for conv, x in zip(self.output, laterals)]
+
+        resized = [resize_to_stride(x, s, self.mask_stride) for x, s in zip(levels, self.strides)]
+        fused = self.fusion(resized)
+        if self.use_coord:
+            fused = torch.cat([fused, coord_channels(fused)], dim=1)
+        mask_features = self.mask_proj(self.mask_conv(fused))
+        return levels, mask_features
