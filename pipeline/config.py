@@ -125,6 +125,10 @@ class CacheConfig(_Section):
     channels: int = Field(64, ge=1, description="levels wider than this are PCA-reduced")
     dtype: Literal["float16", "int8"] = "float16"
     mask_size: int = Field(64, ge=8)
+    # Per-segment arrays are padded to this many non-crowd segments (padding compresses to almost
+    # nothing). 200 keeps even the uncompressed worst case of the default settings (vit_h,
+    # 4 levels x 64 channels x 64 x 64 float16 = 2 MiB, + 9236 B per segment) under 4 MB/image.
+    max_segments: int = Field(200, ge=1, description="per-image segment capacity of the store")
     compressor: Literal["zstd", "lz4", "blosclz", "zlib"] = "zstd"
     clevel: int = Field(5, ge=0, le=9)
     pca_samples: int = Field(32, ge=1)

@@ -68,9 +68,11 @@ def expand_spec(spec_path: str | Path) -> RunTable:
     if unknown:
         raise ConfigError(f"{spec_path}: unknown top-level key(s) {sorted(unknown)}; "
                           f"allowed: {sorted(allowed)}")
-    base = spec.get("base")
-    if not base:
+    if not spec.get("base"):
         raise ConfigError(f"{spec_path}: 'base' (an experiment config path) is required")
+    base = str((spec_path.parent / spec["base"]).resolve())  # relative to the spec file
+    if not Path(base).is_file():
+        raise ConfigError(f"{spec_path}: base config not found: {base}")
     common = [f"{k}={_fmt(v)}" for k, v in (spec.get("overrides") or {}).items()]
     table = RunTable()
     variants = spec.get("variants") or {}

@@ -48,11 +48,12 @@ rule evaluate_run:
 
 rule predict_run:
     input:
+        VAL_JSON,  # makes sure the (synthetic) dataset exists when predicting its val images
         weights=OUTPUT_ROOT / "{run}" / "final.pth",
-        images=PREDICT_INPUT,
     output:
         OUTPUT_ROOT / "{run}" / "predict" / "predictions.json",
     params:
+        images=PREDICT_INPUT,
         out=lambda wc: run_dir(wc.run) / "predict",
     threads: config["threads"]
     resources:
@@ -60,7 +61,7 @@ rule predict_run:
     log:
         "logs/predict/{run}.log",
     shell:
-        "{PY} predict --checkpoint {input.weights} --input {input.images} --out {params.out} > {log} 2>&1"
+        "{PY} predict --checkpoint {input.weights} --input {params.images} --out {params.out} > {log} 2>&1"
 
 
 rule train_student:

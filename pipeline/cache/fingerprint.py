@@ -1,0 +1,154 @@
+"""Identity of a teacher cache: everything that changes what is stored, and nothing else.
+
+The fingerprint is a JSON-able dict; its sha256 names the cache directory
+``cache.root/<teacher>-<split>-<sha256[:12]>``. It covers the teacher (type, ``sam_tiny`` sizes,
+checkpoint sha256 or ``"random-init seed 0"``), SAM's preprocessing (input side S, pixel
+mean/std, resize and padding), the cached levels, the storage settings that change values
+(``channels``, ``dtype``, ``mask_size``, ``pca_samples``, ``max_segments``), the prompt settings
+(``points_per_stuff`` and how prompt seeds are derived), ``prototype_scale``, the split's
+annotations and :data:`CACHE_SCHEMA_VERSION`. Model, training, evaluation and compression
+settings do not enter it.
+
+Annotations are identified by the sha256 of the split's panoptic JSON, except for the two
+datasets the workflow generates itself, whose JSON may not exist yet when Snakemake builds its
+DAG: ``synthetic`` (identified by the generator parameters, of which the JSON is a pure
+function) and ``cityscapes`` (identified as the official release converted by
+cityscapesscripts). The sha256 of the actual JSON is still recorded in the manifest
+(``annotation_sha256``) when the cache is created.
+
+Computing the fingerprint builds no model: checkpoint digests come from
+:func:`pipeline.teacher.sam_builder.sha256_file`'s sidecar, so Snakemake can call
+:func:`cache_dir` at DAG time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, TeacherConfig
+from pipeline.teacher.sam_builder import PIXEL_MEAN, PIXEL_STD, sha256_file, spec_for
+
+__all__ = [
+    "CACHE_SCHEMA_VERSION",
+    "FingerprintMismatchError",
+    "TEACHER_INIT_SEED",
+    "cache_dir",
+    "describe_differences",
+    "fingerprint_sha256",
+    "resolve_layers",
+    "teacher_fingerprint",
+]
+
+CACHE_SCHEMA_VERSION = 1
+# Seed of a randomly initialised teacher (no checkpoint); independent of the training seed.
+TEACHER_INIT_SEED = 0
+# How the per-image seed of the stuff point prompts is derived (see pipeline.cache.record).
+PROMPT_SEEDING = "crc32(image_id)"
+
+
+class FingerprintMismatchError(ValueError):
+    """A cache was built with other settings than the ones asked for; the message lists them."""
+
+
+def resolve_layers(teacher: TeacherConfig) -> list[int | str]:
+    """``teacher.layers``, or the default levels of :func:`pipeline.teacher.sam_builder.default_layers`
+    computed from the teacher's sizes (global-attention blocks, the last block via the neck)."""
+    if teacher.layers is not None:
+        return list(teacher.layers)
+    spec = spec_for(teacher.type, teacher.tiny)
+    last = spec.depth - 1
+    glob = set(spec.global_attn_indexes)
+    return [i for i in range(spec.depth)
+            if (spec.window_size == 0 or i in glob) and i != last] + ["neck"]
+
+
+def _annotation_identity(cfg: Config, split: str) -> dict[str, Any]:
+    if cfg.data.dataset == "synthetic":
+        from pipeline.data.synthetic import GENERATOR_VERSION
+
+        return {"synthetic": {**cfg.data.synthetic.model_dump(mode="json"),
+                              "generator_version": GENERATOR_VERSION}}
+    if cfg.data.dataset == "cityscapes":
+        return {"cityscapes": {"split": split, "converter": "cityscapesscripts csCreatePanopticImgs"}}
+    json_path = cfg.split_paths(split)[1]  # type: ignore[arg-type]
+    if not json_path.is_file():
+        raise FileNotFoundError(f"panoptic annotations of split {split!r} not found: {json_path} "
+                                f"(data.root + data.{split}.json); the cache fingerprint needs "
+                                "their sha256")
+    return {"sha256": sha256_file(json_path)}
+
+
+def teacher_fingerprint(cfg: Config, split: str) -> dict[str, Any]:
+    """The fingerprint dict of the cache of ``split`` under ``cfg``."""
+    t, c = cfg.teacher, cfg.cache
+    spec = spec_for(t.type, t.tiny)
+    weights = (f"sha256:{sha256_file(t.checkpoint)}" if t.checkpoint
+               else f"random-init seed {TEACHER_INIT_SEED}")
+    return {
+        "schema_version": CACHE_SCHEMA_VERSION,
+        "split": split,
+        "teacher": {
+            "type": t.type,
+            "tiny": t.tiny.model_dump(mode="json") if t.type == "sam_tiny" else None,
+            "weights": weights,
+        },
+        "preprocessing": {
+            "input_size": spec.img_size,
+            "pixel_mean": list(PIXEL_MEAN),
+            "pixel_std": list(PIXEL_STD),
+            "resize": "longest side to input_size (segment_anything ResizeLongestSide)",
+            "padding": "image top-left, zeros to input_size x input_size after normalisation",
+        },
+        "layers": resolve_layers(t),
+        "prompts": {"points_per_stuff": t.points_per_stuff, "seed": PROMPT_SEEDING,
+                    "things": "box", "stuff": "points"},
+        "channels": c.channels,
+        "dtype": c.dtype,
+        "mask_size": c.mask_size,
+        "pca_samples": c.pca_samples,
+        "max_segments": c.max_segments,
+        "prototype_scale": c.prototype_scale,
+        "annotations": _annotation_identity(cfg, split),
+    }
+
+
+def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace) of a fingerprint."""
+    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_dir(cfg: Config, split: str) -> Path:
+    """``cache.root/<teacher>-<split>-<sha256(fingerprint)[:12]>``."""
+    digest = fingerprint_sha256(teacher_fingerprint(cfg, split))
+    return Path(cfg.cache.root) / f"{cfg.teacher.type}-{split}-{digest[:12]}"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def describe_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """One line per dotted field that differs, e.g. ``"layers: cache [1, 'neck'], asked [3]"``."""
+    a, b = _flatten(stored), _flatten(expected)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:
+            lines.append(f"{key}: missing in the cache, asked {b[key]!r}")
+        elif key not in b:
+            lines.append(f"{key}: cache {a[key]!r}, not part of the asked fingerprint")
+        elif json.dumps(a[key], sort_keys=True) != json.dumps(b[key], sort_keys=True):
+            lines.append(f"{key}: cache {a[key]!r}, asked {b[key]!r}")
+    return lines

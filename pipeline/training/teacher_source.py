@@ -1,0 +1,67 @@
+"""Where a training sample's SAM targets come from: the stage-one cache, or (for comparison
+benchmarks only) the teacher run inline.
+
+Lookups happen in the DataLoader workers and return the raw cached dicts of
+:meth:`pipeline.cache.reader.TeacherCache.get`; the training step warps them onto the augmented
+views on the device (:func:`pipeline.training.teacher_targets.batch_warp_teacher_targets`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache.reader import TeacherCache
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class TeacherSource:
+    """Teacher targets per training sample.
+
+    Arguments:
+        cache: the stage-one cache of the train split (fingerprint already checked).
+        live: a :class:`pipeline.cache.live.LiveTeacher` when ``teacher_mode: live``; the cache
+            then only supplies the PCA bases and class prototypes.
+    """
+
+    def __init__(self, cache: TeacherCache, live: Any | None = None):
+        self.cache = cache
+        self.live = live
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "TeacherSource":
+        """Open the cache of ``cfg``'s teacher; a missing or stale cache stops with an error that
+        says to run ``snakemake cache_teacher``."""
+        cache = TeacherCache.for_config(cfg, "train")
+        live = None
+        if cfg.model.sam_distill.teacher_mode == "live":
+            from pipeline.cache.live import LiveTeacher
+
+            log.warning("model.sam_distill.teacher_mode=live runs SAM inside the data loader: "
+                        "for comparison benchmarks only")
+            live = LiveTeacher(cfg, cache.path, device="cpu")
+        return cls(cache, live)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cache.path)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.cache.fingerprint_sha256
+
+    @property
+    def level_channels(self) -> list[int]:
+        return self.cache.level_channels
+
+    def lookup(self, dataset: Any, index: int, sample: dict) -> dict | None:
+        """Raw teacher targets of ``dataset[index]`` (None when the cache skipped that image)."""
+        if self.live is not None:
+            return self.live(dataset.load_original(index))
+        image_id = sample["image_id"]
+        if image_id not in self.cache:
+            return None
+        return self.cache.get(image_id)

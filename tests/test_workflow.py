@@ -1,0 +1,56 @@
+"""The Snakemake workflow: config validated at parse time, one teacher cache for every run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(tmp_path: Path, *targets: str, main: Path | None = None) -> subprocess.CompletedProcess:
+    main = main or ROOT / "configs/reg_sam/regnet_distill.yaml"
+    cmd = [sys.executable, "-m", "snakemake", *targets, "-n", "-p", "--cores", "2", "--snakefile",
+           str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+           str(ROOT / "configs/workflow.yaml"), "--config", f"main={main}",
+           f"ablation={ROOT / 'configs/ablation.yaml'}"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+def job_counts(out: str) -> dict[str, int]:
+    stats = out.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+
+
+def test_ablation_dry_run_caches_the_teacher_once(tmp_path):
+    res = dry_run(tmp_path, "ablation")
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = job_counts(res.stdout)
+    assert counts["cache_teacher"] == 1
+    assert counts["train_run"] == 5 and counts["evaluate_run"] == 5
+    assert counts["synthetic_data"] == 1 and counts["report_runs"] == 1
+
+
+def test_default_target_runs_the_whole_chain(tmp_path):
+    res = dry_run(tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = job_counts(res.stdout)
+    for rule in ("synthetic_data", "cache_teacher", "train_run", "evaluate_run", "predict_run"):
+        assert counts[rule] == 1, rule
+
+
+def test_progressive_chains_three_stages(tmp_path):
+    res = dry_run(tmp_path, "progressive")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert job_counts(res.stdout)["train_run"] == 3
+    assert "training.init_from=runs/progressive0-base/final.pth" in res.stdout
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_base_: {ROOT / 'configs/base.yaml'}\nmodel: {{sam_distill: {{temperature: -1}}}}\n")
+    res = dry_run(tmp_path, main=bad)
+    assert res.returncode != 0
+    assert "model.sam_distill.temperature" in res.stderr + res.stdout
