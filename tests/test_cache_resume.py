@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from pipeline.cache.fingerprint import cache_dir
 from pipeline.cache.runner import build_cache
 from pipeline.cache.store import STATUS_DONE, STATUS_TODO, CacheStore
 from pipeline.config import load_config
 from pipeline.data.synthetic import generate_synthetic_coco_panoptic
+from tests.cache_helpers import store_contents
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "base.yaml"
@@ -29,16 +29,6 @@ NO_SEGMENTS = 2
 def overrides(data_root, cache_root):
     return [f"data.root={data_root}", f"cache.root={cache_root}", f"data.synthetic.num_train={N}",
             "data.synthetic.num_val=1", "data.synthetic.image_size=[96, 128]", "cache.dtype=int8"]
-
-
-def store_contents(path):
-    group = zarr.open_group(str(path / "data.zarr"), mode="r")
-    out = {name: (str(a.dtype), a.shape, np.asarray(a[...]).tobytes())
-           for name, a in group.members(max_depth=None) if isinstance(a, zarr.Array)}
-    out["manifest.json"] = (path / "manifest.json").read_text()
-    for p in sorted((path / "skips").glob("*.json")):
-        out[f"skips/{p.name}"] = p.read_text()
-    return out
 
 
 def wait_for_group_exit(pgid, timeout=10.0):

@@ -21,6 +21,7 @@ from pipeline.cache.store import CacheWriteError
 from pipeline.config import load_config
 from pipeline.data.coco_panoptic import PanopticDataset
 from pipeline.data.synthetic import generate_synthetic_coco_panoptic
+from tests.cache_helpers import store_contents
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 NO_SEGMENTS, MISSING_IMAGE = 2, 4  # dataset indices broken on purpose
@@ -44,17 +45,6 @@ def make_split(root):
     Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(png)
     (image_dir / doc["images"][MISSING_IMAGE]["file_name"]).unlink()
     return paths["train"]
-
-
-def store_contents(path):
-    """Every array of the Zarr group (dtype + bytes), the manifest and the skip sidecars."""
-    group = zarr.open_group(str(path / "data.zarr"), mode="r")
-    out = {name: (str(a.dtype), a.shape, np.asarray(a[...]).tobytes())
-           for name, a in group.members(max_depth=None) if isinstance(a, zarr.Array)}
-    out["manifest.json"] = (path / "manifest.json").read_text()
-    for p in sorted((path / "skips").glob("*.json")):
-        out[f"skips/{p.name}"] = p.read_text()
-    return out
 
 
 @pytest.fixture(scope="module")

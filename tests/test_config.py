@@ -42,7 +42,7 @@ def test_every_experiment_config_validates(path):
 
 
 def test_base_chain_and_override_precedence(tmp_path):
-    mid = write(tmp_path, "mid.yaml", base_line() + "training: {max_iters: 7, lr: 0.5}\n")
+    write(tmp_path, "mid.yaml", base_line() + "training: {max_iters: 7, lr: 0.5}\n")
     leaf = write(tmp_path, "leaf.yaml", "_base_: mid.yaml\ntraining: {lr: 0.25}\n")
     cfg = load_config(leaf, ["training.batch_size=3"])
     assert cfg.training.max_iters == 7  # from mid

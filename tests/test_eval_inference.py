@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from pipeline.data.geometry import scale_matrix, warp_affine
 from pipeline.evaluation.inference import (
-    mask_logits_to_original,
     panoptic_merge,
     postprocess,
     to_coco_panoptic,

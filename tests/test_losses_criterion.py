@@ -15,14 +15,6 @@ from pipeline.losses.criterion import (SetCriterion, dice_loss, iou_score_loss, 
 from pipeline.losses.matcher import HungarianMatcher
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 

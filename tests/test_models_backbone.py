@@ -9,14 +9,6 @@ import pytest
 from pipeline.models.backbone import RegNetBackbone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", ["regnetx_002", "regnety_002", "regnetx_004"])
 def test_strides_and_channels(name: str) -> None:
     backbone = RegNetBackbone(name).eval()

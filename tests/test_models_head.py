@@ -8,14 +8,6 @@ import torch
 from pipeline.models.head import DynamicSeparableConv, KernelHead, KernelUpdateStage, mask_pool
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_mask_pool_hand_computed() -> None:
     # two pixels; query 0 is "on" (p = sigmoid(ln 3) = 0.75) at pixel 0 and "off" (0.25) at pixel 1
     logits = torch.log(torch.tensor([3.0, 1 / 3])).reshape(1, 1, 1, 2)

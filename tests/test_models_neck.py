@@ -11,14 +11,6 @@ IN_CHANNELS = [24, 56, 152, 368]
 STRIDES = [4, 8, 16, 32]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _features(batch: int = 2, height: int = 64, width: int = 96) -> list[torch.Tensor]:
     return [torch.randn(batch, c, height // s, width // s) for c, s in zip(IN_CHANNELS, STRIDES)]
 

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from pipeline.losses.criterion import SetCriterion, mask_iou
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.models.student import build_student
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def two_squares(size: int = 64) -> tuple[torch.Tensor, dict]:

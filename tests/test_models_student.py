@@ -11,14 +11,6 @@ from torch.overrides import TorchFunctionMode
 from pipeline.models.student import RegSAMStudent, build_student
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(name: str = "regnetx_002", mask_stride: int = 4, learnable: bool = True,
              channels: int = 32, queries: int = 6, stages: int = 2) -> SimpleNamespace:
     return SimpleNamespace(

@@ -95,6 +95,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_root):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     for term in ("loss_cls", "loss_mask", "loss_dice", "loss_iou", "lr"):
         assert term in la[0]
+    # the stored resolved config reproduces the run's config exactly
+    assert load_config(part / "config.yaml") == cfg_for(data_root)
     info = json.loads((part / "run_info.json").read_text())
     assert info["status"] == "done" and info["iterations"] == 6 and info["seed"] == 0
     exported = torch.load(part / "final.pth", weights_only=True)
@@ -171,3 +173,36 @@ def test_init_from_rejects_weights_of_another_student(tmp_path, data_root):
                                 "model.neck.channels": 24})
     with pytest.raises(RuntimeError, match="do not fit this student"):
         Trainer(cfg, tmp_path / "b", progress=False).train()
+
+
+def test_ddp_two_processes_on_cpu(tmp_path, data_root):
+    """torchrun with 2 gloo processes: ranks see disjoint data, rank 0 writes one run."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29517", "-m", "pipeline", "train", "--config",
+            str(ROOT / "configs/reg_sam/baseline.yaml"), "--work-dir", str(tmp_path / "ddp"),
+            "--no-progress"]
+    for o in tiny_overrides(data_root, **{"training.max_iters": 3}):
+        args += ["-o", o]
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((tmp_path / "ddp" / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "done"
+    rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iter"] for r in rows] == [1, 2, 3]  # rank 0 alone writes
+    exported = torch.load(tmp_path / "ddp" / "final.pth", weights_only=True)["student"]
+    assert not any(k.startswith("module.") for k in exported)
+
+
+def test_init_from_starts_from_the_previous_stage(tmp_path, data_root):
+    """Progressive training: a stage starts from the previous stage's exported student."""
+    first = tmp_path / "stage0"
+    Trainer(cfg_for(data_root, **{"training.max_iters": 2}), first, progress=False).train()
+    prev = torch.load(first / "final.pth", weights_only=True)["student"]
+    cfg = cfg_for(data_root, **{"training.init_from": str(first / "final.pth"),
+                                "model.use_learnable_fusion": "true"})
+    trainer = Trainer(cfg, tmp_path / "stage1", progress=False)
+    trainer._build()
+    start = trainer.step_module.student.state_dict()
+    shared = [k for k in prev if "fusion" not in k]
+    assert shared and all(torch.equal(start[k], prev[k]) for k in shared)

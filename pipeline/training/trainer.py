@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -304,11 +305,20 @@ class Trainer:
         from pipeline.training.checkpoint import load_student_weights
         blob = load_student_weights(path) if path.name.endswith("final.pth") else load_checkpoint(path)
         state = blob.get("student") or blob.get("model") or blob
+        # Switching learnable fusion on or off between stages is allowed: fresh fusion weights
+        # start as the plain average, which is what a model without them computed.
+        optional = "neck.fusion."
+        own = student.state_dict()
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(optional)}
         try:
-            student.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
+            missing, unexpected = student.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
             raise RuntimeError(f"training.init_from={path}: weights do not fit this student: "
                                f"{str(exc)[:600]}") from None
+        missing = [k for k in missing if not k.startswith(optional)]
+        if missing or unexpected:
+            raise RuntimeError(f"training.init_from={path}: weights do not fit this student "
+                               f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
         log.info("initialised student from %s", path)
 
     # ------------------------------------------------------------------ state
@@ -374,6 +384,9 @@ class Trainer:
             info["cache_path"] = str(self.teacher.path)
         info.update(extra)
         (self.work_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+        # the resolved config, loadable as it is: `python -m pipeline train --config <it>`
+        (self.work_dir / "config.yaml").write_text(
+            yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     # ------------------------------------------------------------------ loop
     def _loader(self, start_iter: int) -> DataLoader:

@@ -1,4 +1,5 @@
-# Speed / memory / size benchmarks: each prints a Markdown table of side-by-side ratios.
+# Speed / memory / size benchmarks. Each script measures its rows side by side in one run and
+# writes a Markdown table of ratios (never a timed unit test). `snakemake benchmark` runs all.
 
 rule benchmark:
     input:
@@ -7,17 +8,41 @@ rule benchmark:
         "benchmarks/results/distill.md",
 
 
-rule benchmark_one:
-    input:
-        TRAIN_JSON,
+rule bench_cache:
     output:
-        "benchmarks/results/{name}.md",
+        "benchmarks/results/cache.md",
+    threads: config["threads"]
+    resources:
+        gpu=config["gpus"],
+    log:
+        "logs/benchmark/cache.log",
+    shell:
+        "python benchmarks/bench_cache.py --teacher vit_b --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule bench_model:
+    output:
+        "benchmarks/results/model.md",
+    params:
+        configs=f"{config['main']} configs/coco/regnet_distill.yaml",
+    threads: config["threads"]
+    resources:
+        gpu=config["gpus"],
+    log:
+        "logs/benchmark/model.log",
+    shell:
+        "python benchmarks/bench_model.py --config {params.configs} --out {output} > {log} 2>&1"
+
+
+rule bench_distill:
+    output:
+        "benchmarks/results/distill.md",
     params:
         config=config["main"],
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
     log:
-        "logs/benchmark/{name}.log",
+        "logs/benchmark/distill.log",
     shell:
-        "python benchmarks/bench_{wildcards.name}.py --config {params.config} --out {output} > {log} 2>&1"
+        "python benchmarks/bench_distill.py --config {params.config} --out {output} > {log} 2>&1"

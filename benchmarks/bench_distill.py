@@ -1,0 +1,609 @@
+"""Benchmark the training step with and without RegSAM's distillations, on one machine in one run.
+
+Five rows, each adding one thing to the row above, all trained on the same fixed batch:
+
+1. ``baseline``: plain-average FPN fusion, no distillation;
+2. ``+ learnable fusion``;
+3. ``+ resolution distillation`` (DSRL: low-resolution pass, SR decoder, FA loss);
+4. ``+ SAM distillation (cache)``: teacher targets read from the stage-one cache
+   (``TeacherCache.get``) and warped onto the batch's views inside ``TrainStep``;
+5. ``+ SAM distillation (live teacher)``: the same, but the teacher (``vit_b`` by default:
+   official architecture, random weights) runs inline on the original images of the batch
+   (:class:`pipeline.cache.live.LiveTeacher`, projected with the cache's PCA bases) before the
+   step. This row shows what the cache saves.
+
+Every row is the real training step of :class:`pipeline.training.trainer.Trainer`: the trainer
+builds the student, criterion, distillers, AdamW and schedule exactly as for a run
+(``Trainer._build``) and one iteration is ``Trainer._step`` (forward of ``TrainStep``, backward,
+gradient clipping, optimizer and scheduler step; autocast on CUDA as in training). The batch is
+the first training batch of the config's seeded sampler (``ResumableBatchSampler``,
+``EpochIndexed``, ``collate_panoptic``) over a small synthetic dataset, and its sha256 is
+checked to be the same in every row.
+
+Reported per row: median step time, peak memory, trainable parameters, ratios against the
+baseline row and what the row adds over the row above (in units of the baseline). Every row runs
+in a fresh Python process, so rows cannot share caches, allocator pools or warm-up. Peak memory
+is ``torch.cuda.max_memory_allocated`` (reset per row, minus what was allocated before the row
+was built) on CUDA; on CPU it is the peak resident set size of the row's process
+(``getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident size after loading the batch, i.e.
+model + optimizer state + activations (+ the live teacher in row 5).
+
+In training, the cache fetch of row 4 happens in the DataLoader workers, overlapped with the
+step; it is timed on its own (``teacher fetch ms/batch``: ``TeacherSource.lookup`` for the whole
+batch) and is not part of the step time. The live teacher of row 5 is part of its step time.
+
+Issue goals (added time / memory in units of the baseline row): resolution distillation
+<= +20 % time and <= +35 % memory; cached SAM distillation <= +10 % time.
+
+Example (from the repository root; about 15 minutes on 2 CPU cores, most of it the vit_b
+teacher)::
+
+    python benchmarks/bench_distill.py --out benchmarks/results/distill.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.config import Config, load_config
+from pipeline.evaluation.complexity import complexity_table
+from pipeline.training.trainer import resolve_device
+
+DEFAULT_CONFIG = "configs/reg_sam/regnet_distill.yaml"
+FETCH_REPEATS = 5
+
+# goals of the issue, as (row key, quantity, limit on what the row adds in units of the baseline)
+GOALS: tuple[tuple[str, str, float], ...] = (
+    ("resolution_distill", "time", 0.20),
+    ("resolution_distill", "memory", 0.35),
+    ("sam_cache", "time", 0.10),
+)
+
+
+# ------------------------------------------------------------------------------ rows
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """One benchmark row.
+
+    Arguments:
+        key: short identifier (``baseline``, ``fusion``, ...).
+        label: the row's name in the table.
+        overrides: config overrides (``key=value``) that switch the row's parts on or off.
+        teacher: where SAM targets come from: None (no SAM distillation), ``"cache"`` or
+            ``"live"``.
+    """
+
+    key: str
+    label: str
+    overrides: tuple[str, ...]
+    teacher: str | None = None
+
+
+def _switches(fusion: bool, resolution: bool, sam: bool) -> tuple[str, ...]:
+    return (f"model.use_learnable_fusion={str(fusion).lower()}",
+            f"model.use_resolution_distill={str(resolution).lower()}",
+            f"model.use_sam_distill={str(sam).lower()}",
+            # the live row swaps the teacher in after building (on the benchmark's device)
+            "model.sam_distill.teacher_mode=cache")
+
+
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("baseline", "baseline", _switches(False, False, False)),
+    RowSpec("fusion", "+ learnable fusion", _switches(True, False, False)),
+    RowSpec("resolution_distill", "+ resolution distillation", _switches(True, True, False)),
+    RowSpec("sam_cache", "+ SAM distillation (cache)", _switches(True, True, True), "cache"),
+    RowSpec("sam_live", "+ SAM distillation (live teacher)", _switches(True, True, True), "live"),
+)
+
+
+def select_rows(skip_live: bool) -> list[RowSpec]:
+    return [r for r in ROWS if not (skip_live and r.teacher == "live")]
+
+
+# ----------------------------------------------------------------------------- setup
+def setup_overrides(workdir: Path, teacher: str, images: int, image_size: int, batch_size: int,
+                    crop: int) -> list[str]:
+    """Overrides that point a config at the benchmark's own data and cache under ``workdir``."""
+    return [
+        "data.dataset=synthetic", f"data.root={workdir / 'data'}",
+        f"data.synthetic.num_train={images}", "data.synthetic.num_val=1",
+        f"data.synthetic.image_size=[{image_size}, {image_size}]",
+        f"data.crop_size=[{crop}, {crop}]", "data.num_workers=0",
+        f"teacher.type={teacher}", f"cache.root={workdir / 'cache'}",
+        f"cache.pca_samples={images}", f"training.batch_size={batch_size}",
+    ]
+
+
+def prepare(config: str | Path, overrides: Sequence[str], progress: bool = False
+            ) -> dict[str, Any]:
+    """Write the synthetic dataset and build (or reuse) the teacher cache of its train split.
+
+    Returns:
+        ``{"cache": path, "build_s": seconds, "layout": {...}}`` (``build_s`` is 0 when a
+        finished cache was reused).
+    """
+    from pipeline.cache.reader import TeacherCache
+    from pipeline.cache.runner import build_cache
+    from pipeline.data.synthetic import generate_synthetic_coco_panoptic
+
+    cfg = load_config(config, list(overrides))
+    s = cfg.data.synthetic
+    generate_synthetic_coco_panoptic(cfg.data.root, s.num_train, s.num_val, tuple(s.image_size),
+                                     s.num_thing_classes, s.num_stuff_classes, s.seed,
+                                     progress=progress)
+    start = time.perf_counter()
+    path = build_cache(cfg, "train", n_workers=1, progress=progress)
+    cache = TeacherCache(path)
+    first = cache.get(cache.image_ids[0])
+    return {
+        "cache": str(path),
+        "build_s": time.perf_counter() - start,
+        "layout": {"teacher": cfg.teacher.type, "input_size": cache.input_size,
+                   "levels": cache.level_names, "channels": cache.level_channels,
+                   "grid": list(first["features"][0].shape[-2:]),
+                   "mask_size": int(first["mask_logits"].shape[-1])},
+    }
+
+
+# ------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of what happens after :meth:`start`, in bytes.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (reset at :meth:`start`) minus the bytes allocated
+    at :meth:`start`. CPU: the process's peak resident set size (``ru_maxrss``) minus its resident
+    size at :meth:`start` (``/proc/self/statm``; where that is missing, minus the peak at
+    :meth:`start`). Meaningful for the CPU only in a fresh process whose earlier peak is small.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+        self.peak_at_start = 0
+
+    @staticmethod
+    def rss_now() -> int | None:
+        """Current resident set size in bytes (Linux ``/proc``; None elsewhere)."""
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        return pages * os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def rss_peak() -> int:
+        """Peak resident set size of this process in bytes (``ru_maxrss`` is KiB on Linux)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.peak_at_start = self.rss_peak()
+            now = self.rss_now()
+            self.base = self.peak_at_start if now is None else now
+
+    def peak(self) -> int:
+        """Peak bytes since :meth:`start`."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return self.rss_peak() - self.base
+
+    @property
+    def peak_was_before_start(self) -> bool:
+        """CPU: the process peak has not grown since :meth:`start` (the row's own peak is lower
+        than an earlier one, so :meth:`peak` over-states it)."""
+        return self.device.type != "cuda" and self.rss_peak() <= self.peak_at_start
+
+
+def batch_digest(batch: dict[str, Any]) -> str:
+    """sha256 of what the step consumes: images, masks, labels, ignore maps and transforms."""
+    h = hashlib.sha256(batch["images"].numpy().tobytes())
+    for t in batch["targets"]:
+        for key in ("masks", "labels", "ignore", "segment_ids"):
+            h.update(t[key].numpy().tobytes())
+        h.update(t["transform"].tobytes())
+    return h.hexdigest()
+
+
+def first_batch(cfg: Config, with_teacher: bool) -> tuple[Any, list[int], dict[str, Any],
+                                                           float | None]:
+    """The first batch a training run of ``cfg`` sees, built as its DataLoader builds it.
+
+    Arguments:
+        cfg: the row's config.
+        with_teacher: attach cached teacher targets (``sample["teacher"]``) as the DataLoader
+            workers do (``EpochIndexed.__getitem__`` -> ``TeacherSource.lookup``).
+
+    Returns:
+        ``(dataset, keys, batch, fetch_ms)``: the training dataset, the batch's stream positions
+        (``epoch * N + index``), the ``collate_panoptic`` output and the median time of the
+        teacher lookups of the whole batch in ms (None without teacher).
+    """
+    from pipeline.data.coco_panoptic import collate_panoptic
+    from pipeline.training.teacher_source import TeacherSource
+    from pipeline.training.trainer import EpochIndexed, ResumableBatchSampler, build_datasets
+
+    dataset = build_datasets(cfg)
+    n = len(dataset)
+    keys = ResumableBatchSampler(n, cfg.training.batch_size, cfg.seed, 0, 1).batch_at(0)
+    samples = [EpochIndexed(dataset)[k] for k in keys]
+    bad = [s for s in samples if "skip_reason" in s]
+    if bad:
+        raise RuntimeError(f"the benchmark batch holds skipped samples: {bad}")
+    fetch_ms = None
+    if with_teacher:
+        source = TeacherSource.from_config(cfg)
+        times = []
+        for _ in range(FETCH_REPEATS):
+            start = time.perf_counter()
+            items = [source.lookup(dataset, k % n, s) for k, s in zip(keys, samples)]
+            times.append(time.perf_counter() - start)
+        fetch_ms = 1e3 * statistics.median(times)
+        for s, item in zip(samples, items):
+            s["teacher"] = item
+    return dataset, keys, collate_panoptic(samples), fetch_ms
+
+
+def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build one row and time its training step (run it in the row's own process).
+
+    Arguments:
+        spec: ``config`` (path), ``overrides`` (list), ``row`` (:class:`RowSpec` as a dict),
+            ``device``, ``threads`` (or None), ``warmup``, ``iters``, ``live_iters``,
+            ``workdir``.
+
+    Returns:
+        dict with ``key``, ``label``, ``teacher``, ``step_ms`` (median), ``step_ms_min``,
+        ``iters``, ``peak_mb``, ``peak_before_row`` (see :class:`PeakMemory`), ``params_m``
+        (trainable parameters of the step module), ``teacher_ms`` (per batch: the cache fetch,
+        or the live teacher; None without SAM distillation), ``terms`` (keys logged by the last
+        step), ``digest`` (of the batch), ``view`` (batch image shape), ``amp``, ``threads``.
+    """
+    from pipeline.training.teacher_source import TeacherSource
+    from pipeline.training.trainer import Trainer
+
+    row = RowSpec(**{**spec["row"], "overrides": tuple(spec["row"]["overrides"])})
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    cfg = load_config(spec["config"], [*spec["overrides"], *row.overrides])
+    device = resolve_device(spec["device"])
+    iters = spec["live_iters"] if row.teacher == "live" else spec["iters"]
+    warmup = spec["warmup"]
+    if cfg.training.max_iters < warmup + iters:
+        raise ValueError(f"training.max_iters={cfg.training.max_iters} is below warm-up + timed "
+                         f"iterations ({warmup} + {iters}): the schedule would end")
+    # the live row warms up on cached targets (same shapes as the live ones)
+    dataset, keys, batch, teacher_ms = first_batch(cfg, with_teacher=row.teacher is not None)
+    n = len(dataset)
+    digest = batch_digest(batch)
+
+    memory = PeakMemory(device)
+    memory.start()  # model, optimizer state, activations (and the live teacher) count from here
+    trainer = Trainer(cfg, Path(spec["workdir"]) / row.key, resume=False, progress=False)
+    if threads:
+        torch.set_num_threads(int(threads))  # training.num_threads may have changed it
+    trainer._build()
+    if row.teacher == "live":
+        from pipeline.cache.live import LiveTeacher
+
+        live = LiveTeacher(cfg, trainer.teacher.path, device=str(device))
+        trainer.teacher = TeacherSource(trainer.teacher.cache, live)
+    trainer.step_module.train()
+
+    for it in range(warmup):
+        trainer._step(batch, it)
+    if row.teacher == "live":
+        trainer.teacher.lookup(dataset, keys[0] % n, batch["targets"][0])  # warm the teacher
+
+    step_times, live_times, record = [], [], None
+    for it in range(warmup, warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        if row.teacher == "live":
+            # the teacher inline on the batch's original images; TrainStep warps its outputs
+            items = [trainer.teacher.lookup(dataset, k % n, t)
+                     for k, t in zip(keys, batch["targets"])]
+            for t, item in zip(batch["targets"], items):
+                t["teacher"] = item
+            _sync(device)
+            live_times.append(time.perf_counter() - start)
+        record = trainer._step(batch, it)
+        _sync(device)
+        step_times.append(time.perf_counter() - start)
+    if live_times:
+        teacher_ms = 1e3 * statistics.median(live_times)
+
+    return {
+        "key": row.key,
+        "label": row.label,
+        "teacher": row.teacher,
+        "step_ms": 1e3 * statistics.median(step_times),
+        "step_ms_min": 1e3 * min(step_times),
+        "iters": iters,
+        "peak_mb": memory.peak() / 2**20,
+        "peak_before_row": memory.peak_was_before_start,
+        "params_m": sum(p.numel() for p in trainer.step_module.parameters()
+                        if p.requires_grad) / 1e6,
+        "teacher_ms": teacher_ms,
+        "terms": sorted((record or {}).keys()),
+        "digest": digest,
+        "view": list(batch["images"].shape),
+        "amp": bool(trainer.use_amp),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_row_isolated(spec: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure_row` in a fresh Python process (its own peak RSS, allocator and warm-up)."""
+    with tempfile.TemporaryDirectory(prefix="bench_distill_row_") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                               str(spec_path), str(out_path)])
+        if proc.returncode != 0 or not out_path.is_file():
+            raise RuntimeError(f"row {spec['row']['key']!r} failed in its subprocess (exit code "
+                               f"{proc.returncode}); its traceback is on stderr above")
+        return json.loads(out_path.read_text())
+
+
+def measure_rows(config: str | Path, overrides: Sequence[str], rows: Sequence[RowSpec],
+                 workdir: str | Path, device: str = "auto", threads: int | None = None,
+                 warmup: int = 1, iters: int = 3, live_iters: int = 1,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """Measure every row in its own process and add the ratios (see :func:`add_ratios`).
+
+    Arguments:
+        config, overrides: the config (with :func:`setup_overrides`) of a prepared workdir.
+        rows: the rows to run; the first one is the reference for the ratios.
+        workdir: scratch folder of the trainers (nothing is written there during a step).
+        device: ``auto`` | ``cpu`` | ``cuda[:N]``.
+        threads: torch CPU threads of each row's process (None: torch's default).
+        warmup, iters: untimed and timed steps per row; ``live_iters`` timed steps of the live
+            row (each runs the teacher on every image of the batch).
+        progress: print one line per row to stderr.
+
+    Raises:
+        RuntimeError: a row failed, or the rows did not see the same batch.
+    """
+    if not rows:
+        raise ValueError("measure_rows: no rows to measure")
+    if iters < 1 or live_iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1, live_iters >= 1 and warmup >= 0, got {iters}, "
+                         f"{live_iters}, {warmup}")
+    results = []
+    for row in rows:
+        if progress:
+            print(f"[bench_distill] row {row.key}: {warmup} warm-up + "
+                  f"{live_iters if row.teacher == 'live' else iters} timed steps",
+                  file=sys.stderr, flush=True)
+        spec = {"config": str(config), "overrides": list(overrides),
+                "row": dataclasses.asdict(row), "device": device, "threads": threads,
+                "warmup": warmup, "iters": iters, "live_iters": live_iters,
+                "workdir": str(workdir)}
+        results.append(run_row_isolated(spec))
+    digests = {r["key"]: r["digest"][:12] for r in results}
+    if len(set(digests.values())) != 1:
+        raise RuntimeError(f"the rows did not train on the same batch (sha256 per row: {digests})")
+    return add_ratios(results)
+
+
+def add_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``time_ratio`` / ``mem_ratio`` (row / first row) and ``time_added`` / ``mem_added``
+    (ratio minus the previous row's ratio: what the row adds, in units of the first row)."""
+    ref = results[0]
+    prev_t = prev_m = None
+    for r in results:
+        r["time_ratio"] = r["step_ms"] / ref["step_ms"]
+        r["mem_ratio"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
+        r["time_added"] = None if prev_t is None else r["time_ratio"] - prev_t
+        r["mem_added"] = None if prev_m is None else r["mem_ratio"] - prev_m
+        prev_t, prev_m = r["time_ratio"], r["mem_ratio"]
+    return results
+
+
+# ---------------------------------------------------------------------------- report
+def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One Markdown-table row per result (column name -> value)."""
+    out = []
+    for r in results:
+        teacher = {None: "–", "cache": "cache fetch, in DataLoader workers (overlapped; not "
+                   "in the step time)", "live": "live teacher, inline (in the step time)"
+                   }[r["teacher"]]
+        out.append({
+            "row": r["label"],
+            "step ms (median)": r["step_ms"],
+            "time x baseline": r["time_ratio"],
+            "added time (x baseline)": r["time_added"],
+            "peak memory MB": r["peak_mb"],
+            "memory x baseline": r["mem_ratio"],
+            "added memory (x baseline)": r["mem_added"],
+            "trainable params M": r["params_m"],
+            "teacher fetch ms/batch": r["teacher_ms"],
+            "teacher targets": teacher,
+        })
+    return out
+
+
+def goal_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    by_key = {r["key"]: r for r in results}
+    lines = []
+    for key, quantity, limit in GOALS:
+        r = by_key.get(key)
+        added = None if r is None else r["time_added" if quantity == "time" else "mem_added"]
+        if added is None:
+            continue
+        verdict = "met" if added <= limit else "NOT met"
+        lines.append(f"- {r['label']}: adds {100 * added:+.1f} % {quantity} of the baseline "
+                     f"(goal <= +{100 * limit:.0f} %): **{verdict}**")
+    live, cached = by_key.get("sam_live"), by_key.get("sam_cache")
+    if live and cached and cached["teacher_ms"]:
+        lines.append(f"- teacher targets per batch: live {live['teacher_ms']:,.0f} ms vs cached "
+                     f"fetch {cached['teacher_ms']:,.1f} ms ({live['teacher_ms'] / cached['teacher_ms']:,.0f}x); "
+                     f"live step / cached step = {live['step_ms'] / cached['step_ms']:,.1f}x, "
+                     f"memory {live['peak_mb'] / cached['peak_mb']:,.2f}x")
+    if cached and cached["teacher_ms"]:
+        lines.append(f"- the cached fetch is {100 * cached['teacher_ms'] / cached['step_ms']:.1f} % "
+                     "of the cached row's step time: DataLoader workers hide it completely as long "
+                     "as it stays below the step time times the number of workers")
+    return lines
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} logical cores)"
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
+    """The Markdown report: header lines, the table and the goal check."""
+    device = info["device"]
+    r0 = results[0]
+    lay = info["layout"]
+    memory = ("torch.cuda.max_memory_allocated during the row minus what was allocated before "
+              "it was built (reset per row)" if device.type == "cuda" else
+              "peak RSS delta: getrusage(RUSAGE_SELF).ru_maxrss after the timed steps minus the "
+              "resident size after loading the batch, in a fresh process per row")
+    header = [
+        "# Training step with and without distillation",
+        "",
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; config `{info['config']}`",
+        f"- device: {device_description(device)}; torch {torch.__version__}; "
+        f"threads {r0['threads']}; autocast {'on' if r0['amp'] else 'off'}",
+        f"- batch {info['batch_size']} x crop {info['crop']} (padded view "
+        f"{r0['view'][2]}x{r0['view'][3]}), the first batch of the seeded sampler over "
+        f"{info['images']} synthetic {info['image_size']}x{info['image_size']} images; "
+        f"batch sha256 {r0['digest'][:12]} in every row",
+        f"- {info['warmup']} warm-up + {info['iters']} timed steps per row"
+        + (f" ({info['live_iters']} for the live row)" if any(r["teacher"] == "live"
+                                                             for r in results) else "")
+        + "; step = Trainer._step: TrainStep forward, backward, grad clip, AdamW + schedule step",
+        f"- teacher `{lay['teacher']}` (random weights), input {lay['input_size']}, cached levels "
+        f"{lay['levels']} x {lay['channels'][0]} channels at {lay['grid'][0]}x{lay['grid'][1]}, "
+        f"masks {lay['mask_size']}x{lay['mask_size']}; both SAM rows use this cache "
+        "(the live row for its PCA bases and class prototypes)",
+        f"- peak memory: {memory}",
+        "- ratios are against the baseline row; 'added' = this row's ratio minus the row above's",
+        f"- load average (1/5/15 min) before: {info['load_before']}; after: {load_average()}",
+    ]
+    flagged = [r["label"] for r in results if r.get("peak_before_row")]
+    if flagged:
+        header.append(f"- note: in {flagged} the process peak had been reached before the row "
+                      "was built; their memory is an upper bound")
+    return ("\n".join(header) + "\n\n" + complexity_table(table_rows(results))
+            + "\n## Goals\n\n" + "\n".join(goal_lines(results)) + "\n")
+
+
+# ------------------------------------------------------------------------------ main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="student config (rows override the "
+                   "fusion/distillation switches)")
+    p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=160, help="square training crop side")
+    p.add_argument("--iters", type=int, default=5, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row")
+    p.add_argument("--live-iters", type=int, default=1,
+                   help="timed steps of the live-teacher row (each runs the teacher per image)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per row")
+    p.add_argument("--skip-live", action="store_true", help="leave out the live-teacher row")
+    p.add_argument("--teacher", default="vit_b", choices=["sam_tiny", "vit_b", "vit_l", "vit_h"],
+                   help="teacher of the cache and of the live row")
+    p.add_argument("--images", type=int, default=4, help="synthetic training images")
+    p.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep data and cache here and reuse them (default: a temp dir)")
+    p.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is None and min(args.batch_size, args.iters, args.live_iters, args.images) < 1:
+        p.error("--batch-size, --iters, --live-iters and --images must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.child is not None:  # one row, in its own process
+        spec_path, out_path = args.child
+        result = measure_row(json.loads(Path(spec_path).read_text()))
+        Path(out_path).write_text(json.dumps(result))
+        return None
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    try:
+        overrides = setup_overrides(workdir.resolve(), args.teacher, args.images, args.image_size,
+                                    args.batch_size, args.crop)
+        print(f"[bench_distill] data and {args.teacher} cache in {workdir}", file=sys.stderr,
+              flush=True)
+        prep = prepare(args.config, overrides, progress=True)
+        load_before = load_average()
+        results = measure_rows(args.config, overrides, select_rows(args.skip_live), workdir,
+                               device=str(device), threads=args.threads, warmup=args.warmup,
+                               iters=args.iters, live_iters=args.live_iters)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    info = {"device": device, "config": args.config, "batch_size": args.batch_size,
+            "crop": args.crop, "images": args.images, "image_size": args.image_size,
+            "warmup": args.warmup, "iters": args.iters, "live_iters": args.live_iters,
+            "layout": prep["layout"], "load_before": load_before}
+    report = render_report(results, info)
+    print(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        print(f"[bench_distill] wrote {args.out}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
