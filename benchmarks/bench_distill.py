@@ -22,11 +22,15 @@ checked to be the same in every row.
 
 Reported per row: median step time, peak memory, trainable parameters, ratios against the
 baseline row and what the row adds over the row above (in units of the baseline). Every row runs
-in a fresh Python process, so rows cannot share caches, allocator pools or warm-up. Peak memory
-is ``torch.cuda.max_memory_allocated`` (reset per row, minus what was allocated before the row
-was built) on CUDA; on CPU it is the peak resident set size of the row's process
-(``getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident size after loading the batch, i.e.
-model + optimizer state + activations (+ the live teacher in row 5).
+in fresh Python processes, so rows cannot share caches, allocator pools or warm-up; as the step
+time of one process differs from the next by several per cent on a small CPU, each row but the
+live one runs in ``--rounds`` processes (order reversed every other round) and the median over
+them is reported, with every process's own median alongside. Peak memory
+is ``torch.cuda.max_memory_allocated`` (reset per row, minus what was allocated before) on
+CUDA; on CPU it is the peak resident set size of the row's process
+(``getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident size before the batch was loaded,
+i.e. the batch as the loader delivers it (with the teacher targets in rows 4-5) + model +
+optimizer state + activations (+ the live teacher in row 5).
 
 In training, the cache fetch of row 4 happens in the DataLoader workers, overlapped with the
 step; it is timed on its own (``teacher fetch ms/batch``: ``TeacherSource.lookup`` for the whole
@@ -35,7 +39,7 @@ batch) and is not part of the step time. The live teacher of row 5 is part of it
 Issue goals (added time / memory in units of the baseline row): resolution distillation
 <= +20 % time and <= +35 % memory; cached SAM distillation <= +10 % time.
 
-Example (from the repository root; about 15 minutes on 2 CPU cores, most of it the vit_b
+Example (from the repository root; about 9 minutes on 2 CPU cores, most of it the vit_b
 teacher)::
 
     python benchmarks/bench_distill.py --out benchmarks/results/distill.md
@@ -261,8 +265,9 @@ def first_batch(cfg: Config, with_teacher: bool) -> tuple[Any, list[int], dict[s
     fetch_ms = None
     if with_teacher:
         source = TeacherSource.from_config(cfg)
-        times = []
+        times, items = [], None
         for _ in range(FETCH_REPEATS):
+            items = None  # one batch of targets alive at a time (the peak-memory meter runs)
             start = time.perf_counter()
             items = [source.lookup(dataset, k % n, s) for k, s in zip(keys, samples)]
             times.append(time.perf_counter() - start)
@@ -301,13 +306,15 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     if cfg.training.max_iters < warmup + iters:
         raise ValueError(f"training.max_iters={cfg.training.max_iters} is below warm-up + timed "
                          f"iterations ({warmup} + {iters}): the schedule would end")
+    # counted from here: the batch as the loader delivers it (with teacher targets in the SAM
+    # rows), model, optimizer state, activations (and the live teacher)
+    memory = PeakMemory(device)
+    memory.start()
     # the live row warms up on cached targets (same shapes as the live ones)
     dataset, keys, batch, teacher_ms = first_batch(cfg, with_teacher=row.teacher is not None)
     n = len(dataset)
     digest = batch_digest(batch)
 
-    memory = PeakMemory(device)
-    memory.start()  # model, optimizer state, activations (and the live teacher) count from here
     trainer = Trainer(cfg, Path(spec["workdir"]) / row.key, resume=False, progress=False)
     if threads:
         torch.set_num_threads(int(threads))  # training.num_threads may have changed it
@@ -362,13 +369,16 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_row_isolated(spec: dict[str, Any]) -> dict[str, Any]:
-    """:func:`measure_row` in a fresh Python process (its own peak RSS, allocator and warm-up)."""
+def run_row_isolated(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """:func:`measure_row` in a fresh Python process (its own peak RSS, allocator and warm-up).
+
+    ``env`` is the child's environment (default: this process's).
+    """
     with tempfile.TemporaryDirectory(prefix="bench_distill_row_") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
-                               str(spec_path), str(out_path)])
+                               str(spec_path), str(out_path)], env=env)
         if proc.returncode != 0 or not out_path.is_file():
             raise RuntimeError(f"row {spec['row']['key']!r} failed in its subprocess (exit code "
                                f"{proc.returncode}); its traceback is on stderr above")
@@ -377,9 +387,10 @@ def run_row_isolated(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_rows(config: str | Path, overrides: Sequence[str], rows: Sequence[RowSpec],
                  workdir: str | Path, device: str = "auto", threads: int | None = None,
-                 warmup: int = 1, iters: int = 3, live_iters: int = 1,
-                 progress: bool = True) -> list[dict[str, Any]]:
-    """Measure every row in its own process and add the ratios (see :func:`add_ratios`).
+                 warmup: int = 1, iters: int = 3, live_iters: int = 1, rounds: int = 1,
+                 env: dict[str, str] | None = None, progress: bool = True
+                 ) -> list[dict[str, Any]]:
+    """Measure every row in fresh processes and add the ratios (see :func:`add_ratios`).
 
     Arguments:
         config, overrides: the config (with :func:`setup_overrides`) of a prepared workdir.
@@ -387,33 +398,56 @@ def measure_rows(config: str | Path, overrides: Sequence[str], rows: Sequence[Ro
         workdir: scratch folder of the trainers (nothing is written there during a step).
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
         threads: torch CPU threads of each row's process (None: torch's default).
-        warmup, iters: untimed and timed steps per row; ``live_iters`` timed steps of the live
-            row (each runs the teacher on every image of the batch).
-        progress: print one line per row to stderr.
+        warmup, iters: untimed and timed steps per process; ``live_iters`` timed steps of the
+            live row (each runs the teacher on every image of the batch).
+        rounds: every row but the live one runs in this many processes, one per round, the
+            order reversed every other round (cancels slow drift of the machine); the live row
+            runs once, last. See :func:`combine_runs`.
+        env: environment of the row processes (default: this process's). Pass the one the
+            benchmark started with: dask's LocalCluster (started by ``build_cache``) sets
+            ``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_`` and others in ``os.environ``.
+        progress: print one line per process to stderr.
 
     Raises:
         RuntimeError: a row failed, or the rows did not see the same batch.
     """
     if not rows:
         raise ValueError("measure_rows: no rows to measure")
-    if iters < 1 or live_iters < 1 or warmup < 0:
-        raise ValueError(f"need iters >= 1, live_iters >= 1 and warmup >= 0, got {iters}, "
-                         f"{live_iters}, {warmup}")
-    results = []
-    for row in rows:
+    if iters < 1 or live_iters < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"need iters >= 1, live_iters >= 1, warmup >= 0 and rounds >= 1, got "
+                         f"{iters}, {live_iters}, {warmup}, {rounds}")
+    repeated = [r for r in rows if r.teacher != "live"]
+    order = [row for k in range(rounds) for row in (repeated if k % 2 == 0 else repeated[::-1])]
+    order += [r for r in rows if r.teacher == "live"]
+    runs: dict[str, list[dict[str, Any]]] = {r.key: [] for r in rows}
+    for n, row in enumerate(order, 1):
         if progress:
-            print(f"[bench_distill] row {row.key}: {warmup} warm-up + "
+            print(f"[bench_distill] {n}/{len(order)} row {row.key}: {warmup} warm-up + "
                   f"{live_iters if row.teacher == 'live' else iters} timed steps",
                   file=sys.stderr, flush=True)
         spec = {"config": str(config), "overrides": list(overrides),
                 "row": dataclasses.asdict(row), "device": device, "threads": threads,
                 "warmup": warmup, "iters": iters, "live_iters": live_iters,
                 "workdir": str(workdir)}
-        results.append(run_row_isolated(spec))
-    digests = {r["key"]: r["digest"][:12] for r in results}
+        runs[row.key].append(run_row_isolated(spec, env))
+    digests = {f"{key}#{i}": r["digest"][:12] for key, rs in runs.items() for i, r in enumerate(rs)}
     if len(set(digests.values())) != 1:
-        raise RuntimeError(f"the rows did not train on the same batch (sha256 per row: {digests})")
-    return add_ratios(results)
+        raise RuntimeError(f"the rows did not train on the same batch (sha256 per run: {digests})")
+    return add_ratios([combine_runs(runs[r.key]) for r in rows])
+
+
+def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from its processes' results: ``step_ms``, ``peak_mb`` and ``teacher_ms`` become
+    the medians over the processes; ``round_ms`` keeps every process's median step time."""
+    out = dict(runs[0])
+    out["round_ms"] = [r["step_ms"] for r in runs]
+    out["step_ms"] = statistics.median(out["round_ms"])
+    out["peak_mb"] = statistics.median(r["peak_mb"] for r in runs)
+    if out["teacher_ms"] is not None:
+        out["teacher_ms"] = statistics.median(r["teacher_ms"] for r in runs)
+    out["peak_before_row"] = any(r.get("peak_before_row") for r in runs)
+    out["rounds"] = len(runs)
+    return out
 
 
 def add_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -440,7 +474,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                    }[r["teacher"]]
         out.append({
             "row": r["label"],
-            "step ms (median)": r["step_ms"],
+            "step ms": r["step_ms"],
+            "step ms per process": " / ".join(f"{v:.0f}" for v in r["round_ms"]),
             "time x baseline": r["time_ratio"],
             "added time (x baseline)": r["time_added"],
             "peak memory MB": r["peak_mb"],
@@ -504,9 +539,10 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
     r0 = results[0]
     lay = info["layout"]
     memory = ("torch.cuda.max_memory_allocated during the row minus what was allocated before "
-              "it was built (reset per row)" if device.type == "cuda" else
+              "its batch was loaded (reset per row)" if device.type == "cuda" else
               "peak RSS delta: getrusage(RUSAGE_SELF).ru_maxrss after the timed steps minus the "
-              "resident size after loading the batch, in a fresh process per row")
+              "resident size before the batch was loaded, in a fresh process per row (batch with "
+              "its teacher targets, model, optimizer state, activations, live teacher)")
     header = [
         "# Training step with and without distillation",
         "",
@@ -517,10 +553,12 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
         f"{r0['view'][2]}x{r0['view'][3]}), the first batch of the seeded sampler over "
         f"{info['images']} synthetic {info['image_size']}x{info['image_size']} images; "
         f"batch sha256 {r0['digest'][:12]} in every row",
-        f"- {info['warmup']} warm-up + {info['iters']} timed steps per row"
+        f"- every row in {info['rounds']} fresh processes (rounds, order reversed every other "
+        f"round; the live row once), each {info['warmup']} warm-up + {info['iters']} timed steps"
         + (f" ({info['live_iters']} for the live row)" if any(r["teacher"] == "live"
                                                              for r in results) else "")
-        + "; step = Trainer._step: TrainStep forward, backward, grad clip, AdamW + schedule step",
+        + "; step ms = median over the processes of each one's median step; step = "
+        "Trainer._step: TrainStep forward, backward, grad clip, AdamW + schedule step",
         f"- teacher `{lay['teacher']}` (random weights), input {lay['input_size']}, cached levels "
         f"{lay['levels']} x {lay['channels'][0]} channels at {lay['grid'][0]}x{lay['grid'][1]}, "
         f"masks {lay['mask_size']}x{lay['mask_size']}; both SAM rows use this cache "
@@ -531,8 +569,8 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
     ]
     flagged = [r["label"] for r in results if r.get("peak_before_row")]
     if flagged:
-        header.append(f"- note: in {flagged} the process peak had been reached before the row "
-                      "was built; their memory is an upper bound")
+        header.append(f"- note: in {flagged} the process peak had been reached before the batch "
+                      "was loaded; their memory is an upper bound")
     return ("\n".join(header) + "\n\n" + complexity_table(table_rows(results))
             + "\n## Goals\n\n" + "\n".join(goal_lines(results)) + "\n")
 
@@ -546,12 +584,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=160, help="square training crop side")
-    p.add_argument("--iters", type=int, default=5, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="fresh processes per row (all rows but the live one)")
     p.add_argument("--live-iters", type=int, default=1,
                    help="timed steps of the live-teacher row (each runs the teacher per image)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per row")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per row (default: torch's default at start-up)")
     p.add_argument("--skip-live", action="store_true", help="leave out the live-teacher row")
     p.add_argument("--teacher", default="vit_b", choices=["sam_tiny", "vit_b", "vit_l", "vit_h"],
                    help="teacher of the cache and of the live row")
@@ -561,8 +602,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep data and cache here and reuse them (default: a temp dir)")
     p.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child is None and min(args.batch_size, args.iters, args.live_iters, args.images) < 1:
-        p.error("--batch-size, --iters, --live-iters and --images must be >= 1")
+    if args.child is None and min(args.batch_size, args.iters, args.live_iters, args.images,
+                                  args.rounds) < 1:
+        p.error("--batch-size, --iters, --live-iters, --rounds and --images must be >= 1")
     return args
 
 
@@ -575,8 +617,8 @@ def main(argv: list[str] | None = None) -> str | None:
         Path(out_path).write_text(json.dumps(result))
         return None
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    env = dict(os.environ)  # before build_cache's dask cluster edits it
+    threads = args.threads or torch.get_num_threads()  # what a training process would use
     device = resolve_device(args.device)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_distill_"))
     try:
@@ -587,14 +629,16 @@ def main(argv: list[str] | None = None) -> str | None:
         prep = prepare(args.config, overrides, progress=True)
         load_before = load_average()
         results = measure_rows(args.config, overrides, select_rows(args.skip_live), workdir,
-                               device=str(device), threads=args.threads, warmup=args.warmup,
-                               iters=args.iters, live_iters=args.live_iters)
+                               device=str(device), threads=threads, warmup=args.warmup,
+                               iters=args.iters, live_iters=args.live_iters,
+                               rounds=args.rounds, env=env)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     info = {"device": device, "config": args.config, "batch_size": args.batch_size,
             "crop": args.crop, "images": args.images, "image_size": args.image_size,
             "warmup": args.warmup, "iters": args.iters, "live_iters": args.live_iters,
+            "rounds": args.rounds,
             "layout": prep["layout"], "load_before": load_before}
     report = render_report(results, info)
     print(report)

@@ -64,14 +64,14 @@ def test_table_and_report_have_one_line_per_row(measured):
     _, results = measured
     rows = bench.table_rows(results)
     assert [r["row"] for r in rows] == [r["label"] for r in results]
-    assert {"step ms (median)", "time x baseline", "peak memory MB", "memory x baseline",
+    assert {"step ms", "step ms per process", "time x baseline", "peak memory MB", "memory x baseline",
             "teacher fetch ms/batch"} <= set(rows[0])
     assert rows[0]["time x baseline"] == 1.0 and rows[0]["memory x baseline"] == 1.0
     assert rows[2]["time x baseline"] == pytest.approx(results[2]["step_ms"] / results[0]["step_ms"])
     import torch
 
     info = {"device": torch.device("cpu"), "config": str(CONFIG), "batch_size": 2, "crop": 64,
-            "images": 2, "image_size": 64, "warmup": 0, "iters": 1, "live_iters": 1,
+            "images": 2, "image_size": 64, "warmup": 0, "iters": 1, "live_iters": 1, "rounds": 1,
             "layout": measured[0]["layout"], "load_before": "n/a"}
     report = bench.render_report(results, info)
     table = [ln for ln in report.splitlines() if ln.startswith("|") and "---" not in ln]
@@ -98,10 +98,33 @@ def test_ratios_and_goal_verdicts_by_hand():
     assert "adds +8.0 % time" in lines[2] and "**met**" in lines[2]
 
 
+def test_rounds_alternate_the_order_and_report_medians(monkeypatch, tmp_path):
+    calls = []
+    times = {"baseline": iter([100.0, 90.0, 130.0]), "fusion": iter([200.0, 210.0, 190.0]),
+             "sam_live": iter([5000.0])}
+
+    def fake(spec, env=None):
+        key = spec["row"]["key"]
+        calls.append(key)
+        return _fake(key, next(times[key]), 10.0, teacher=spec["row"]["teacher"],
+                     teacher_ms=7.0 if key == "sam_live" else None)
+
+    monkeypatch.setattr(bench, "run_row_isolated", fake)
+    rows = [bench.ROWS[0], bench.ROWS[1], bench.ROWS[4]]
+    results = bench.measure_rows(CONFIG, [], rows, tmp_path, rounds=3, progress=False)
+    # rounds run forwards, backwards, forwards; the live row once, last
+    assert calls == ["baseline", "fusion", "fusion", "baseline", "baseline", "fusion", "sam_live"]
+    assert [r["round_ms"] for r in results] == [[100.0, 90.0, 130.0], [200.0, 210.0, 190.0],
+                                                [5000.0]]
+    assert [r["step_ms"] for r in results] == [100.0, 200.0, 5000.0]
+    assert results[1]["time_ratio"] == pytest.approx(2.0)
+    assert results[2]["time_added"] == pytest.approx(48.0)
+
+
 def test_rows_on_different_batches_are_refused(monkeypatch, tmp_path):
     digests = iter(["a" * 64, "b" * 64])
     monkeypatch.setattr(bench, "run_row_isolated",
-                        lambda spec: _fake(spec["row"]["key"], 1.0, 1.0, digest=next(digests)))
+                        lambda spec, env=None: _fake(spec["row"]["key"], 1.0, 1.0, digest=next(digests)))
     with pytest.raises(RuntimeError, match="same batch"):
         bench.measure_rows(CONFIG, [], bench.ROWS[:2], tmp_path, progress=False)
     with pytest.raises(ValueError, match="iters"):

@@ -219,3 +219,18 @@ def test_image_over_the_segment_capacity_is_named_before_any_work(built, tmp_pat
                                          r"segments than the cache's max_segments=3: image_id '1' "):
         build_cache(cfg, n_workers=1, progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_build_cache_leaves_the_callers_environment_alone(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    paths = generate_synthetic_coco_panoptic(tmp_path / "data", num_train=2, num_val=1,
+                                             image_size=(64, 64), progress=False)
+    assert paths
+    cfg = make_config(tmp_path / "data", tmp_path / "cache", "data.synthetic.num_train=2",
+                      "data.synthetic.image_size=[64, 64]", "cache.pca_samples=1")
+    build_cache(cfg, n_workers=1, progress=False)
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    assert "MKL_NUM_THREADS" not in os.environ

@@ -34,7 +34,7 @@ class StandInStudent(nn.Module):
         self.iou = nn.Linear(channels, 1)
 
     def forward_features(self, images):
-        assert images.shape[-1] % 32 == 0 and images.shape[-2] % 32 == 0, images.shape
+        assert images.shape[-1] % 4 == 0 and images.shape[-2] % 4 == 0, images.shape
         levels = [self.stem(images)]
         for conv in self.down:
             levels.append(conv(levels[-1]))
@@ -133,10 +133,14 @@ def test_resolution_distiller_leaves_the_student_unchanged():
 
 
 def test_resolution_low_resolution_padding_and_odd_scales():
-    # 160 px -> 80 px, padded to 96 for the student; the mask grid is cropped to 20 cells and
+    # 160 px -> 80 px: by default no padding (the student takes any size), 20 mask cells
     # decoded x8 back to 160
     distiller = _res_distiller()
     small, (h, w) = distiller.low_resolution(torch.randn(1, 3, 160, 96))
+    assert small.shape[-2:] == (80, 48) and (h, w) == (80, 48)
+    # optional padding to a multiple: zeros bottom/right, content size reported
+    padded = _res_distiller(size_divisibility=32)
+    small, (h, w) = padded.low_resolution(torch.randn(1, 3, 160, 96))
     assert small.shape[-2:] == (96, 64) and (h, w) == (80, 48)
     assert torch.all(small[..., 80:, :] == 0)
     student = _student()

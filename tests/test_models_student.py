@@ -59,10 +59,17 @@ def test_plain_average_reports_no_weights() -> None:
 
 def test_bad_images_are_rejected() -> None:
     student = build_student(tiny_cfg(), num_classes=3)
-    with pytest.raises(ValueError, match="multiples of 32, got 64x80"):
-        student(torch.randn(1, 3, 64, 80))
     with pytest.raises(ValueError, match=r"float \[B, 3, H, W\]"):
         student(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_sizes_not_divisible_by_32_give_ceil_rounded_levels() -> None:
+    """80x112 (the low-resolution path of a 160x224 crop) needs no padding."""
+    student = build_student(tiny_cfg(), num_classes=3).eval()
+    with torch.no_grad():
+        feats = student.forward_features(torch.randn(1, 3, 80, 112))
+    assert [tuple(f.shape[-2:]) for f in feats["neck_features"]] == [(20, 28), (10, 14), (5, 7), (3, 4)]
+    assert tuple(feats["mask_features"].shape[-2:]) == (20, 28)
 
 
 def test_builds_from_the_pydantic_config() -> None:

@@ -340,6 +340,10 @@ def _dask_client(address: str | None, n_workers: int) -> Iterator[Any]:
     chatter = logging.getLogger("distributed")  # its INFO lines would drown the progress bar
     level = chatter.level
     chatter.setLevel(max(level, logging.WARNING))
+    # LocalCluster sets OMP/MKL/OPENBLAS_NUM_THREADS=1 (and more) in this process's environment
+    # for its workers; restore it so later work in the caller (and its subprocesses) keeps its
+    # threads.
+    saved_env = dict(os.environ)
     try:
         # memory_limit=0: the teacher's footprint is fixed, no spilling/restarts wanted
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
@@ -349,6 +353,8 @@ def _dask_client(address: str | None, n_workers: int) -> Iterator[Any]:
             yield client
     finally:
         chatter.setLevel(level)
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def _gather_with_progress(futures: Sequence[Any], desc: str, progress: bool,

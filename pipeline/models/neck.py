@@ -31,18 +31,23 @@ class ConvNormAct(nn.Sequential):
         super().__init__(*layers)
 
 
-def resize_to_stride(x: Tensor, from_stride: int, to_stride: int) -> Tensor:
+def resize_to_stride(x: Tensor, from_stride: int, to_stride: int,
+                     size: tuple[int, int] | None = None) -> Tensor:
     """Resample ``[B, C, h, w]`` at ``from_stride`` to ``to_stride`` (strides are powers of 2).
 
-    Returns ``[B, C, h * from_stride / to_stride, w * from_stride / to_stride]``.
+    Returns ``[B, C, h * from_stride / to_stride, w * from_stride / to_stride]``, or exactly
+    ``size`` when given (inputs whose sides are not multiples of 32 give ceil-rounded level sizes,
+    e.g. 80 px -> 20, 10, 5, 3, which plain factors would not bring back to 20).
     """
     if from_stride == to_stride:
         return x
     if from_stride > to_stride:
+        if size is not None:
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         factor = from_stride // to_stride
         return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
     factor = to_stride // from_stride
-    return F.avg_pool2d(x, kernel_size=factor, stride=factor)
+    return F.avg_pool2d(x, kernel_size=factor, stride=factor, ceil_mode=size is not None)
 
 
 def coord_channels(x: Tensor) -> Tensor:
@@ -149,7 +154,9 @@ class FPNNeck(nn.Module):
                 laterals[level + 1], size=laterals[level].shape[-2:], mode="nearest")
         levels = [conv(x) for conv, x in zip(self.output, laterals)]
 
-        resized = [resize_to_stride(x, s, self.mask_stride) for x, s in zip(levels, self.strides)]
+        target = levels[self.strides.index(self.mask_stride)].shape[-2:]
+        resized = [resize_to_stride(x, s, self.mask_stride, size=target)
+                   for x, s in zip(levels, self.strides)]
         fused = self.fusion(resized)
         if self.use_coord:
             fused = torch.cat([fused, coord_channels(fused)], dim=1)

@@ -79,7 +79,7 @@ class ResolutionDistiller(nn.Module):
         fa_subscale: float,
         lr_scale: float = 0.5,
         mask_stride: int = 4,
-        size_divisibility: int = 32,
+        size_divisibility: int = 1,
     ) -> None:
         """
         Arguments:
@@ -91,7 +91,8 @@ class ResolutionDistiller(nn.Module):
             lr_scale: size ratio of the low-resolution image, in ``(0, 1)``.
             mask_stride: stride of the student's mask features.
             size_divisibility: the low-resolution image is zero-padded (bottom / right) to a
-                multiple of this, as the student requires.
+                multiple of this; 1 (default) = no padding, the student takes any size and
+                padding to 32 would waste up to 44% of the path's compute (80 -> 96 px).
         """
         super().__init__()
         if not 0 < lr_scale < 1:

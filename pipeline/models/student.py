@@ -17,7 +17,6 @@ from pipeline.models.neck import FPNNeck
 
 __all__ = ["RegSAMStudent", "build_student"]
 
-SIZE_DIVISIBILITY = 32
 
 
 class RegSAMStudent(nn.Module):
@@ -59,7 +58,10 @@ class RegSAMStudent(nn.Module):
     def forward_features(self, images: Tensor) -> dict[str, Any]:
         """
         Arguments:
-            images: float ``[B, 3, H, W]``, ImageNet-normalised, H and W multiples of 32.
+            images: float ``[B, 3, H, W]``, ImageNet-normalised. H and W should be multiples of
+                32 (then every level's grid is exactly aligned; training and inference pad to
+                that); other sizes work with ceil-rounded level sizes (the resolution
+                distillation's low-resolution path uses that to avoid padding).
 
         Returns:
             ``neck_features``: list of ``[B, C, H/s, W/s]`` for s = 4, 8, 16, 32;
@@ -69,10 +71,6 @@ class RegSAMStudent(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"images must be float [B, 3, H, W], got {images.dtype} "
                              f"{tuple(images.shape)}")
-        height, width = images.shape[-2:]
-        if height % SIZE_DIVISIBILITY or width % SIZE_DIVISIBILITY:
-            raise ValueError(f"image height and width must be multiples of {SIZE_DIVISIBILITY}, "
-                             f"got {height}x{width}")
         levels, mask_features = self.neck(self.backbone(images))
         return {"neck_features": levels, "mask_features": mask_features,
                 "fusion_weights": self.neck.fusion_weights()}

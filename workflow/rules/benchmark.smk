@@ -31,7 +31,7 @@ rule bench_model:
     log:
         "logs/benchmark/model.log",
     shell:
-        "python benchmarks/bench_model.py --config {params.configs} --out {output} > {log} 2>&1"
+        "python benchmarks/bench_model.py --config {params.configs} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule bench_distill:
@@ -45,4 +45,4 @@ rule bench_distill:
     log:
         "logs/benchmark/distill.log",
     shell:
-        "python benchmarks/bench_distill.py --config {params.config} --out {output} > {log} 2>&1"
+        "python benchmarks/bench_distill.py --config {params.config} --threads {threads} --out {output} > {log} 2>&1"
