@@ -55,7 +55,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -69,7 +68,7 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.config import Config, load_config
-from pipeline.evaluation.complexity import complexity_table
+from pipeline.evaluation.complexity import complexity_table, device_description, load_average
 from pipeline.training.trainer import resolve_device
 
 DEFAULT_CONFIG = "configs/reg_sam/regnet_distill.yaml"
@@ -510,27 +509,6 @@ def goal_lines(results: Sequence[dict[str, Any]]) -> list[str]:
                      "of the cached row's step time: DataLoader workers hide it completely as long "
                      "as it stays below the step time times the number of workers")
     return lines
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} logical cores)"
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,8 @@ from pipeline.evaluation.complexity import (
     complexity_table,
     count_flops,
     count_params,
+    device_description,
+    load_average,
     measure_latency,
 )
 from pipeline.models.student import build_student
@@ -122,27 +122,6 @@ def per_size(values: list[int] | None, n: int, default: list[int], name: str) ->
     if len(values) < n:
         raise SystemExit(f"{name}: give one value or one per size ({n}), got {values}")
     return values[:n]
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} logical cores)"
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import platform
 import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -34,6 +37,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
+    "device_description",
+    "load_average",
     "FlopCount",
     "count_params",
     "count_flops",
@@ -261,3 +266,26 @@ def complexity_table(
         cells = [_format_cell(row.get(c), float_format) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def device_description(device: torch.device) -> str:
+    """``"GPU <name>"`` or ``"CPU <model name> (<n> logical cores)"``, for benchmark headers."""
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} logical cores)"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average as text (CPU timings on a shared machine depend on it)."""
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
