@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,16 +17,12 @@ from pipeline.evaluation.inference import (
 )
 from pipeline.data.coco_panoptic import load_panoptic_png
 from pipeline.evaluation.visualize import save_image
+from pipeline.data.coco_panoptic import Category
 
 ON, OFF = 10.0, -10.0  # mask logits: sigmoid ~ 1 / ~ 0
 
 
-class Cat(NamedTuple):
-    id: int
-    name: str
-    isthing: bool
-    color: tuple
-    train_id: int
+Cat = Category  # the data layer's category record
 
 
 def class_logits(*probs: float) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -14,14 +13,10 @@ from pipeline.evaluation.visualize import (
     save_image,
     side_by_side,
 )
+from pipeline.data.coco_panoptic import Category
 
 
-class Cat(NamedTuple):
-    id: int
-    name: str
-    isthing: bool
-    color: tuple
-    train_id: int
+Cat = Category  # the data layer's category record
 
 
 CATS = [Cat(1, "person", True, (200, 0, 0), 0), Cat(5, "sky", False, (0, 0, 200), 1)]
