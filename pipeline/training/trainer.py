@@ -31,7 +31,8 @@ from pipeline.data.transforms import TrainTransform, normalize_images
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.models.student import RegSAMStudent, build_student
-from pipeline.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from pipeline.training.checkpoint import (load_checkpoint, load_student_weights, rng_state,
+                                          save_atomic, set_rng_state)
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.teacher_targets import batch_warp_teacher_targets
 
@@ -302,7 +303,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     def _init_from(self, student: nn.Module, path: Path) -> None:
-        from pipeline.training.checkpoint import load_student_weights
         blob = load_student_weights(path) if path.name.endswith("final.pth") else load_checkpoint(path)
         state = blob.get("student") or blob.get("model") or blob
         # Switching learnable fusion on or off between stages is allowed: fresh fusion weights
