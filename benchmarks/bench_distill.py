@@ -17,15 +17,18 @@ builds the student, criterion, distillers, AdamW and schedule exactly as for a r
 (``Trainer._build``) and one iteration is ``Trainer._step`` (forward of ``TrainStep``, backward,
 gradient clipping, optimizer and scheduler step; autocast on CUDA as in training). The batch is
 the first training batch of the config's seeded sampler (``ResumableBatchSampler``,
-``EpochIndexed``, ``collate_panoptic``) over a small synthetic dataset, and its sha256 is
+``EpochIndexed``, ``collate_training_batch``) over a small synthetic dataset, and its sha256 is
 checked to be the same in every row.
 
 Reported per row: median step time, peak memory, trainable parameters, ratios against the
-baseline row and what the row adds over the row above (in units of the baseline). Every row runs
-in fresh Python processes, so rows cannot share caches, allocator pools or warm-up; as the step
-time of one process differs from the next by several per cent on a small CPU, each row but the
-live one runs in ``--rounds`` processes (order reversed every other round) and the median over
-them is reported, with every process's own median alongside. Peak memory
+baseline row and what the row adds over the row above (in units of the baseline). Step times are
+measured side by side: each of ``--rounds`` fresh processes builds every row but the live one and
+alternates their steps round-robin, so a slow stretch of a shared machine (other jobs, clock
+changes: successive processes on the 2-core CI machine differ by up to 20 %) slows all rows
+alike instead of the row that happened to run then; the median over the processes is reported,
+with every process's own median alongside. Each row also runs alone in a fresh process, which
+measures its memory (and gives its step time alone, for reference; the live row is timed only
+there). Peak memory
 is ``torch.cuda.max_memory_allocated`` (reset per row, minus what was allocated before) on
 CUDA; on CPU it is the peak resident set size of the row's process
 (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident size before the batch was loaded,
@@ -39,10 +42,13 @@ batch) and is not part of the step time. The live teacher of row 5 is part of it
 Issue goals (added time / memory in units of the baseline row): resolution distillation
 <= +20 % time and <= +35 % memory; cached SAM distillation <= +10 % time.
 
-Example (from the repository root; about 9 minutes on 2 CPU cores, most of it the vit_b
-teacher)::
+Examples (from the repository root; the first takes about 9 minutes on 2 CPU cores, most of it
+the vit_b teacher; the second measures the COCO-sized student of ``configs/coco`` at a crop a
+CPU can step through)::
 
     python benchmarks/bench_distill.py --out benchmarks/results/distill.md
+    python benchmarks/bench_distill.py --config configs/coco/regnet_distill.yaml --batch-size 2 \
+        --crop 320 --iters 6 --skip-live --out benchmarks/results/distill_coco.md
 """
 
 from __future__ import annotations
@@ -74,11 +80,12 @@ from pipeline.training.trainer import resolve_device
 DEFAULT_CONFIG = "configs/reg_sam/regnet_distill.yaml"
 FETCH_REPEATS = 5
 
-# goals of the issue, as (row key, quantity, limit on what the row adds in units of the baseline)
-GOALS: tuple[tuple[str, str, float], ...] = (
-    ("resolution_distill", "time", 0.20),
-    ("resolution_distill", "memory", 0.35),
-    ("sam_cache", "time", 0.10),
+# goals of the issue, as (row key, quantity, limit on what the row adds in units of the baseline,
+# the row it adds to)
+GOALS: tuple[tuple[str, str, float, str], ...] = (
+    ("resolution_distill", "time", 0.20, "fusion"),
+    ("resolution_distill", "memory", 0.35, "fusion"),
+    ("sam_cache", "time", 0.10, "resolution_distill"),
 )
 
 
@@ -93,12 +100,17 @@ class RowSpec:
         overrides: config overrides (``key=value``) that switch the row's parts on or off.
         teacher: where SAM targets come from: None (no SAM distillation), ``"cache"`` or
             ``"live"``.
+        part: diagnostic rows of ``--decompose`` only: ``"lr_path"`` (resolution distillation
+            reduced to its low-resolution pass: backbone + neck on the down-scaled batch, forward
+            and backward, with a zero-weighted stand-in loss) or ``"lr_path_sr"`` (that pass and
+            ``loss_sr``, no ``loss_fa``).
     """
 
     key: str
     label: str
     overrides: tuple[str, ...]
     teacher: str | None = None
+    part: str | None = None
 
 
 def _switches(fusion: bool, resolution: bool, sam: bool) -> tuple[str, ...]:
@@ -118,20 +130,75 @@ ROWS: tuple[RowSpec, ...] = (
 )
 
 
-def select_rows(skip_live: bool) -> list[RowSpec]:
-    return [r for r in ROWS if not (skip_live and r.teacher == "live")]
+# --decompose: what the resolution distillation row is made of, between the fusion row and it
+PARTS: tuple[RowSpec, ...] = (
+    RowSpec("rd_lr_path", "  (low-resolution pass only)", _switches(True, True, False),
+            part="lr_path"),
+    RowSpec("rd_lr_path_sr", "  (low-resolution pass + loss_sr)", _switches(True, True, False),
+            part="lr_path_sr"),
+)
+
+
+def select_rows(skip_live: bool, decompose: bool = False) -> list[RowSpec]:
+    rows = [r for r in ROWS if not (skip_live and r.teacher == "live")]
+    if decompose:
+        at = [r.key for r in rows].index("resolution_distill")
+        rows[at:at] = PARTS
+    return rows
+
+
+def _partial_resolution_distill(distiller: Any, part: str) -> Any:
+    """A stand-in ``ResolutionDistiller.forward`` that computes only part of it (``--decompose``).
+
+    The stand-in loss is multiplied by zero, so backward still runs through every op of the part
+    (what the part costs) while the weights move as without it.
+    """
+    import torch.nn.functional as F
+
+    def forward(student: Any, images_hr: torch.Tensor, feats_hr: dict[str, Any]
+                ) -> dict[str, torch.Tensor]:
+        images_lr, _ = distiller.low_resolution(images_hr)
+        feat_lr = student.forward_features(images_lr)["mask_features"]
+        total = 0.0 * feat_lr.float().mean()
+        if part == "lr_path_sr":
+            recon = distiller.sr_decoder(feat_lr)
+            if recon.shape[-2:] != images_hr.shape[-2:]:
+                recon = F.interpolate(recon, size=images_hr.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+            total = total + distiller.sr_loss_weight * F.mse_loss(recon.float(), images_hr.float())
+        return {"loss_resolution_distill": total}
+
+    return forward
+
+
+def _apply_part(trainer: Any, row: RowSpec) -> None:
+    if row.part is None:
+        return
+    if row.part not in ("lr_path", "lr_path_sr"):
+        raise ValueError(f"unknown row part {row.part!r}")
+    distiller = trainer.step_module.resolution_distiller
+    distiller.forward = _partial_resolution_distill(distiller, row.part)
 
 
 # ----------------------------------------------------------------------------- setup
 def setup_overrides(workdir: Path, teacher: str, images: int, image_size: int, batch_size: int,
                     crop: int) -> list[str]:
-    """Overrides that point a config at the benchmark's own data and cache under ``workdir``."""
+    """Overrides that point a config at the benchmark's own data and cache under ``workdir``.
+
+    Any student config works (e.g. ``configs/coco/regnet_distill.yaml``): the dataset becomes the
+    synthetic one at the synthetic layout's split paths, and the teacher and backbone get random
+    weights (no checkpoint files are read).
+    """
+    splits = [f"data.{split}.{key}={value}" for split in ("train", "val")
+              for key, value in (("images", split), ("json", f"annotations/panoptic_{split}.json"),
+                                 ("png_dir", f"annotations/panoptic_{split}"))]
     return [
-        "data.dataset=synthetic", f"data.root={workdir / 'data'}",
+        "data.dataset=synthetic", f"data.root={workdir / 'data'}", *splits,
         f"data.synthetic.num_train={images}", "data.synthetic.num_val=1",
         f"data.synthetic.image_size=[{image_size}, {image_size}]",
         f"data.crop_size=[{crop}, {crop}]", "data.num_workers=0",
-        f"teacher.type={teacher}", f"cache.root={workdir / 'cache'}",
+        f"teacher.type={teacher}", "teacher.checkpoint=null",
+        "model.backbone.pretrained_path=null", f"cache.root={workdir / 'cache'}",
         f"cache.pca_samples={images}", f"training.batch_size={batch_size}",
     ]
 
@@ -236,23 +303,24 @@ def batch_digest(batch: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def first_batch(cfg: Config, with_teacher: bool) -> tuple[Any, list[int], dict[str, Any],
-                                                           float | None]:
+def first_batch(cfg: Config, with_teacher: bool, keep_float16: bool = False
+                ) -> tuple[Any, list[int], dict[str, Any], float | None]:
     """The first batch a training run of ``cfg`` sees, built as its DataLoader builds it.
 
     Arguments:
         cfg: the row's config.
         with_teacher: attach cached teacher targets (``sample["teacher"]``) as the DataLoader
             workers do (``EpochIndexed.__getitem__`` -> ``TeacherSource.lookup``).
+        keep_float16: as the trainer sets it (True when training on CUDA).
 
     Returns:
         ``(dataset, keys, batch, fetch_ms)``: the training dataset, the batch's stream positions
-        (``epoch * N + index``), the ``collate_panoptic`` output and the median time of the
+        (``epoch * N + index``), the ``collate_training_batch`` output and the median time of the
         teacher lookups of the whole batch in ms (None without teacher).
     """
-    from pipeline.data.coco_panoptic import collate_panoptic
     from pipeline.training.teacher_source import TeacherSource
-    from pipeline.training.trainer import EpochIndexed, ResumableBatchSampler, build_datasets
+    from pipeline.training.trainer import (EpochIndexed, ResumableBatchSampler, build_datasets,
+                                           collate_training_batch)
 
     dataset = build_datasets(cfg)
     n = len(dataset)
@@ -263,7 +331,7 @@ def first_batch(cfg: Config, with_teacher: bool) -> tuple[Any, list[int], dict[s
         raise RuntimeError(f"the benchmark batch holds skipped samples: {bad}")
     fetch_ms = None
     if with_teacher:
-        source = TeacherSource.from_config(cfg)
+        source = TeacherSource.from_config(cfg, keep_float16=keep_float16)
         times, items = [], None
         for _ in range(FETCH_REPEATS):
             items = None  # one batch of targets alive at a time (the peak-memory meter runs)
@@ -273,7 +341,7 @@ def first_batch(cfg: Config, with_teacher: bool) -> tuple[Any, list[int], dict[s
         fetch_ms = 1e3 * statistics.median(times)
         for s, item in zip(samples, items):
             s["teacher"] = item
-    return dataset, keys, collate_panoptic(samples), fetch_ms
+    return dataset, keys, collate_training_batch(samples), fetch_ms
 
 
 def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
@@ -292,6 +360,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         step), ``digest`` (of the batch), ``view`` (batch image shape), ``amp``, ``threads``.
     """
     from pipeline.training.teacher_source import TeacherSource
+    from pipeline.training.teacher_targets import stack_teacher_items
     from pipeline.training.trainer import Trainer
 
     row = RowSpec(**{**spec["row"], "overrides": tuple(spec["row"]["overrides"])})
@@ -310,7 +379,8 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     memory = PeakMemory(device)
     memory.start()
     # the live row warms up on cached targets (same shapes as the live ones)
-    dataset, keys, batch, teacher_ms = first_batch(cfg, with_teacher=row.teacher is not None)
+    dataset, keys, batch, teacher_ms = first_batch(cfg, with_teacher=row.teacher is not None,
+                                                   keep_float16=device.type == "cuda")
     n = len(dataset)
     digest = batch_digest(batch)
 
@@ -318,11 +388,13 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(int(threads))  # training.num_threads may have changed it
     trainer._build()
+    _apply_part(trainer, row)
     if row.teacher == "live":
         from pipeline.cache.live import LiveTeacher
 
         live = LiveTeacher(cfg, trainer.teacher.path, device=str(device))
-        trainer.teacher = TeacherSource(trainer.teacher.cache, live)
+        trainer.teacher = TeacherSource(trainer.teacher.cache, live,
+                                        keep_float16=trainer.teacher.keep_float16)
     trainer.step_module.train()
 
     for it in range(warmup):
@@ -338,8 +410,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
             # the teacher inline on the batch's original images; TrainStep warps its outputs
             items = [trainer.teacher.lookup(dataset, k % n, t)
                      for k, t in zip(keys, batch["targets"])]
-            for t, item in zip(batch["targets"], items):
-                t["teacher"] = item
+            batch["teacher"] = stack_teacher_items(items)
             _sync(device)
             live_times.append(time.perf_counter() - start)
         record = trainer._step(batch, it)
@@ -368,18 +439,74 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time several rows side by side in this process: their steps alternate round-robin.
+
+    Every row gets its own trainer and its own copy of the batch; round ``k`` steps every row
+    once, starting at row ``k mod R``, so a slow stretch of the machine (other jobs, frequency
+    changes) hits all rows alike instead of whichever row happened to run then.
+
+    Arguments:
+        spec: as for :func:`measure_row`, with ``rows`` (list of :class:`RowSpec` dicts, none of
+            them the live row) instead of ``row``.
+
+    Returns:
+        ``{"step_ms": {key: median step ms}, "digests": {key: batch sha256}}``.
+    """
+    from pipeline.training.trainer import Trainer
+
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    device = resolve_device(spec["device"])
+    rows = [RowSpec(**{**r, "overrides": tuple(r["overrides"])}) for r in spec["rows"]]
+    if any(r.teacher == "live" for r in rows):
+        raise ValueError("the live-teacher row is timed on its own, not interleaved")
+    warmup, iters = spec["warmup"], spec["iters"]
+    built = []
+    for row in rows:
+        cfg = load_config(spec["config"], [*spec["overrides"], *row.overrides])
+        if cfg.training.max_iters < warmup + iters:
+            raise ValueError(f"training.max_iters={cfg.training.max_iters} is below warm-up + "
+                             f"timed iterations ({warmup} + {iters}): the schedule would end")
+        _, _, batch, _ = first_batch(cfg, with_teacher=row.teacher is not None,
+                                     keep_float16=device.type == "cuda")
+        trainer = Trainer(cfg, Path(spec["workdir"]) / f"{row.key}_interleaved", resume=False,
+                          progress=False)
+        if threads:
+            torch.set_num_threads(int(threads))
+        trainer._build()
+        _apply_part(trainer, row)
+        trainer.step_module.train()
+        built.append((row, trainer, batch))
+    times: dict[str, list[float]] = {row.key: [] for row in rows}
+    for it in range(warmup + iters):
+        for j in range(len(built)):
+            row, trainer, batch = built[(it + j) % len(built)]
+            _sync(device)
+            start = time.perf_counter()
+            trainer._step(batch, it)
+            _sync(device)
+            if it >= warmup:
+                times[row.key].append(time.perf_counter() - start)
+    return {"step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "digests": {row.key: batch_digest(batch) for row, _, batch in built}}
+
+
 def run_row_isolated(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """:func:`measure_row` in a fresh Python process (its own peak RSS, allocator and warm-up).
+    """:func:`measure_row` (or, for a spec with ``rows``, :func:`measure_interleaved`) in a fresh
+    Python process (its own peak RSS, allocator and warm-up).
 
     ``env`` is the child's environment (default: this process's).
     """
+    what = spec["row"]["key"] if "row" in spec else "+".join(r["key"] for r in spec["rows"])
     with tempfile.TemporaryDirectory(prefix="bench_distill_row_") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
                                str(spec_path), str(out_path)], env=env)
         if proc.returncode != 0 or not out_path.is_file():
-            raise RuntimeError(f"row {spec['row']['key']!r} failed in its subprocess (exit code "
+            raise RuntimeError(f"row {what!r} failed in its subprocess (exit code "
                                f"{proc.returncode}); its traceback is on stderr above")
         return json.loads(out_path.read_text())
 
@@ -389,19 +516,25 @@ def measure_rows(config: str | Path, overrides: Sequence[str], rows: Sequence[Ro
                  warmup: int = 1, iters: int = 3, live_iters: int = 1, rounds: int = 1,
                  env: dict[str, str] | None = None, progress: bool = True
                  ) -> list[dict[str, Any]]:
-    """Measure every row in fresh processes and add the ratios (see :func:`add_ratios`).
+    """Measure every row and add the ratios (see :func:`add_ratios`).
+
+    Two kinds of fresh processes:
+
+    * one per row (:func:`measure_row`): its peak memory, parameters, logged terms, teacher
+      fetch time and its step time alone (``alone_ms``); the live row is only measured this way;
+    * ``rounds`` processes that time all other rows side by side (:func:`measure_interleaved`):
+      their step times are the ones the ratios use, the median over the processes of each
+      process's median (``round_ms`` keeps every process's value).
 
     Arguments:
         config, overrides: the config (with :func:`setup_overrides`) of a prepared workdir.
         rows: the rows to run; the first one is the reference for the ratios.
         workdir: scratch folder of the trainers (nothing is written there during a step).
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
-        threads: torch CPU threads of each row's process (None: torch's default).
-        warmup, iters: untimed and timed steps per process; ``live_iters`` timed steps of the
-            live row (each runs the teacher on every image of the batch).
-        rounds: every row but the live one runs in this many processes, one per round, the
-            order reversed every other round (cancels slow drift of the machine); the live row
-            runs once, last. See :func:`combine_runs`.
+        threads: torch CPU threads of each process (None: torch's default).
+        warmup, iters: untimed and timed steps per row and process; ``live_iters`` timed steps
+            of the live row (each runs the teacher on every image of the batch).
+        rounds: processes that time the rows side by side.
         env: environment of the row processes (default: this process's). Pass the one the
             benchmark started with: dask's LocalCluster (started by ``build_cache``) sets
             ``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_`` and others in ``os.environ``.
@@ -415,37 +548,45 @@ def measure_rows(config: str | Path, overrides: Sequence[str], rows: Sequence[Ro
     if iters < 1 or live_iters < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"need iters >= 1, live_iters >= 1, warmup >= 0 and rounds >= 1, got "
                          f"{iters}, {live_iters}, {warmup}, {rounds}")
-    repeated = [r for r in rows if r.teacher != "live"]
-    order = [row for k in range(rounds) for row in (repeated if k % 2 == 0 else repeated[::-1])]
-    order += [r for r in rows if r.teacher == "live"]
-    runs: dict[str, list[dict[str, Any]]] = {r.key: [] for r in rows}
-    for n, row in enumerate(order, 1):
+    common = {"config": str(config), "overrides": list(overrides), "device": device,
+              "threads": threads, "warmup": warmup, "iters": iters, "live_iters": live_iters,
+              "workdir": str(workdir)}
+    side_by_side = [r for r in rows if r.teacher != "live"]
+    total = len(rows) + (rounds if side_by_side else 0)
+    alone: dict[str, dict[str, Any]] = {}
+    for n, row in enumerate(rows, 1):
         if progress:
-            print(f"[bench_distill] {n}/{len(order)} row {row.key}: {warmup} warm-up + "
+            print(f"[bench_distill] {n}/{total} row {row.key} alone: {warmup} warm-up + "
                   f"{live_iters if row.teacher == 'live' else iters} timed steps",
                   file=sys.stderr, flush=True)
-        spec = {"config": str(config), "overrides": list(overrides),
-                "row": dataclasses.asdict(row), "device": device, "threads": threads,
-                "warmup": warmup, "iters": iters, "live_iters": live_iters,
-                "workdir": str(workdir)}
-        runs[row.key].append(run_row_isolated(spec, env))
-    digests = {f"{key}#{i}": r["digest"][:12] for key, rs in runs.items() for i, r in enumerate(rs)}
+        alone[row.key] = run_row_isolated({**common, "row": dataclasses.asdict(row)}, env)
+    interleaved = []
+    for k in range(rounds if side_by_side else 0):
+        if progress:
+            print(f"[bench_distill] {len(rows) + k + 1}/{total} rows side by side: "
+                  f"{len(side_by_side)} x ({warmup} warm-up + {iters} timed steps)",
+                  file=sys.stderr, flush=True)
+        interleaved.append(run_row_isolated(
+            {**common, "rows": [dataclasses.asdict(r) for r in side_by_side]}, env))
+    digests = {f"{key}#alone": r["digest"][:12] for key, r in alone.items()}
+    digests.update({f"{key}#{i}": d[:12] for i, run in enumerate(interleaved)
+                    for key, d in run["digests"].items()})
     if len(set(digests.values())) != 1:
         raise RuntimeError(f"the rows did not train on the same batch (sha256 per run: {digests})")
-    return add_ratios([combine_runs(runs[r.key]) for r in rows])
+    return add_ratios([combine_runs(alone[r.key], [run["step_ms"][r.key] for run in interleaved
+                                                   if r.key in run["step_ms"]])
+                       for r in rows])
 
 
-def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One row from its processes' results: ``step_ms``, ``peak_mb`` and ``teacher_ms`` become
-    the medians over the processes; ``round_ms`` keeps every process's median step time."""
-    out = dict(runs[0])
-    out["round_ms"] = [r["step_ms"] for r in runs]
-    out["step_ms"] = statistics.median(out["round_ms"])
-    out["peak_mb"] = statistics.median(r["peak_mb"] for r in runs)
-    if out["teacher_ms"] is not None:
-        out["teacher_ms"] = statistics.median(r["teacher_ms"] for r in runs)
-    out["peak_before_row"] = any(r.get("peak_before_row") for r in runs)
-    out["rounds"] = len(runs)
+def combine_runs(alone: dict[str, Any], round_ms: Sequence[float]) -> dict[str, Any]:
+    """One row: its own process's result, with ``step_ms`` the median of the side-by-side
+    processes' values ``round_ms`` (kept), or the row's time alone when it has none (live row).
+    ``alone_ms`` is the step time of the row's own process."""
+    out = dict(alone)
+    out["alone_ms"] = alone["step_ms"]
+    out["round_ms"] = list(round_ms)
+    out["step_ms"] = statistics.median(round_ms) if round_ms else alone["step_ms"]
+    out["rounds"] = len(round_ms)
     return out
 
 
@@ -474,7 +615,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({
             "row": r["label"],
             "step ms": r["step_ms"],
-            "step ms per process": " / ".join(f"{v:.0f}" for v in r["round_ms"]),
+            "step ms per process": " / ".join(f"{v:.0f}" for v in r["round_ms"]) or "–",
+            "step ms alone": r["alone_ms"],
             "time x baseline": r["time_ratio"],
             "added time (x baseline)": r["time_added"],
             "peak memory MB": r["peak_mb"],
@@ -490,14 +632,22 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def goal_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     by_key = {r["key"]: r for r in results}
     lines = []
-    for key, quantity, limit in GOALS:
-        r = by_key.get(key)
-        added = None if r is None else r["time_added" if quantity == "time" else "mem_added"]
-        if added is None:
+    for key, quantity, limit, base in GOALS:
+        r, b = by_key.get(key), by_key.get(base)
+        if r is None or b is None:
             continue
+        ratio = "time_ratio" if quantity == "time" else "mem_ratio"
+        added = r[ratio] - b[ratio]
         verdict = "met" if added <= limit else "NOT met"
         lines.append(f"- {r['label']}: adds {100 * added:+.1f} % {quantity} of the baseline "
-                     f"(goal <= +{100 * limit:.0f} %): **{verdict}**")
+                     f"to '{b['label']}' (goal <= +{100 * limit:.0f} %): **{verdict}**")
+    parts = [by_key.get(p.key) for p in PARTS]
+    fusion, full = by_key.get("fusion"), by_key.get("resolution_distill")
+    if all(parts) and fusion and full:
+        lr, sr = (p["time_ratio"] for p in parts)
+        lines.append(f"- resolution distillation, time by part (x baseline): low-resolution pass "
+                     f"{100 * (lr - fusion['time_ratio']):+.1f} %, SR decoder + loss_sr "
+                     f"{100 * (sr - lr):+.1f} %, loss_fa {100 * (full['time_ratio'] - sr):+.1f} %")
     live, cached = by_key.get("sam_live"), by_key.get("sam_cache")
     if live and cached and cached["teacher_ms"]:
         lines.append(f"- teacher targets per batch: live {live['teacher_ms']:,.0f} ms vs cached "
@@ -531,12 +681,15 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
         f"{r0['view'][2]}x{r0['view'][3]}), the first batch of the seeded sampler over "
         f"{info['images']} synthetic {info['image_size']}x{info['image_size']} images; "
         f"batch sha256 {r0['digest'][:12]} in every row",
-        f"- every row in {info['rounds']} fresh processes (rounds, order reversed every other "
-        f"round; the live row once), each {info['warmup']} warm-up + {info['iters']} timed steps"
-        + (f" ({info['live_iters']} for the live row)" if any(r["teacher"] == "live"
-                                                             for r in results) else "")
-        + "; step ms = median over the processes of each one's median step; step = "
-        "Trainer._step: TrainStep forward, backward, grad clip, AdamW + schedule step",
+        f"- step time: {info['rounds']} fresh processes each build every row but the live one "
+        f"and alternate their steps round-robin ({info['warmup']} warm-up + {info['iters']} "
+        "timed steps per row), so a slow stretch of the machine hits all rows alike; step ms = "
+        "median over the processes of each one's median step. 'step ms alone' = the row in a "
+        "process of its own (the one that measures its memory"
+        + (f"; the live row's only timing, {info['live_iters']} step" if any(
+            r["teacher"] == "live" for r in results) else "")
+        + "). A step = Trainer._step: TrainStep forward, backward, grad clip, AdamW + schedule "
+        "step",
         f"- teacher `{lay['teacher']}` (random weights), input {lay['input_size']}, cached levels "
         f"{lay['levels']} x {lay['channels'][0]} channels at {lay['grid'][0]}x{lay['grid'][1]}, "
         f"masks {lay['mask_size']}x{lay['mask_size']}; both SAM rows use this cache "
@@ -565,13 +718,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--rounds", type=int, default=3,
-                   help="fresh processes per row (all rows but the live one)")
+                   help="fresh processes that time the rows side by side (all but the live one)")
     p.add_argument("--live-iters", type=int, default=1,
                    help="timed steps of the live-teacher row (each runs the teacher per image)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per row (default: torch's default at start-up)")
     p.add_argument("--skip-live", action="store_true", help="leave out the live-teacher row")
+    p.add_argument("--decompose", action="store_true",
+                   help="add diagnostic rows that split the resolution distillation's time into "
+                        "its low-resolution pass, SR decoder and FA loss")
     p.add_argument("--teacher", default="vit_b", choices=["sam_tiny", "vit_b", "vit_l", "vit_h"],
                    help="teacher of the cache and of the live row")
     p.add_argument("--images", type=int, default=4, help="synthetic training images")
@@ -591,7 +747,8 @@ def main(argv: list[str] | None = None) -> str | None:
     logging.basicConfig(level=logging.WARNING)
     if args.child is not None:  # one row, in its own process
         spec_path, out_path = args.child
-        result = measure_row(json.loads(Path(spec_path).read_text()))
+        spec = json.loads(Path(spec_path).read_text())
+        result = measure_interleaved(spec) if "rows" in spec else measure_row(spec)
         Path(out_path).write_text(json.dumps(result))
         return None
 
@@ -606,7 +763,8 @@ def main(argv: list[str] | None = None) -> str | None:
               flush=True)
         prep = prepare(args.config, overrides, progress=True)
         load_before = load_average()
-        results = measure_rows(args.config, overrides, select_rows(args.skip_live), workdir,
+        rows = select_rows(args.skip_live, args.decompose)
+        results = measure_rows(args.config, overrides, rows, workdir,
                                device=str(device), threads=threads, warmup=args.warmup,
                                iters=args.iters, live_iters=args.live_iters,
                                rounds=args.rounds, env=env)

@@ -64,8 +64,10 @@ def test_table_and_report_have_one_line_per_row(measured):
     _, results = measured
     rows = bench.table_rows(results)
     assert [r["row"] for r in rows] == [r["label"] for r in results]
-    assert {"step ms", "step ms per process", "time x baseline", "peak memory MB", "memory x baseline",
-            "teacher fetch ms/batch"} <= set(rows[0])
+    assert {"step ms", "step ms per process", "step ms alone", "time x baseline",
+            "peak memory MB", "memory x baseline", "teacher fetch ms/batch"} <= set(rows[0])
+    # the side-by-side process timed every non-live row; each row also ran alone
+    assert all(len(r["round_ms"]) == 1 and r["alone_ms"] > 0 for r in results)
     assert rows[0]["time x baseline"] == 1.0 and rows[0]["memory x baseline"] == 1.0
     assert rows[2]["time x baseline"] == pytest.approx(results[2]["step_ms"] / results[0]["step_ms"])
     import torch
@@ -77,11 +79,12 @@ def test_table_and_report_have_one_line_per_row(measured):
     table = [ln for ln in report.splitlines() if ln.startswith("|") and "---" not in ln]
     assert len(table) == 1 + len(results)  # the header and one line per row
     assert "ru_maxrss" in report and "batch 2 x crop 64" in report
+    assert "round-robin" in report
 
 
 def _fake(key, step_ms, peak_mb, digest="d" * 64, teacher=None, teacher_ms=None):
     return {"key": key, "label": key, "step_ms": step_ms, "peak_mb": peak_mb,
-            "digest": digest, "teacher": teacher, "teacher_ms": teacher_ms}
+            "digest": digest, "teacher": teacher, "teacher_ms": teacher_ms, "params_m": 1.0}
 
 
 def test_ratios_and_goal_verdicts_by_hand():
@@ -98,37 +101,91 @@ def test_ratios_and_goal_verdicts_by_hand():
     assert "adds +8.0 % time" in lines[2] and "**met**" in lines[2]
 
 
-def test_rounds_alternate_the_order_and_report_medians(monkeypatch, tmp_path):
+def test_rows_run_alone_then_side_by_side_and_report_medians(monkeypatch, tmp_path):
     calls = []
-    times = {"baseline": iter([100.0, 90.0, 130.0]), "fusion": iter([200.0, 210.0, 190.0]),
-             "sam_live": iter([5000.0])}
+    side_by_side = iter([{"baseline": 100.0, "fusion": 200.0}, {"baseline": 90.0, "fusion": 210.0},
+                         {"baseline": 130.0, "fusion": 190.0}])
 
     def fake(spec, env=None):
+        if "rows" in spec:  # one side-by-side process
+            keys = [r["key"] for r in spec["rows"]]
+            calls.append("+".join(keys))
+            return {"step_ms": next(side_by_side), "digests": {k: "d" * 64 for k in keys}}
         key = spec["row"]["key"]
         calls.append(key)
-        return _fake(key, next(times[key]), 10.0, teacher=spec["row"]["teacher"],
-                     teacher_ms=7.0 if key == "sam_live" else None)
+        return _fake(key, {"baseline": 95.0, "fusion": 230.0, "sam_live": 5000.0}[key], 10.0,
+                     teacher=spec["row"]["teacher"], teacher_ms=7.0 if key == "sam_live" else None)
 
     monkeypatch.setattr(bench, "run_row_isolated", fake)
     rows = [bench.ROWS[0], bench.ROWS[1], bench.ROWS[4]]
     results = bench.measure_rows(CONFIG, [], rows, tmp_path, rounds=3, progress=False)
-    # rounds run forwards, backwards, forwards; the live row once, last
-    assert calls == ["baseline", "fusion", "fusion", "baseline", "baseline", "fusion", "sam_live"]
-    assert [r["round_ms"] for r in results] == [[100.0, 90.0, 130.0], [200.0, 210.0, 190.0],
-                                                [5000.0]]
+    # every row alone once (memory), then the non-live rows side by side in 3 processes
+    assert calls == ["baseline", "fusion", "sam_live"] + ["baseline+fusion"] * 3
+    assert [r["round_ms"] for r in results] == [[100.0, 90.0, 130.0], [200.0, 210.0, 190.0], []]
     assert [r["step_ms"] for r in results] == [100.0, 200.0, 5000.0]
+    assert [r["alone_ms"] for r in results] == [95.0, 230.0, 5000.0]
     assert results[1]["time_ratio"] == pytest.approx(2.0)
     assert results[2]["time_added"] == pytest.approx(48.0)
+    assert bench.table_rows(results)[2]["step ms per process"] == "–"
 
 
 def test_rows_on_different_batches_are_refused(monkeypatch, tmp_path):
-    digests = iter(["a" * 64, "b" * 64])
-    monkeypatch.setattr(bench, "run_row_isolated",
-                        lambda spec, env=None: _fake(spec["row"]["key"], 1.0, 1.0, digest=next(digests)))
+    def fake(spec, env=None):
+        if "rows" in spec:
+            return {"step_ms": {r["key"]: 1.0 for r in spec["rows"]},
+                    "digests": {r["key"]: "b" * 64 for r in spec["rows"]}}
+        return _fake(spec["row"]["key"], 1.0, 1.0, digest="a" * 64)
+
+    monkeypatch.setattr(bench, "run_row_isolated", fake)
     with pytest.raises(RuntimeError, match="same batch"):
         bench.measure_rows(CONFIG, [], bench.ROWS[:2], tmp_path, progress=False)
     with pytest.raises(ValueError, match="iters"):
         bench.measure_rows(CONFIG, [], bench.ROWS[:2], tmp_path, iters=0, progress=False)
+
+
+def test_decomposition_rows_split_the_resolution_distillation():
+    rows = bench.select_rows(skip_live=True, decompose=True)
+    assert [r.key for r in rows] == ["baseline", "fusion", "rd_lr_path", "rd_lr_path_sr",
+                                     "resolution_distill", "sam_cache"]
+    results = bench.add_ratios([
+        _fake("baseline", 100.0, 200.0), _fake("fusion", 102.0, 200.0),
+        _fake("rd_lr_path", 122.0, 230.0), _fake("rd_lr_path_sr", 128.0, 240.0),
+        _fake("resolution_distill", 130.0, 244.0), _fake("sam_cache", 139.0, 250.0)])
+    lines = bench.goal_lines(results)
+    # goals compare with the row each part adds to, not the diagnostic row above
+    assert "adds +28.0 % time" in lines[0] and "'fusion'" in lines[0] and "NOT met" in lines[0]
+    assert "adds +22.0 % memory" in lines[1] and "**met**" in lines[1]
+    assert "adds +9.0 % time" in lines[2] and "**met**" in lines[2]
+    assert "low-resolution pass +20.0 %, SR decoder + loss_sr +6.0 %, loss_fa +2.0 %" in lines[3]
+
+
+def test_partial_distiller_runs_only_its_part():
+    import torch
+
+    from pipeline.models.resolution_distill import ResolutionDistiller
+
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 4, stride=4)
+            self.calls = []
+
+        def forward_features(self, images):
+            self.calls.append(tuple(images.shape[-2:]))
+            return {"mask_features": self.conv(images)}
+
+    torch.manual_seed(0)
+    student = Student()
+    distiller = ResolutionDistiller(4, 4, sr_loss_weight=0.5, fa_loss_weight=0.5,
+                                    fa_subscale=0.5, lr_scale=0.5, mask_stride=4)
+    images = torch.randn(2, 3, 32, 32)
+    lr_only = bench._partial_resolution_distill(distiller, "lr_path")(student, images, {})
+    assert student.calls == [(16, 16)] and lr_only["loss_resolution_distill"].item() == 0.0
+    lr_only["loss_resolution_distill"].backward()
+    assert student.conv.weight.grad is not None and distiller.sr_decoder.body[0].weight.grad is None
+    with_sr = bench._partial_resolution_distill(distiller, "lr_path_sr")(student, images, {})
+    full = distiller(student, images, {"mask_features": student.forward_features(images)["mask_features"]})
+    torch.testing.assert_close(with_sr["loss_resolution_distill"], 0.5 * full["loss_sr"])
 
 
 def test_bad_arguments_are_refused():

@@ -109,6 +109,14 @@ def test_get_returns_the_documented_dict(built):
     # cls_logits = scale * cosine(embedding, prototype)
     emb = torch.nn.functional.normalize(item["embeddings"], dim=1)
     torch.testing.assert_close(item["cls_logits"], cfg.cache.prototype_scale * emb @ cache.prototypes.T)
+    # keep_float16: the float16 store's maps as stored, equal to the float32 ones after a cast
+    assert cfg.cache.dtype == "float16"
+    half = cache.get(image_id, keep_float16=True)
+    for f16, f32 in zip(half["features"] + [half["mask_logits"]],
+                        item["features"] + [item["mask_logits"]]):
+        assert f16.dtype == torch.float16
+        assert torch.equal(f16.float(), f32)
+    assert torch.equal(half["cls_logits"], item["cls_logits"])
 
 
 def test_cached_targets_match_the_live_teacher(built):

@@ -33,6 +33,29 @@ def test_feat_distill_by_hand():
     assert feat_distill_loss(teacher * 5, teacher, both).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def _feat_reference(student, teacher, valid):
+    per_pixel = (F.normalize(student, dim=1) - F.normalize(teacher, dim=1)).pow(2).sum(1)
+    w = valid.float()
+    return (per_pixel * w).sum() / w.sum().clamp(min=1.0)
+
+
+def test_feat_distill_equals_normalised_difference_with_zero_vectors():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 5, 4, 6, generator=g)
+    teacher = torch.randn(3, 5, 4, 6, generator=g)
+    student[0, :, 1, 2] = 0  # a dead (all-ReLU-zero) student pixel
+    teacher[1, :, :2] = 0  # zeroed (invalid) teacher pixels, here counted as valid
+    valid = torch.rand(3, 4, 6, generator=g) > 0.3
+    valid[0, 1, 2] = valid[1, 0, 0] = True
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    got, want = feat_distill_loss(s1, teacher, valid), _feat_reference(s2, teacher, valid)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    assert torch.isfinite(s1.grad).all()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_feat_distill_nothing_valid_is_zero_but_differentiable():
     student, teacher = _feat_pair()
     loss = feat_distill_loss(student, teacher, torch.zeros(1, 1, 2, dtype=torch.bool))
@@ -161,6 +184,10 @@ def test_sample_valid_pixels_draws_distinct_valid_pixels():
     for m in range(2):
         taken = set(index[m][weight[m] > 0].tolist())
         assert taken == set(valid[m].view(-1).nonzero().view(-1).tolist())
+    # at least as many points as pixels: every pixel, weighted by its validity
+    index, weight = sample_valid_pixels(valid, 16)
+    assert torch.equal(index, torch.arange(16).expand(2, 16))
+    assert torch.equal(weight, valid.flatten(1).float())
     # reproducible from a generator
     a = sample_valid_pixels(valid, 3, torch.Generator().manual_seed(7))[0]
     b = sample_valid_pixels(valid, 3, torch.Generator().manual_seed(7))[0]

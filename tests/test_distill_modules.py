@@ -69,6 +69,9 @@ def _res_distiller(**kw) -> ResolutionDistiller:
 def test_sr_decoder_shapes():
     dec = SRDecoder(in_channels=8, feat_channels=4, upscale=8)
     assert dec(torch.randn(2, 8, 5, 6)).shape == (2, 3, 40, 48)
+    # two 3x3 convs (no bias) + BN, then the 1x1 sub-pixel projection with bias
+    expected = 8 * 4 * 9 + 2 * 4 + 4 * 4 * 9 + 2 * 4 + 4 * 3 * 64 + 3 * 64
+    assert sum(p.numel() for p in dec.parameters()) == expected
     with pytest.raises(ValueError, match="upscale"):
         SRDecoder(8, 4, 0)
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from pipeline.data.geometry import hflip_matrix, scale_matrix, translate_matrix, warp_affine
 from pipeline.training.teacher_targets import (batch_warp_teacher_targets, map_to_view_matrix,
-                                               warp_teacher_targets)
+                                               stack_teacher_items, warp_teacher_targets)
+from pipeline.training.trainer import collate_training_batch
 
 
 def _item(features, mask_logits, orig_size, input_size, num_classes=3, seed=0):
@@ -215,6 +216,57 @@ def test_batch_equals_per_image_and_handles_absent_entries():
     skipped = batch_warp_teacher_targets(items, transforms, (64, 64), [None, (8, 8)], (16, 16))
     assert skipped["features"][0] is None and skipped["feature_valid"][0] is None
     torch.testing.assert_close(skipped["features"][1], batch["features"][1])
+
+
+def test_stacked_batch_keeps_the_dtype_and_warps_like_the_list():
+    g = torch.Generator().manual_seed(4)
+    items = [
+        _item([torch.randn(4, 16, 16, generator=g).half()], torch.randn(2, 32, 32, generator=g).half(),
+              orig_size=(40, 64), input_size=64, seed=1),
+        None,
+        _item([torch.randn(4, 16, 16, generator=g).half()], torch.randn(3, 32, 32, generator=g).half(),
+              orig_size=(64, 64), input_size=64, seed=2),
+    ]
+    stacked = stack_teacher_items(items)
+    assert stacked["features"][0].shape == (3, 4, 16, 16)
+    assert stacked["features"][0].dtype == torch.float16 and not stacked["features"][0][1].any()
+    assert stacked["mask_logits"].shape == (5, 32, 32) and stacked["mask_counts"] == [2, 0, 3]
+    assert stacked["present"].tolist() == [True, False, True]
+    assert stacked["orig_size"].tolist() == [[40, 64], [0, 0], [64, 64]]
+    transforms = [translate_matrix(-5, 3) @ scale_matrix(1.3, 1.3), np.eye(3),
+                  translate_matrix(7, -2) @ scale_matrix(0.9, 0.9) @ hflip_matrix(64)]
+    from_stack = batch_warp_teacher_targets(stacked, transforms, (64, 64), [(16, 16)], (16, 16))
+    from_list = batch_warp_teacher_targets(items, transforms, (64, 64), [(16, 16)], (16, 16))
+    assert from_stack["features"][0].dtype == torch.float32
+    assert torch.equal(from_stack["features"][0], from_list["features"][0])
+    for a, b in zip(from_stack["mask_logits"], from_list["mask_logits"]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="mask size"):
+        stack_teacher_items([items[0], {**items[2], "mask_logits": torch.zeros(3, 16, 16)}])
+
+
+def test_collate_moves_teacher_entries_into_one_stacked_batch():
+    g = torch.Generator().manual_seed(5)
+
+    def sample(i, teacher):
+        s = {"image": torch.zeros(3, 32, 32, dtype=torch.uint8), "masks": torch.zeros(1, 32, 32,
+             dtype=torch.bool), "ignore": torch.zeros(32, 32, dtype=torch.bool),
+             "valid": torch.ones(32, 32, dtype=torch.bool), "labels": torch.zeros(1, dtype=torch.int64),
+             "segment_ids": torch.ones(1, dtype=torch.int64), "transform": np.eye(3),
+             "file_name": f"{i}.jpg", "image_id": i}
+        if teacher is not False:
+            s["teacher"] = teacher
+        return s
+
+    item = _item([torch.randn(4, 16, 16, generator=g)], torch.randn(1, 32, 32, generator=g),
+                 orig_size=(32, 32), input_size=64)
+    batch = collate_training_batch([sample(0, item), sample(1, None)])
+    assert all("teacher" not in t for t in batch["targets"])
+    assert batch["teacher"]["present"].tolist() == [True, False]
+    assert torch.equal(batch["teacher"]["features"][0][0], item["features"][0])
+    assert "teacher" not in collate_training_batch([sample(0, False)])
+    with pytest.raises(ValueError, match="some samples"):
+        collate_training_batch([sample(0, item), sample(1, False)])
 
 
 def test_teacher_targets_carry_no_gradient():

@@ -139,14 +139,19 @@ class TeacherCache:
             self._prototypes = torch.from_numpy(self._store.read_prototypes())
         return self._prototypes
 
-    def get(self, image_id: Any) -> dict[str, Any]:
-        """The cached teacher targets of one image (see the module docstring)."""
+    def get(self, image_id: Any, keep_float16: bool = False) -> dict[str, Any]:
+        """The cached teacher targets of one image (see the module docstring).
+
+        ``keep_float16=True`` leaves ``features`` and ``mask_logits`` of a float16 cache in
+        float16 (as stored; half the memory, e.g. in DataLoader queues); otherwise, and for int8
+        caches, they are float32.
+        """
         index = self._lookup(image_id)
         if index in self._skipped:
             info = self._store.skip_info(index) or {}
             raise KeyError(f"image_id {image_id!r} was skipped when the teacher cache was built "
                            f"({info.get('reason', 'unknown reason')}: {info.get('message', '')})")
-        raw = self._store.read_image(index)
+        raw = self._store.read_image(index, keep_float16)
         embeddings = torch.from_numpy(raw["embeddings"])
         h0, w0 = raw["orig_size"]
         size = self._store.layout.input_size

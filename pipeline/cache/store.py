@@ -426,10 +426,13 @@ class CacheStore:
         suffixes = ("values", "scale", "offset") if self.layout.dtype == "int8" else ("values",)
         return [f"{name}/{k}" for k in suffixes]
 
-    def _dequantize(self, parts: Sequence[np.ndarray], rows: int | None = None) -> np.ndarray:
+    def _dequantize(self, parts: Sequence[np.ndarray], rows: int | None = None,
+                    keep_float16: bool = False) -> np.ndarray:
         cut = slice(None) if rows is None else slice(rows)
         if self.layout.dtype == "int8":
             return dequantize_int8(parts[0][cut], parts[1][cut], parts[2][cut])
+        if keep_float16:
+            return parts[0][cut]
         return parts[0][cut].astype(np.float32)
 
     def read_quantized(self, name: str, index: int) -> np.ndarray:
@@ -437,10 +440,12 @@ class CacheStore:
         names = self._quantized_names(name)
         return self._dequantize(sync(_get_all([self.array(n).async_array for n in names], index)))
 
-    def read_image(self, index: int) -> dict[str, Any]:
+    def read_image(self, index: int, keep_float16: bool = False) -> dict[str, Any]:
         """One image's stored arrays as float32 / int64 numpy (segments cut to the real count).
 
-        All chunks of the image are fetched concurrently.
+        All chunks of the image are fetched concurrently. ``keep_float16=True`` returns the
+        features and mask logits of a float16 store as stored (half the memory of float32); an
+        int8 store is always dequantised to float32.
 
         Returns:
           dict with ``features`` (per level ``[C_l, h, w]``), ``segment_ids [M]``, ``labels [M]``,
@@ -455,10 +460,11 @@ class CacheStore:
         ids = got["segments/segment_ids"]
         m = int((ids >= 0).sum())
         return {
-            "features": [self._dequantize([got[n] for n in group]) for group in levels],
+            "features": [self._dequantize([got[n] for n in group], None, keep_float16)
+                         for group in levels],
             "segment_ids": ids[:m],
             "labels": got["segments/labels"][:m],
-            "mask_logits": self._dequantize([got[n] for n in masks], m),
+            "mask_logits": self._dequantize([got[n] for n in masks], m, keep_float16),
             "iou": got["segments/iou"][:m],
             "embeddings": got["segments/embeddings"][:m],
             "orig_size": (int(got["images/orig_size"][0]), int(got["images/orig_size"][1])),

@@ -17,7 +17,7 @@ convention. A destination pixel is valid when its centre comes from inside the o
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "map_to_view_matrix",
     "view_to_grid_matrix",
     "inside_extent",
+    "stack_teacher_items",
     "batch_warp_teacher_targets",
     "warp_teacher_targets",
 ]
@@ -93,7 +94,7 @@ def _matrix(transform: Any) -> np.ndarray:
     return m
 
 
-def _check_item(item: dict, index: int, num_levels: int | None) -> tuple[float, int, int, int]:
+def _check_item(item: dict, index: int, num_levels: int) -> tuple[float, int, int, int]:
     """Validate one cache entry; returns (scale, S, H0, W0)."""
     missing = [k for k in REQUIRED_KEYS if k not in item]
     if missing:
@@ -106,7 +107,7 @@ def _check_item(item: dict, index: int, num_levels: int | None) -> tuple[float, 
                          f"and orig_size {(h0, w0)} (expected {size / max(h0, w0):.6g})")
     if num_levels is not None and len(item["features"]) != num_levels:
         raise ValueError(f"teacher entry {index} has {len(item['features'])} feature levels, "
-                         f"level_sizes has {num_levels}")
+                         f"the first entry of the batch {num_levels}")
     m = item["mask_logits"].shape[0]
     if item["segment_ids"].shape != (m,) or item["cls_logits"].shape[0] != m:
         raise ValueError(f"teacher entry {index}: segment_ids {tuple(item['segment_ids'].shape)}, "
@@ -115,8 +116,75 @@ def _check_item(item: dict, index: int, num_levels: int | None) -> tuple[float, 
     return scale, size, h0, w0
 
 
+def stack_teacher_items(items: Sequence[dict | None]) -> dict[str, Any]:
+    """Batch the cached teacher outputs of a batch's images, in their stored dtype.
+
+    Runs in the DataLoader workers (:func:`pipeline.training.trainer.collate_training_batch`),
+    so the training step receives one tensor per feature level instead of one per image and
+    level; float16 caches stay float16 until :func:`batch_warp_teacher_targets` has resampled
+    them onto the (smaller) student grids.
+
+    Arguments:
+        items: per image a :meth:`TeacherCache.get` dict, or None for an image without a cache
+            entry (all its outputs invalid downstream).
+
+    Returns:
+        dict with
+            ``features``: per cached level ``[B, C_l, h, w]`` (zeros for absent images);
+            ``mask_logits``: ``[sum M_b, m, m]``, the images' masks one after the other;
+            ``mask_counts``: ``[M_b]`` per image (list of int);
+            ``segment_ids``: per image int64 ``[M_b]``; ``cls_logits``: per image ``[M_b, K]``;
+            ``scale``: float64 ``[B]``; ``input_size``: int64 ``[B]``; ``orig_size``: int64
+            ``[B, 2]`` ``(H0, W0)`` (1, 0 and (0, 0) for absent images); ``present``: bool ``[B]``.
+
+    Raises:
+        ValueError: no image has an entry, or entries disagree on levels or shapes.
+        KeyError: an entry lacks a key.
+    """
+    present = [it is not None for it in items]
+    if not any(present):
+        raise ValueError("no image of the batch has a teacher cache entry")
+    first = next(it for it in items if it is not None)
+    num_levels = len(first["features"])
+    meta = {i: _check_item(it, i, num_levels) for i, it in enumerate(items) if it is not None}
+    features = []
+    for level, ref in enumerate(first["features"]):
+        maps = []
+        for i, it in enumerate(items):
+            fmap = ref.new_zeros(ref.shape) if it is None else it["features"][level]
+            if fmap.shape != ref.shape:
+                raise ValueError(f"teacher entry {i}: feature level {level} has shape "
+                                 f"{tuple(fmap.shape)}, the first entry of the batch "
+                                 f"{tuple(ref.shape)}")
+            maps.append(fmap.to(ref.dtype))
+        features.append(torch.stack(maps))
+    ref_masks = first["mask_logits"]
+    counts = [int(it["mask_logits"].shape[0]) if it is not None else 0 for it in items]
+    masks = [it["mask_logits"].to(ref_masks.dtype) for it in items if it is not None]
+    if any(m.shape[1:] != ref_masks.shape[1:] for m in masks):
+        raise ValueError(f"teacher entries disagree on the mask size: "
+                         f"{sorted({tuple(m.shape[1:]) for m in masks})}")
+    num_classes = first["cls_logits"].shape[1]
+    return {
+        "features": features,
+        "mask_logits": torch.cat(masks),
+        "mask_counts": counts,
+        "segment_ids": [it["segment_ids"].to(torch.int64) if it is not None
+                        else torch.zeros(0, dtype=torch.int64) for it in items],
+        "cls_logits": [it["cls_logits"] if it is not None
+                       else first["cls_logits"].new_zeros(0, num_classes) for it in items],
+        "scale": torch.tensor([meta[i][0] if present[i] else 1.0 for i in range(len(items))],
+                              dtype=torch.float64),
+        "input_size": torch.tensor([meta[i][1] if present[i] else 0
+                                    for i in range(len(items))], dtype=torch.int64),
+        "orig_size": torch.tensor([[meta[i][2], meta[i][3]] if present[i] else [0, 0]
+                                   for i in range(len(items))], dtype=torch.int64),
+        "present": torch.tensor(present, dtype=torch.bool),
+    }
+
+
 def batch_warp_teacher_targets(
-    items: Sequence[dict | None],
+    teacher: Sequence[dict | None] | Mapping[str, Any],
     transforms: Sequence[Any] | Tensor,
     view_size: tuple[int, int],
     level_sizes: Sequence[tuple[int, int] | None],
@@ -126,12 +194,12 @@ def batch_warp_teacher_targets(
     """Warp the cached teacher outputs of a batch onto its (shared) view grids.
 
     Each feature level is resampled with one ``grid_sample`` for the whole batch, and all cached
-    masks of the batch with one more.
+    masks of the batch with one more; the results are float32.
 
     Arguments:
-        items: per image a :meth:`TeacherCache.get` dict (``features``, ``segment_ids``,
-            ``mask_logits``, ``cls_logits``, ``scale``, ``input_size``, ``orig_size``), or None
-            for an image without a cache entry (counted in ``present``, all its pixels invalid).
+        teacher: the batch's :func:`stack_teacher_items` dict, or the per-image list it is made
+            from (per image a :meth:`TeacherCache.get` dict, or None for an image without a
+            cache entry: counted in ``present``, all its pixels invalid).
         transforms: per image the ``[3, 3]`` original -> view matrix (or one ``[B, 3, 3]``).
         view_size: ``(H, W)`` of the (padded) batch images.
         level_sizes: per cached level the destination grid ``(h, w)`` laid over the view (e.g. a
@@ -149,28 +217,29 @@ def batch_warp_teacher_targets(
             ``cls_logits``: per image ``[M_b, K]`` float32;
             ``present``: bool ``[B]``.
     """
-    batch = len(items)
+    stacked = teacher if isinstance(teacher, Mapping) else stack_teacher_items(teacher)
+    present_t = stacked["present"].cpu()
+    batch = int(present_t.numel())
+    present = present_t.tolist()
     if isinstance(transforms, Tensor) and transforms.ndim == 3:
         transforms = list(transforms)
     if len(transforms) != batch:
         raise ValueError(f"got {batch} teacher entries but {len(transforms)} transforms")
-    present = [it is not None for it in items]
-    if not any(present):
-        raise ValueError("no image of the batch has a teacher cache entry")
-    first = next(it for it in items if it is not None)
+    if len(stacked["features"]) != len(level_sizes):
+        raise ValueError(f"the teacher entries have {len(stacked['features'])} feature levels, "
+                         f"level_sizes has {len(level_sizes)}")
     if device is None:
-        device = first["features"][0].device if len(first["features"]) else "cpu"
+        device = stacked["mask_logits"].device
     device = torch.device(device)
-    num_levels = len(level_sizes)
-    meta = {i: _check_item(it, i, num_levels) for i, it in enumerate(items) if it is not None}
+    scales = stacked["scale"].cpu().tolist()
+    input_sizes = stacked["input_size"].cpu().tolist()
+    orig = stacked["orig_size"].cpu()
     view_h, view_w = (int(v) for v in view_size)
 
     # original -> view, per image (identity for absent images: their outputs are all invalid)
     a_view = [_matrix(t) for t in transforms]
-    orig_ext = torch.tensor([[meta[i][3], meta[i][2]] if present[i] else [0, 0]
-                             for i in range(batch)], dtype=torch.float64)
+    orig_ext = orig.flip(1).to(torch.float64)  # (W0, H0); zero extent for absent images
     view_ext = torch.tensor([[view_w, view_h]] * batch, dtype=torch.float64)
-    present_t = torch.tensor(present, dtype=torch.bool)
 
     def region_valid(grid_size: tuple[int, int]) -> Tensor:
         g = view_to_grid_matrix((view_h, view_w), grid_size)
@@ -182,27 +251,19 @@ def batch_warp_teacher_targets(
 
     def map_matrices(map_size: tuple[int, int], grid_size: tuple[int, int]) -> np.ndarray:
         g = view_to_grid_matrix((view_h, view_w), grid_size)
-        return np.stack([g @ map_to_view_matrix(a_view[i], meta[i][0], meta[i][1], map_size)
+        return np.stack([g @ map_to_view_matrix(a_view[i], scales[i], input_sizes[i], map_size)
                          if present[i] else np.eye(3) for i in range(batch)])
 
     features: list[Tensor | None] = []
     feature_valid: list[Tensor | None] = []
-    for level, size in enumerate(level_sizes):
+    for maps, size in zip(stacked["features"], level_sizes):
         if size is None:
             features.append(None)
             feature_valid.append(None)
             continue
         size = (int(size[0]), int(size[1]))
-        ref = first["features"][level]
-        maps = []
-        for i, it in enumerate(items):
-            fmap = ref.new_zeros(ref.shape) if it is None else it["features"][level]
-            if fmap.shape != ref.shape:
-                raise ValueError(f"teacher entry {i}: feature level {level} has shape "
-                                 f"{tuple(fmap.shape)}, entry 0 of the batch {tuple(ref.shape)}")
-            maps.append(fmap.to(device=device, dtype=torch.float32))
-        stacked = torch.stack(maps)
-        warped, ok = warp_affine(stacked, map_matrices(tuple(ref.shape[-2:]), size), size,
+        maps = maps.to(device=device, dtype=torch.float32)
+        warped, ok = warp_affine(maps, map_matrices(tuple(maps.shape[-2:]), size), size,
                                  "bilinear")
         ok = ok & region_valid(size)
         features.append(warped * ok[:, None].to(warped.dtype))
@@ -210,29 +271,25 @@ def batch_warp_teacher_targets(
 
     # all masks of the batch in one resampling: [sum M, 1, m, m] with per-mask matrices
     mask_size_out = (int(mask_size_out[0]), int(mask_size_out[1]))
-    counts = [it["mask_logits"].shape[0] if it is not None else 0 for it in items]
-    num_classes = first["cls_logits"].shape[1]
+    counts = [int(c) for c in stacked["mask_counts"]]
     mask_valid = region_valid(mask_size_out)
     if sum(counts):
-        masks = torch.cat([it["mask_logits"].to(device=device, dtype=torch.float32)
-                           for it in items if it is not None])[:, None]
-        m_size = tuple(masks.shape[-2:])
-        per_image = map_matrices(m_size, mask_size_out)
+        masks = stacked["mask_logits"].to(device=device, dtype=torch.float32)[:, None]
+        per_image = map_matrices(tuple(masks.shape[-2:]), mask_size_out)
         matrices = np.repeat(per_image, counts, axis=0)
         warped_masks, _ = warp_affine(masks, matrices, mask_size_out, "bilinear")
         mask_logits = list(warped_masks[:, 0].split(counts))
     else:
-        mask_logits = [torch.zeros(0, *mask_size_out, device=device) for _ in items]
+        mask_logits = [torch.zeros(0, *mask_size_out, device=device) for _ in range(batch)]
 
     return {
         "features": features,
         "feature_valid": feature_valid,
         "mask_logits": mask_logits,
         "mask_valid": mask_valid,
-        "segment_ids": [it["segment_ids"].to(device=device, dtype=torch.int64) if it is not None
-                        else torch.zeros(0, dtype=torch.int64, device=device) for it in items],
-        "cls_logits": [it["cls_logits"].to(device=device, dtype=torch.float32) if it is not None
-                       else torch.zeros(0, num_classes, device=device) for it in items],
+        "segment_ids": [ids.to(device=device, dtype=torch.int64)
+                        for ids in stacked["segment_ids"]],
+        "cls_logits": [c.to(device=device, dtype=torch.float32) for c in stacked["cls_logits"]],
         "present": present_t.to(device),
     }
 

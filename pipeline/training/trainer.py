@@ -34,7 +34,7 @@ from pipeline.models.student import RegSAMStudent, build_student
 from pipeline.training.checkpoint import (load_checkpoint, load_student_weights, rng_state,
                                           save_atomic, set_rng_state)
 from pipeline.training.schedule import build_scheduler
-from pipeline.training.teacher_targets import batch_warp_teacher_targets
+from pipeline.training.teacher_targets import batch_warp_teacher_targets, stack_teacher_items
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,23 @@ class EpochIndexed(Dataset):
         if self.teacher is not None and "skip_reason" not in sample:
             sample["teacher"] = self.teacher.lookup(self.dataset, index, sample)
         return sample
+
+
+def collate_training_batch(samples: list[dict]) -> dict[str, Any]:
+    """:func:`collate_panoptic`, plus the samples' teacher entries stacked per level.
+
+    Runs in the DataLoader workers. When the samples carry ``teacher`` entries (SAM
+    distillation), they are moved out of ``targets`` into ``batch["teacher"]``, the
+    :func:`~pipeline.training.teacher_targets.stack_teacher_items` dict (cached dtype kept), so
+    the training step finds one tensor per cached level instead of one per image and level.
+    """
+    batch = collate_panoptic(samples)
+    entries = [t.pop("teacher") for t in batch["targets"] if "teacher" in t]
+    if entries:
+        if len(entries) != len(batch["targets"]):
+            raise ValueError("some samples of the batch carry teacher entries and some do not")
+        batch["teacher"] = stack_teacher_items(entries)
+    return batch
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -125,14 +142,24 @@ class TrainStep(nn.Module):
         self.sam_distiller = sam_distiller
 
     def forward(self, images: torch.Tensor, targets: list[dict],
-                teacher: list[dict | None] | None = None) -> dict[str, torch.Tensor]:
-        """images: float [B, 3, H, W] normalised; targets: data sample dicts on the device."""
+                teacher: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """
+        Arguments:
+            images: float ``[B, 3, H, W]`` normalised.
+            targets: the data sample dicts, on the device.
+            teacher: the batch's cached teacher outputs (``batch["teacher"]`` of
+                :func:`collate_training_batch`, or the per-image list of cache entries), needed
+                with SAM distillation.
+        """
         feats = self.student.forward_features(images)
         outputs = self.student.forward_head(feats)
         losses, indices = self.criterion(outputs, targets)
         if self.resolution_distiller is not None:
             losses.update(self.resolution_distiller(self.student, images, feats))
         if self.sam_distiller is not None:
+            if teacher is None:
+                raise ValueError("SAM distillation is on but the batch has no teacher entries "
+                                 "(batch['teacher'] of collate_training_batch)")
             # cached maps live in the teacher's frame of the original image: warp them onto
             # this batch's augmented views (one grid_sample per level for the whole batch)
             sizes = self.sam_distiller.level_sizes([f.shape[-2:] for f in feats["neck_features"]])
@@ -274,7 +301,8 @@ class Trainer:
         if cfg.model.use_sam_distill:
             from pipeline.models.sam_distill import SamDistiller
             from pipeline.training.teacher_source import TeacherSource
-            self.teacher = TeacherSource.from_config(cfg)
+            self.teacher = TeacherSource.from_config(cfg,
+                                                     keep_float16=self.device.type == "cuda")
             sd = cfg.model.sam_distill
             sam = SamDistiller(student_channels=student.neck_channels,
                                teacher_channels=self.teacher.level_channels,
@@ -397,7 +425,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed)  # keeps the global RNG untouched
         nw = cfg.data.num_workers
         return DataLoader(EpochIndexed(self.dataset, self.teacher), batch_sampler=sampler,
-                          collate_fn=collate_panoptic, num_workers=nw, generator=gen,
+                          collate_fn=collate_training_batch, num_workers=nw, generator=gen,
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=False, prefetch_factor=4 if nw > 0 else None)
 
@@ -460,7 +488,9 @@ class Trainer:
             self.scheduler.step()
             return None
         images = normalize_images(batch["images"].to(self.device, non_blocking=True))
-        teacher = [t.get("teacher") for t in targets] if self.teacher is not None else None
+        teacher = batch.get("teacher") if self.teacher is not None else None
+        if teacher is not None:
+            teacher = to_device(teacher, self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             losses = self.model(images, targets, teacher)
         fusion = losses.pop("_fusion_weights", None)
