@@ -371,9 +371,10 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(spec["device"])
     iters = spec["live_iters"] if row.teacher == "live" else spec["iters"]
     warmup = spec["warmup"]
-    if cfg.training.max_iters < warmup + iters:
+    if cfg.training.max_iters < warmup + iters + 1:
         raise ValueError(f"training.max_iters={cfg.training.max_iters} is below warm-up + timed "
-                         f"iterations ({warmup} + {iters}): the schedule would end")
+                         f"iterations + the counted one ({warmup} + {iters} + 1): the schedule "
+                         "would end")
     # counted from here: the batch as the loader delivers it (with teacher targets in the SAM
     # rows), model, optimizer state, activations (and the live teacher)
     memory = PeakMemory(device)
@@ -418,6 +419,15 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         step_times.append(time.perf_counter() - start)
     if live_times:
         teacher_ms = 1e3 * statistics.median(live_times)
+    peak_mb = memory.peak() / 2**20
+    peak_before_row = memory.peak_was_before_start
+    # after the timing: the floating-point work of one more step (torch's flop counter: matmuls
+    # and convolutions of forward + backward; the live row's teacher runs outside the step)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as flops:
+        trainer._step(batch, warmup + iters)
+    step_gflop = flops.get_total_flops() / 1e9
 
     return {
         "key": row.key,
@@ -426,8 +436,9 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         "step_ms": 1e3 * statistics.median(step_times),
         "step_ms_min": 1e3 * min(step_times),
         "iters": iters,
-        "peak_mb": memory.peak() / 2**20,
-        "peak_before_row": memory.peak_was_before_start,
+        "peak_mb": peak_mb,
+        "peak_before_row": peak_before_row,
+        "step_gflop": step_gflop,
         "params_m": sum(p.numel() for p in trainer.step_module.parameters()
                         if p.requires_grad) / 1e6,
         "teacher_ms": teacher_ms,
@@ -622,6 +633,10 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak memory MB": r["peak_mb"],
             "memory x baseline": r["mem_ratio"],
             "added memory (x baseline)": r["mem_added"],
+            "step GFLOP": r.get("step_gflop"),
+            "GFLOP x baseline": (r["step_gflop"] / results[0]["step_gflop"]
+                                 if r.get("step_gflop") and results[0].get("step_gflop")
+                                 else None),
             "trainable params M": r["params_m"],
             "teacher fetch ms/batch": r["teacher_ms"],
             "teacher targets": teacher,
@@ -648,6 +663,11 @@ def goal_lines(results: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(f"- resolution distillation, time by part (x baseline): low-resolution pass "
                      f"{100 * (lr - fusion['time_ratio']):+.1f} %, SR decoder + loss_sr "
                      f"{100 * (sr - lr):+.1f} %, loss_fa {100 * (full['time_ratio'] - sr):+.1f} %")
+        base = results[0].get("step_gflop")
+        if base and parts[0].get("step_gflop") and fusion.get("step_gflop"):
+            lines.append(f"- the low-resolution pass alone adds "
+                         f"{100 * (parts[0]['step_gflop'] - fusion['step_gflop']) / base:+.1f} % "
+                         "of the baseline's FLOPs")
     live, cached = by_key.get("sam_live"), by_key.get("sam_cache")
     if live and cached and cached["teacher_ms"]:
         lines.append(f"- teacher targets per batch: live {live['teacher_ms']:,.0f} ms vs cached "
@@ -695,6 +715,8 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
         f"masks {lay['mask_size']}x{lay['mask_size']}; both SAM rows use this cache "
         "(the live row for its PCA bases and class prototypes)",
         f"- peak memory: {memory}",
+        "- step GFLOP: torch.utils.flop_counter over one more step of the row's own process "
+        "(matmuls and convolutions, forward + backward)",
         "- ratios are against the baseline row; 'added' = this row's ratio minus the row above's",
         f"- load average (1/5/15 min) before: {info['load_before']}; after: {load_average()}",
     ]

@@ -57,6 +57,10 @@ def test_rows_build_what_they_claim(measured):
     assert [r["teacher_ms"] is not None for r in results] == [False, False, False, True]
     assert results[3]["teacher_ms"] > 0
     assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in results)
+    # FLOPs grow with every row that adds work (the low-resolution pass, the SAM adapters)
+    gflop = [r["step_gflop"] for r in results]
+    assert gflop[0] > 0 and gflop[1] == pytest.approx(gflop[0], rel=1e-3)
+    assert gflop[2] > 1.1 * gflop[1] and gflop[3] > gflop[2]
     assert prep["layout"]["teacher"] == "sam_tiny" and prep["layout"]["input_size"] == 128
 
 
@@ -151,7 +155,10 @@ def test_decomposition_rows_split_the_resolution_distillation():
         _fake("baseline", 100.0, 200.0), _fake("fusion", 102.0, 200.0),
         _fake("rd_lr_path", 122.0, 230.0), _fake("rd_lr_path_sr", 128.0, 240.0),
         _fake("resolution_distill", 130.0, 244.0), _fake("sam_cache", 139.0, 250.0)])
+    for r, g in zip(results, [10.0, 10.0, 12.5, 12.7, 12.8, 13.0]):
+        r["step_gflop"] = g
     lines = bench.goal_lines(results)
+    assert "low-resolution pass alone adds +25.0 % of the baseline's FLOPs" in lines[4]
     # goals compare with the row each part adds to, not the diagnostic row above
     assert "adds +28.0 % time" in lines[0] and "'fusion'" in lines[0] and "NOT met" in lines[0]
     assert "adds +22.0 % memory" in lines[1] and "**met**" in lines[1]

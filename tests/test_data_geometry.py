@@ -109,6 +109,9 @@ def test_valid_region_of_a_shrink_into_a_larger_canvas():
     expected = torch.zeros(5, 5, dtype=torch.bool)
     expected[:2, :3] = True
     assert torch.equal(valid, expected) and torch.equal(out[0], expected.float())
+    # fill=None: no fill pass, the border-extended samples stay where the caller will mask
+    kept, valid_kept = warp_affine(src, scale_matrix(0.5, 0.5), (5, 5), "bilinear", fill=None)
+    assert torch.equal(valid_kept, expected) and torch.equal(kept, torch.ones(1, 5, 5))
 
 
 def test_errors():

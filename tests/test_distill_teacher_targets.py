@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.geometry import hflip_matrix, scale_matrix, translate_matrix, warp_affine
-from pipeline.training.teacher_targets import (batch_warp_teacher_targets, map_to_view_matrix,
-                                               stack_teacher_items, warp_teacher_targets)
+from pipeline.training.teacher_targets import (batch_warp_teacher_targets, inside_extent,
+                                               map_to_view_matrix, stack_teacher_items,
+                                               warp_teacher_targets)
 from pipeline.training.trainer import collate_training_batch
 
 
@@ -218,6 +219,26 @@ def test_batch_equals_per_image_and_handles_absent_entries():
     torch.testing.assert_close(skipped["features"][1], batch["features"][1])
 
 
+def test_inside_extent_matches_a_pixel_by_pixel_check():
+    theta = 0.3
+    rotation = np.array([[math.cos(theta), -math.sin(theta), 4.0],
+                         [math.sin(theta), math.cos(theta), -2.0], [0, 0, 1]])
+    axis = translate_matrix(-5.5, 3.25) @ scale_matrix(1.7, 0.6) @ hflip_matrix(10)
+    matrices = torch.as_tensor(np.stack([axis, rotation, np.eye(3)]))
+    extents = torch.tensor([[10.0, 7.0], [9.0, 12.0], [3.0, 2.0]], dtype=torch.float64)
+    h, w = 9, 11
+    for pick in ([0, 2], [0, 1, 2]):  # axis-aligned only (separable test), and mixed
+        got = inside_extent(matrices[pick], (h, w), extents[pick])
+        for k, b in enumerate(pick):
+            inv = np.linalg.inv(matrices[b].numpy())
+            want = torch.zeros(h, w, dtype=torch.bool)
+            for i in range(h):
+                for j in range(w):
+                    x, y, _ = inv @ np.array([j + 0.5, i + 0.5, 1.0])
+                    want[i, j] = bool(0 <= x < extents[b, 0] and 0 <= y < extents[b, 1])
+            assert torch.equal(got[k], want), (pick, b)
+
+
 def test_stacked_batch_keeps_the_dtype_and_warps_like_the_list():
     g = torch.Generator().manual_seed(4)
     items = [
@@ -230,6 +251,8 @@ def test_stacked_batch_keeps_the_dtype_and_warps_like_the_list():
     stacked = stack_teacher_items(items)
     assert stacked["features"][0].shape == (3, 4, 16, 16)
     assert stacked["features"][0].dtype == torch.float16 and not stacked["features"][0][1].any()
+    assert stacked["features"][0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(stacked["features"][0][2], items[2]["features"][0])
     assert stacked["mask_logits"].shape == (5, 32, 32) and stacked["mask_counts"] == [2, 0, 3]
     assert stacked["present"].tolist() == [True, False, True]
     assert stacked["orig_size"].tolist() == [[40, 64], [0, 0], [64, 64]]

@@ -119,7 +119,7 @@ def warp_affine(
     matrix: Tensor | np.ndarray,
     out_size: tuple[int, int],
     mode: Literal["bilinear", "nearest"] = "bilinear",
-    fill: float = 0,
+    fill: float | None = 0,
 ) -> tuple[Tensor, Tensor]:
     """Resample ``src`` into a destination grid through an affine map.
 
@@ -132,7 +132,8 @@ def warp_affine(
         mode: ``"nearest"`` takes the source pixel covering the pre-image of each destination
             pixel centre; ``"bilinear"`` interpolates between source pixel centres (edge pixels
             extend to the border of the extent).
-        fill: value written where the destination pixel is not valid.
+        fill: value written where the destination pixel is not valid; None leaves the
+            resampled values there (the caller masks them with ``valid``; saves a pass).
 
     Returns:
         ``(dst, valid)``: ``dst`` is ``[C, H, W]`` (or ``[B, C, H, W]``) with the dtype of ``src``;
@@ -180,7 +181,7 @@ def warp_affine(
         out = F.grid_sample(x.to(gdtype), grid.to(device=src.device, dtype=gdtype),
                             mode="bilinear", padding_mode="border", align_corners=False)
         out = out.to(src.dtype)
-    if not bool(valid.all()):
+    if fill is not None and not bool(valid.all()):
         out = torch.where(valid[:, None], out, torch.as_tensor(fill, dtype=out.dtype,
                                                                    device=out.device))
     if not batched:

@@ -75,14 +75,23 @@ def inside_extent(matrices: Tensor, grid_size: tuple[int, int], extents: Tensor)
         bool ``[B, h, w]``: the pre-image of the centre lies in ``[0, width) x [0, height)``.
     """
     h, w = grid_size
-    inv = torch.linalg.inv(matrices.to(torch.float64))
+    if matrices.device.type == "cpu":  # numpy's batched 3x3 inverse: ~10x less overhead
+        inv = torch.from_numpy(np.linalg.inv(matrices.to(torch.float64).numpy()))
+    else:
+        inv = torch.linalg.inv(matrices.to(torch.float64))
     kw = dict(dtype=torch.float64, device=matrices.device)
     xc = (torch.arange(w, **kw) + 0.5).view(1, 1, w)
     yc = (torch.arange(h, **kw) + 0.5).view(1, h, 1)
-    x = inv[:, 0, 0, None, None] * xc + inv[:, 0, 1, None, None] * yc + inv[:, 0, 2, None, None]
-    y = inv[:, 1, 0, None, None] * xc + inv[:, 1, 1, None, None] * yc + inv[:, 1, 2, None, None]
     ew = extents[:, 0, None, None].to(torch.float64)
     eh = extents[:, 1, None, None].to(torch.float64)
+    if not (inv[:, 0, 1].any() or inv[:, 1, 0].any()):
+        # axis-aligned (scale, flip, translate: every training view): x depends on the column
+        # only and y on the row only, so test [B, 1, w] and [B, h, 1] and combine once
+        x = inv[:, 0, 0, None, None] * xc + inv[:, 0, 2, None, None]
+        y = inv[:, 1, 1, None, None] * yc + inv[:, 1, 2, None, None]
+        return ((x >= 0) & (x < ew)) & ((y >= 0) & (y < eh))
+    x = inv[:, 0, 0, None, None] * xc + inv[:, 0, 1, None, None] * yc + inv[:, 0, 2, None, None]
+    y = inv[:, 1, 0, None, None] * xc + inv[:, 1, 1, None, None] * yc + inv[:, 1, 2, None, None]
     return (x >= 0) & (x < ew) & (y >= 0) & (y < eh)
 
 
@@ -130,7 +139,8 @@ def stack_teacher_items(items: Sequence[dict | None]) -> dict[str, Any]:
 
     Returns:
         dict with
-            ``features``: per cached level ``[B, C_l, h, w]`` (zeros for absent images);
+            ``features``: per cached level ``[B, C_l, h, w]`` (zeros for absent images), in
+            channels-last memory format;
             ``mask_logits``: ``[sum M_b, m, m]``, the images' masks one after the other;
             ``mask_counts``: ``[M_b]`` per image (list of int);
             ``segment_ids``: per image int64 ``[M_b]``; ``cls_logits``: per image ``[M_b, K]``;
@@ -156,8 +166,11 @@ def stack_teacher_items(items: Sequence[dict | None]) -> dict[str, Any]:
                 raise ValueError(f"teacher entry {i}: feature level {level} has shape "
                                  f"{tuple(fmap.shape)}, the first entry of the batch "
                                  f"{tuple(ref.shape)}")
-            maps.append(fmap.to(ref.dtype))
-        features.append(torch.stack(maps))
+            maps.append(fmap.to(ref.dtype).permute(1, 2, 0))
+        # channels-last ([B, h, w, C] in memory, [B, C, h, w] in shape): grid_sample reads the
+        # C values of a tap from one place instead of C planes apart (measured on 2 CPU cores:
+        # 2.6 ms instead of 7 ms for 4 levels of 8 x 64 x 64 x 64 onto the default grids)
+        features.append(torch.stack(maps).permute(0, 3, 1, 2))
     ref_masks = first["mask_logits"]
     counts = [int(it["mask_logits"].shape[0]) if it is not None else 0 for it in items]
     masks = [it["mask_logits"].to(ref_masks.dtype) for it in items if it is not None]
@@ -264,7 +277,7 @@ def batch_warp_teacher_targets(
         size = (int(size[0]), int(size[1]))
         maps = maps.to(device=device, dtype=torch.float32)
         warped, ok = warp_affine(maps, map_matrices(tuple(maps.shape[-2:]), size), size,
-                                 "bilinear")
+                                 "bilinear", fill=None)  # masked below
         ok = ok & region_valid(size)
         features.append(warped * ok[:, None].to(warped.dtype))
         feature_valid.append(ok)

@@ -6,6 +6,7 @@ rule benchmark:
         "benchmarks/results/cache.md",
         "benchmarks/results/model.md",
         "benchmarks/results/distill.md",
+        "benchmarks/results/distill_coco.md",
 
 
 rule bench_cache:
@@ -45,4 +46,17 @@ rule bench_distill:
     log:
         "logs/benchmark/distill.log",
     shell:
-        "python benchmarks/bench_distill.py --config {params.config} --threads {threads} --out {output} > {log} 2>&1"
+        "python benchmarks/bench_distill.py --config {params.config} --decompose --threads {threads} --out {output} > {log} 2>&1"
+
+
+# the same rows for the COCO-sized student (configs/coco), at a crop a CPU can step through
+rule bench_distill_coco:
+    output:
+        "benchmarks/results/distill_coco.md",
+    threads: config["threads"]
+    resources:
+        gpu=config["gpus"],
+    log:
+        "logs/benchmark/distill_coco.log",
+    shell:
+        "python benchmarks/bench_distill.py --config configs/coco/regnet_distill.yaml --batch-size 2 --crop 320 --iters 6 --skip-live --decompose --threads {threads} --out {output} > {log} 2>&1"
