@@ -12,6 +12,11 @@ Five rows, each adding one thing to the row above, all trained on the same fixed
    (:class:`pipeline.cache.live.LiveTeacher`, projected with the cache's PCA bases) before the
    step. This row shows what the cache saves.
 
+``--decompose`` adds two diagnostic rows between 2 and 3 that run only part of the resolution
+distillation (the low-resolution pass; then that pass and ``loss_sr``), and the report splits its
+time into those parts; together with the per-step FLOPs they show what the design's
+low-resolution pass costs by itself.
+
 Every row is the real training step of :class:`pipeline.training.trainer.Trainer`: the trainer
 builds the student, criterion, distillers, AdamW and schedule exactly as for a run
 (``Trainer._build``) and one iteration is ``Trainer._step`` (forward of ``TrainStep``, backward,
