@@ -48,6 +48,7 @@ from pipeline.cache.store import CacheLayout, CacheStore
 from pipeline.config import load_config
 from pipeline.data.coco_panoptic import PanopticDataset, id_to_rgb, load_panoptic_png
 from pipeline.data.synthetic import generate_synthetic_coco_panoptic
+from pipeline.evaluation.complexity import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "base.yaml"
@@ -252,9 +253,7 @@ def main() -> None:
         lines.append(f"| {dtype} images/s | " + " | ".join(f"{tp[w]:.0f}" for w in args.loader_workers) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    write_report(text, args.out, "bench_cache")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.config import Config, load_config
-from pipeline.evaluation.complexity import complexity_table, device_description, load_average
+from pipeline.evaluation.complexity import (complexity_table, device_description, load_average,
+                                            write_report)
 from pipeline.training.trainer import resolve_device
 
 DEFAULT_CONFIG = "configs/reg_sam/regnet_distill.yaml"
@@ -349,6 +350,28 @@ def first_batch(cfg: Config, with_teacher: bool, keep_float16: bool = False
     return dataset, keys, collate_training_batch(samples), fetch_ms
 
 
+def _row_config(spec: dict[str, Any], row: RowSpec, steps: int) -> Config:
+    """The row's config; refuses one whose schedule ends before ``steps`` steps."""
+    cfg = load_config(spec["config"], [*spec["overrides"], *row.overrides])
+    if cfg.training.max_iters < steps:
+        raise ValueError(f"training.max_iters={cfg.training.max_iters} is below the {steps} steps "
+                         f"row {row.key!r} takes (warm-up + timed + counted): the schedule "
+                         "would end")
+    return cfg
+
+
+def _row_trainer(cfg: Config, spec: dict[str, Any], row: RowSpec, name: str) -> Any:
+    """A built trainer for the row, its distiller cut to the row's part (``--decompose``)."""
+    from pipeline.training.trainer import Trainer
+
+    trainer = Trainer(cfg, Path(spec["workdir"]) / name, resume=False, progress=False)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))  # training.num_threads may have changed it
+    trainer._build()
+    _apply_part(trainer, row)
+    return trainer
+
+
 def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one row and time its training step (run it in the row's own process).
 
@@ -366,20 +389,14 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from pipeline.training.teacher_source import TeacherSource
     from pipeline.training.teacher_targets import stack_teacher_items
-    from pipeline.training.trainer import Trainer
 
     row = RowSpec(**{**spec["row"], "overrides": tuple(spec["row"]["overrides"])})
-    threads = spec.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    cfg = load_config(spec["config"], [*spec["overrides"], *row.overrides])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     device = resolve_device(spec["device"])
     iters = spec["live_iters"] if row.teacher == "live" else spec["iters"]
     warmup = spec["warmup"]
-    if cfg.training.max_iters < warmup + iters + 1:
-        raise ValueError(f"training.max_iters={cfg.training.max_iters} is below warm-up + timed "
-                         f"iterations + the counted one ({warmup} + {iters} + 1): the schedule "
-                         "would end")
+    cfg = _row_config(spec, row, warmup + iters + 1)
     # counted from here: the batch as the loader delivers it (with teacher targets in the SAM
     # rows), model, optimizer state, activations (and the live teacher)
     memory = PeakMemory(device)
@@ -390,11 +407,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     n = len(dataset)
     digest = batch_digest(batch)
 
-    trainer = Trainer(cfg, Path(spec["workdir"]) / row.key, resume=False, progress=False)
-    if threads:
-        torch.set_num_threads(int(threads))  # training.num_threads may have changed it
-    trainer._build()
-    _apply_part(trainer, row)
+    trainer = _row_trainer(cfg, spec, row, row.key)
     if row.teacher == "live":
         from pipeline.cache.live import LiveTeacher
 
@@ -469,11 +482,8 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     Returns:
         ``{"step_ms": {key: median step ms}, "digests": {key: batch sha256}}``.
     """
-    from pipeline.training.trainer import Trainer
-
-    threads = spec.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     device = resolve_device(spec["device"])
     rows = [RowSpec(**{**r, "overrides": tuple(r["overrides"])}) for r in spec["rows"]]
     if any(r.teacher == "live" for r in rows):
@@ -481,18 +491,10 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     warmup, iters = spec["warmup"], spec["iters"]
     built = []
     for row in rows:
-        cfg = load_config(spec["config"], [*spec["overrides"], *row.overrides])
-        if cfg.training.max_iters < warmup + iters:
-            raise ValueError(f"training.max_iters={cfg.training.max_iters} is below warm-up + "
-                             f"timed iterations ({warmup} + {iters}): the schedule would end")
+        cfg = _row_config(spec, row, warmup + iters)
         _, _, batch, _ = first_batch(cfg, with_teacher=row.teacher is not None,
                                      keep_float16=device.type == "cuda")
-        trainer = Trainer(cfg, Path(spec["workdir"]) / f"{row.key}_interleaved", resume=False,
-                          progress=False)
-        if threads:
-            torch.set_num_threads(int(threads))
-        trainer._build()
-        _apply_part(trainer, row)
+        trainer = _row_trainer(cfg, spec, row, f"{row.key}_interleaved")
         trainer.step_module.train()
         built.append((row, trainer, batch))
     times: dict[str, list[float]] = {row.key: [] for row in rows}
@@ -805,10 +807,7 @@ def main(argv: list[str] | None = None) -> str | None:
             "layout": prep["layout"], "load_before": load_before}
     report = render_report(results, info)
     print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        print(f"[bench_distill] wrote {args.out}", file=sys.stderr)
+    write_report(report, args.out, "bench_distill")
     return report
 
 

@@ -41,6 +41,7 @@ from pipeline.evaluation.complexity import (
     device_description,
     load_average,
     measure_latency,
+    write_report,
 )
 from pipeline.models.student import build_student
 
@@ -237,10 +238,7 @@ def main(argv: list[str] | None = None) -> str:
         + "\n## Latency (fp32" + (", fp16 FPS" if on_cuda else "") + ")\n\n" \
         + complexity_table(speed_rows)
     print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        print(f"[bench] wrote {args.out}", file=sys.stderr)
+    write_report(report, args.out, "bench_model")
     return report
 
 

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ __all__ = [
     "count_flops",
     "measure_latency",
     "complexity_table",
+    "write_report",
 ]
 
 
@@ -289,3 +291,14 @@ def load_average() -> str:
         return " / ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def write_report(text: str, out: str | Path | None, tag: str) -> None:
+    """Write a benchmark's Markdown report to ``out`` (parents created) and say so on stderr;
+    nothing when ``out`` is None."""
+    if out is None:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"[{tag}] wrote {out}", file=sys.stderr)

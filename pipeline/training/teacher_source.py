@@ -2,8 +2,9 @@
 benchmarks only) the teacher run inline.
 
 Lookups happen in the DataLoader workers and return the raw cached dicts of
-:meth:`pipeline.cache.reader.TeacherCache.get`; the workers' collate stacks them per level (:func:`pipeline.training.teacher_targets.stack_teacher_items`) and
-the training step warps them onto the augmented views on the device
+:meth:`pipeline.cache.reader.TeacherCache.get`; the workers' collate stacks them per level
+(:func:`pipeline.training.teacher_targets.stack_teacher_items`) and the training step warps them
+onto the augmented views on the device
 (:func:`pipeline.training.teacher_targets.batch_warp_teacher_targets`).
 """
 

@@ -114,7 +114,7 @@ def _check_item(item: dict, index: int, num_levels: int) -> tuple[float, int, in
     if scale <= 0 or abs(scale - size / max(h0, w0)) > 1e-3 * scale:
         raise ValueError(f"teacher entry {index}: scale {scale} disagrees with input_size {size} "
                          f"and orig_size {(h0, w0)} (expected {size / max(h0, w0):.6g})")
-    if num_levels is not None and len(item["features"]) != num_levels:
+    if len(item["features"]) != num_levels:
         raise ValueError(f"teacher entry {index} has {len(item['features'])} feature levels, "
                          f"the first entry of the batch {num_levels}")
     m = item["mask_logits"].shape[0]
