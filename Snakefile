@@ -1,4 +1,5 @@
-# RegSAM workflow. Stage one (`cache_teacher`) runs SAM once; stage two (`train_student`,
+# RegSAM workflow. Stage zero (`adapt_teacher`, when `teacher_adapt.enabled`) fine-tunes SAM on
+# the train split; stage one (`cache_teacher`) runs the teacher once; stage two (`train_student`,
 # `evaluate`, `predict`) and the ablations read that single cache. Rules are thin: each calls
 # `python -m pipeline <command>`. Every config is validated here, before any job starts.
 #
@@ -23,3 +24,4 @@ rule all:
         run_dir("main") / "final.pth",
         run_dir("main") / "eval" / "metrics.json",
         run_dir("main") / "predict" / "predictions.json",
+        TEACHER_EVALS,

@@ -35,7 +35,8 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     generate_synthetic_coco_panoptic(Path(cfg.data.root), num_train=s.num_train, num_val=s.num_val,
                                      image_size=tuple(s.image_size),
                                      num_thing_classes=s.num_thing_classes,
-                                     num_stuff_classes=s.num_stuff_classes, seed=s.seed)
+                                     num_stuff_classes=s.num_stuff_classes, seed=s.seed,
+                                     num_tune=s.num_tune)
     return 0
 
 
@@ -47,6 +48,46 @@ def cmd_convert_cityscapes(args: argparse.Namespace) -> int:
         raise ConfigError("data.cityscapes_root is not set; point it at the Cityscapes root "
                           "(the folder holding gtFine/ and leftImg8bit/)")
     convert_cityscapes(cfg.data.cityscapes_root, splits=tuple(args.splits))
+    return 0
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_adapt_teacher(args: argparse.Namespace) -> int:
+    from pipeline.training.adapt_teacher import adapt_teacher
+
+    cfg = _config(args)
+    _threads(args)
+    if not cfg.teacher_adapt.enabled:
+        raise ConfigError(f"{args.config}: teacher_adapt.enabled is false; set it to true (or "
+                          "pass -o teacher_adapt.enabled=true) to adapt the teacher")
+    summary = adapt_teacher(cfg, args.out, resume=not args.no_resume,
+                            progress=not args.no_progress, stop_at=args.stop_at)
+    print(json.dumps({k: summary.get(k) for k in ("finished", "iterations", "checkpoint")}))
+    return 0
+
+
+def cmd_evaluate_teacher(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.teacher_eval import evaluate_teacher
+    from pipeline.teacher.adapted import effective_checkpoint
+
+    cfg = _config(args)
+    _threads(args)
+    if args.checkpoint is not None:
+        checkpoint = args.checkpoint
+    elif args.which == "base":
+        checkpoint = cfg.teacher.checkpoint
+    else:  # "effective": the weights the cache is built from
+        checkpoint = effective_checkpoint(cfg)
+    result = evaluate_teacher(cfg, checkpoint, args.out, split=args.split,
+                              max_images=args.max_images, progress=not args.no_progress)
+    print(json.dumps({k: result[k] for k in ("miou", "miou_things", "miou_stuff",
+                                             "miou_class_mean", "iou_pearson", "num_segments")}))
     return 0
 
 
@@ -116,7 +157,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report.report import build_report
 
-    build_report([Path(r) for r in args.runs], Path(args.out), title=args.title)
+    build_report([Path(r) for r in args.runs], Path(args.out), title=args.title,
+                 teacher_evals=[Path(p) for p in args.teacher_eval])
     return 0
 
 
@@ -139,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("convert-cityscapes", cmd_convert_cityscapes,
                      "run cityscapesscripts' csCreatePanopticImgs on data.cityscapes_root")
     sp.add_argument("--splits", nargs="+", default=["train", "val"])
+    sp = with_config("adapt-teacher", cmd_adapt_teacher,
+                     "stage zero: fine-tune SAM on the train split (teacher_adapt section)")
+    sp.add_argument("--out", default=None, help="output folder (default: the adapted-teacher "
+                    "folder the cache and the workflow look in)")
+    sp.add_argument("--no-resume", action="store_true")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--stop-at", type=int, default=None,
+                    help="checkpoint and exit after this iteration (rerun to resume)")
+    sp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    sp = with_config("evaluate-teacher", cmd_evaluate_teacher,
+                     "prompted-mask mIoU and IoU-head correlation of a SAM teacher")
+    sp.add_argument("--which", choices=["base", "effective"], default="effective",
+                    help="base = teacher.checkpoint (random weights if null); effective = the "
+                    "weights the cache uses (the adapted teacher when teacher_adapt is on)")
+    sp.add_argument("--checkpoint", default=None, help="evaluate this file instead")
+    sp.add_argument("--split", default="val", choices=["train", "val", "tune"])
+    sp.add_argument("--out", required=True, help="JSON file to write")
+    sp.add_argument("--max-images", type=int, default=None)
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     sp = with_config("cache-teacher", cmd_cache_teacher, "stage one: run SAM once, cache to Zarr")
     sp.add_argument("--split", default="train")
     sp.add_argument("--scheduler-address", default=None, help="join an existing dask cluster")
@@ -172,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", nargs="+", required=True, help="run directories")
     sp.add_argument("--out", required=True)
     sp.add_argument("--title", default="RegSAM ablation")
+    sp.add_argument("--teacher-eval", nargs="*", default=[], metavar="JSON",
+                    help="evaluate-teacher results to show in a Teacher section")
     sp.set_defaults(fn=cmd_report)
     return p
 

@@ -53,6 +53,7 @@ class SplitPaths(_Section):
 class SyntheticConfig(_Section):
     num_train: int = Field(64, ge=1)
     num_val: int = Field(16, ge=1)
+    num_tune: int = Field(0, ge=0, description="images of the separate tuning split (0 = none)")
     image_size: tuple[int, int] = (256, 256)
     num_thing_classes: int = Field(3, ge=1)
     num_stuff_classes: int = Field(2, ge=1)
@@ -66,6 +67,8 @@ class DataConfig(_Section):
                                    png_dir="annotations/panoptic_train")
     val: SplitPaths = SplitPaths(images="val", json="annotations/panoptic_val.json",
                                  png_dir="annotations/panoptic_val")
+    tune: SplitPaths = SplitPaths(images="tune", json="annotations/panoptic_tune.json",
+                                  png_dir="annotations/panoptic_tune")
     synthetic: SyntheticConfig = SyntheticConfig()
     cityscapes_root: str | None = None
     crop_size: tuple[int, int] = (256, 256)
@@ -117,6 +120,60 @@ class TeacherConfig(_Section):
         "null = the global-attention blocks, the last one through the neck")
     points_per_stuff: int = Field(3, ge=1)
     device: str = "auto"
+
+
+class TeacherAdaptConfig(_Section):
+    """Stage zero: fine-tune the SAM teacher on the train split with SAM's promptable objective.
+
+    Prompts are drawn from the ground-truth segments as in the SAM paper's training recipe:
+    things by a noisy box or by points, stuff by points, then ``corrective_rounds`` rounds that
+    add one point in the error region and feed the previous mask logits back as a mask prompt.
+    The first round uses SAM's three-mask output and takes the loss on the best mask; the mask
+    loss is ``focal_weight`` x focal + ``dice_weight`` x dice (SAM's 20:1), the IoU head is
+    trained with the MSE against each predicted mask's true IoU.
+    """
+
+    enabled: bool = False
+    iters: int = Field(1000, ge=1)
+    batch_size: int = Field(4, ge=1, description="images per iteration (per process)")
+    prompts_per_image: int = Field(16, ge=1, description="segments prompted per image and step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_iters: int = Field(50, ge=0)
+    lr_schedule: Literal["poly", "cosine"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0)
+    train_image_encoder: bool = True
+    image_encoder_last_blocks: int | None = Field(
+        None, ge=0, description="with train_image_encoder: train only the last N ViT blocks and "
+        "the neck (null = the whole encoder)")
+    train_prompt_encoder: bool = True
+    train_mask_decoder: bool = True
+    box_prob: float = Field(0.5, ge=0, le=1, description="chance that a thing is prompted by its box")
+    box_noise: float = Field(0.1, ge=0, description="box corner noise std, fraction of the side")
+    box_noise_max: float = Field(20.0, ge=0, description="cap of that std, in frame pixels")
+    max_points: int = Field(3, ge=1, description="point prompts are 1..max_points positives")
+    corrective_rounds: int = Field(1, ge=0)
+    focal_weight: float = Field(20.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1, description="focal loss alpha (weight of the "
+                               "foreground term; 0.25 as in DETR/torchvision)")
+    dice_weight: float = Field(1.0, ge=0)
+    iou_weight: float = Field(1.0, ge=0)
+    loss_size: int | None = Field(
+        None, ge=16, description="side of the square frame the mask loss is computed on "
+        "(null = the teacher's input size S; 256 = SAM's low-res logits for the ViT types)")
+    amp: bool = True
+    seed: int = 0
+    checkpoint_interval: int = Field(100, ge=1)
+    log_interval: int = Field(20, ge=1)
+    num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "TeacherAdaptConfig":
+        if self.enabled and not (self.train_image_encoder or self.train_prompt_encoder
+                                 or self.train_mask_decoder):
+            raise ValueError("teacher_adapt.enabled is true but train_image_encoder, "
+                             "train_prompt_encoder and train_mask_decoder are all false")
+        return self
 
 
 # ---------------------------------------------------------------------------- cache
@@ -256,6 +313,7 @@ class Config(_Section):
     output_root: str = "runs"
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
+    teacher_adapt: TeacherAdaptConfig = TeacherAdaptConfig()
     cache: CacheConfig = CacheConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
@@ -275,7 +333,7 @@ class Config(_Section):
         return self
 
     # ------------------------------------------------------------------ helpers
-    def split_paths(self, split: Literal["train", "val"]) -> tuple[Path, Path, Path]:
+    def split_paths(self, split: Literal["train", "val", "tune"]) -> tuple[Path, Path, Path]:
         """(image_dir, json_path, png_dir) of a split, resolved against ``data.root``."""
         paths = getattr(self.data, split)
         root = Path(self.data.root)

@@ -63,7 +63,7 @@ def expand_spec(spec_path: str | Path) -> RunTable:
     if not spec_path.is_file():
         raise ConfigError(f"ablation spec not found: {spec_path}")
     spec = yaml.safe_load(spec_path.read_text()) or {}
-    allowed = {"base", "variants", "sweeps", "progressive", "overrides"}
+    allowed = {"base", "variants", "sweeps", "progressive", "overrides", "seeds"}
     unknown = set(spec) - allowed
     if unknown:
         raise ConfigError(f"{spec_path}: unknown top-level key(s) {sorted(unknown)}; "
@@ -74,11 +74,23 @@ def expand_spec(spec_path: str | Path) -> RunTable:
     if not Path(base).is_file():
         raise ConfigError(f"{spec_path}: base config not found: {base}")
     common = [f"{k}={_fmt(v)}" for k, v in (spec.get("overrides") or {}).items()]
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              any(not isinstance(s, int) or isinstance(s, bool) or s < 0
+                                  for s in seeds) or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{spec_path}: 'seeds' must be a non-empty list of distinct "
+                          f"non-negative integers, got {seeds!r}")
     table = RunTable()
     variants = spec.get("variants") or {}
+    variant_overrides: dict[str, tuple[str, ...]] = {}
     for name, ov in variants.items():
-        table.add(Run(name, base, tuple(common + [f"{k}={_fmt(v)}" for k, v in (ov or {}).items()]),
-                      group="ablation"))
+        variant_overrides[name] = tuple(common + [f"{k}={_fmt(v)}" for k, v in (ov or {}).items()])
+        if seeds is None:
+            table.add(Run(name, base, variant_overrides[name], group="ablation"))
+            continue
+        for seed in seeds:  # <variant>-s<seed>: the report pairs each variant with the baseline
+            table.add(Run(f"{name}-s{seed}", base, variant_overrides[name] + (f"seed={seed}",),
+                          group="ablation"))
     for sweep_name, sweep in (spec.get("sweeps") or {}).items():
         parent = sweep.get("variant")
         if parent not in variants:
@@ -90,7 +102,7 @@ def expand_spec(spec_path: str | Path) -> RunTable:
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
             suffix = "-".join(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in zip(keys, values))
-            ov = table.runs[parent].overrides + tuple(f"{k}={_fmt(v)}" for k, v in zip(keys, values))
+            ov = variant_overrides[parent] + tuple(f"{k}={_fmt(v)}" for k, v in zip(keys, values))
             table.add(Run(f"{sweep_name}-{suffix}", base, ov, group=f"sweep_{sweep_name}"))
     prog = spec.get("progressive")
     if prog:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, TeacherConfig
+from pipeline.teacher.adapted import adapted_dir, effective_teacher
 from pipeline.teacher.sam_builder import PIXEL_MEAN, PIXEL_STD, sha256_file, spec_for
 
 __all__ = [
@@ -83,7 +84,7 @@ def _annotation_identity(cfg: Config, split: str) -> dict[str, Any]:
 
 def teacher_fingerprint(cfg: Config, split: str) -> dict[str, Any]:
     """The fingerprint dict of the cache of ``split`` under ``cfg``."""
-    t, c = cfg.teacher, cfg.cache
+    t, c = effective_teacher(cfg), cfg.cache
     spec = spec_for(t.type, t.tiny)
     weights = (f"sha256:{sha256_file(t.checkpoint)}" if t.checkpoint
                else f"random-init seed {TEACHER_INIT_SEED}")
@@ -125,6 +126,19 @@ def cache_dir(cfg: Config, split: str) -> Path:
     """``cache.root/<teacher>-<split>-<sha256(fingerprint)[:12]>``."""
     digest = fingerprint_sha256(teacher_fingerprint(cfg, split))
     return Path(cfg.cache.root) / f"{cfg.teacher.type}-{split}-{digest[:12]}"
+
+
+def cache_marker(cfg: Config, split: str) -> Path:
+    """The file that says the cache of ``split`` is complete, computable before anything runs.
+
+    Without teacher adaptation it is ``cache_dir(cfg, split)/COMPLETE.json``. With it the cache
+    directory depends on the sha256 of weights that do not exist yet when the workflow plans, so
+    the marker is ``<adapted_dir>/cache_<split>.json``, written by :func:`build_cache` once the
+    cache is complete and naming its directory.
+    """
+    if cfg.teacher_adapt.enabled:
+        return adapted_dir(cfg) / f"cache_{split}.json"
+    return cache_dir(cfg, split) / "COMPLETE.json"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pipeline.cache.prototypes import class_logits
 from pipeline.cache.record import sample_record
 from pipeline.cache.store import CacheStore
 from pipeline.config import Config
+from pipeline.teacher.adapted import effective_teacher
 
 __all__ = ["LiveTeacher"]
 
@@ -42,7 +43,7 @@ class LiveTeacher:
         self.prototypes = torch.from_numpy(store.read_prototypes())
         self.prototype_scale = cfg.cache.prototype_scale
         self.isthing = [bool(c["isthing"]) for c in store.layout.categories]
-        t = cfg.teacher
+        t = effective_teacher(cfg)
         sam = build_teacher(t.type, t.checkpoint, t.tiny, seed=TEACHER_INIT_SEED)
         self.extractor = TeacherExtractor(sam, resolve_layers(t), mask_size=cfg.cache.mask_size,
                                           points_per_stuff=t.points_per_stuff,

@@ -45,6 +45,7 @@ joining or dying mid-run are fine: dask reschedules their tasks and every write 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -60,6 +61,7 @@ import numpy as np
 from pipeline.cache.fingerprint import (
     TEACHER_INIT_SEED,
     cache_dir,
+    cache_marker,
     fingerprint_sha256,
     resolve_layers,
     teacher_fingerprint,
@@ -76,6 +78,7 @@ from pipeline.cache.store import (
     translate_os_errors,
 )
 from pipeline.config import Config, TeacherConfig
+from pipeline.teacher.adapted import effective_teacher
 
 __all__ = [
     "CacheJob",
@@ -437,6 +440,7 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
     if (path / "COMPLETE.json").is_file():
         CacheStore.open(path).check_fingerprint(fingerprint)
         log.info("teacher cache %s is complete; nothing to do", path)
+        _write_marker(cfg, split, path, fingerprint)
         return path
 
     image_dir, json_path, png_dir = cfg.split_paths(split)  # type: ignore[arg-type]
@@ -444,7 +448,7 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
     layout = cache_layout(cfg, dataset)
     _check_segment_counts(dataset, layout.max_segments)
     store = CacheStore.create_or_open(path, fingerprint, layout, annotation_sha256=sha256_file(json_path))
-    job = CacheJob(path=str(path), key=fingerprint_sha256(fingerprint), teacher=cfg.teacher,
+    job = CacheJob(path=str(path), key=fingerprint_sha256(fingerprint), teacher=effective_teacher(cfg),
                    mask_size=cfg.cache.mask_size, threads=cfg.cache.threads_per_worker,
                    image_dir=str(image_dir), json_path=str(json_path), png_dir=str(png_dir))
 
@@ -520,4 +524,18 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
                     dict(skip_reasons), path)
     log.info("teacher cache complete: %s (%d done, %.0f KB per image on disk)", path, done,
              summary["bytes_per_done_image"] / 1024)
+    _write_marker(cfg, split, path, fingerprint)
     return path
+
+
+def _write_marker(cfg: Config, split: str, path: Path, fingerprint: dict[str, Any]) -> None:
+    """With an adapted teacher, point :func:`cache_marker` at the finished cache (atomically)."""
+    marker = cache_marker(cfg, split)
+    if marker == path / "COMPLETE.json":
+        return
+    record = {"cache_dir": str(path), "fingerprint_sha256": fingerprint_sha256(fingerprint),
+              "teacher_checkpoint": fingerprint["teacher"]["weights"]}
+    tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
+    with translate_os_errors(marker, "cannot write the cache marker"):
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, marker)

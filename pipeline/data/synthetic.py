@@ -2,10 +2,13 @@
 
 Layout under ``root``::
 
-    train/<image_id:012d>.jpg          val/<image_id:012d>.jpg
-    annotations/panoptic_train.json    annotations/panoptic_val.json
-    annotations/panoptic_train/*.png   annotations/panoptic_val/*.png
+    train/<image_id:012d>.jpg          val/<image_id:012d>.jpg          tune/...  (num_tune > 0)
+    annotations/panoptic_train.json    annotations/panoptic_val.json    annotations/panoptic_tune.json
+    annotations/panoptic_train/*.png   annotations/panoptic_val/*.png   annotations/panoptic_tune/
     synthetic_meta.json                (parameters; written last)
+
+The optional ``tune`` split (image ids ``2000001..``) is drawn from its own generator stream, so
+hyperparameters can be chosen on it while ``val`` stays untouched for the reported figures.
 
 Each image has two textured stuff regions split by a wavy boundary, overlapping thing instances
 whose class is visible from shape and colour (circle, rectangle, triangle, diamond, ellipse,
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 META_FILE = "synthetic_meta.json"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "tune")
 THING_SHAPES = ("circle", "rectangle", "triangle", "diamond", "ellipse", "cross")
 THING_TEXTURES = ("solid", "vstripes", "grid", "speckle")
 STUFF_NAMES = ("grass", "sky", "sand", "water", "rock", "snow", "wall", "road")
@@ -213,6 +216,8 @@ def _render(rng: np.random.Generator, size: tuple[int, int], things: list[dict],
 def _expected_files(root: Path, meta: dict) -> list[Path]:
     files = [root / META_FILE]
     for split_idx, split in enumerate(SPLITS):
+        if not meta.get(f"num_{split}"):
+            continue
         image_dir, json_path, png_dir = synthetic_paths(root, split)
         files.append(json_path)
         for i in range(meta[f"num_{split}"]):
@@ -230,12 +235,14 @@ def generate_synthetic_coco_panoptic(
     num_stuff_classes: int = 2,
     seed: int = 0,
     progress: bool = True,
+    num_tune: int = 0,
 ) -> dict[str, tuple[Path, Path, Path]]:
     """Write (or reuse) a synthetic COCO panoptic dataset.
 
     Arguments:
         root: output folder.
         num_train, num_val: number of images per split (image ids ``1..`` and ``1000001..``).
+        num_tune: images of the tuning split (ids ``2000001..``); 0 writes none.
         image_size: ``(H, W)`` of every image.
         num_thing_classes, num_stuff_classes: number of categories of each kind.
         seed: generator seed; the output is byte-identical for identical arguments.
@@ -251,18 +258,20 @@ def generate_synthetic_coco_panoptic(
     H, W = (int(v) for v in image_size)
     if H < 16 or W < 16:
         raise ValueError(f"image_size must be at least 16x16, got {image_size}")
-    if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
+    if num_train < 1 or num_val < 1 or num_tune < 0:
+        raise ValueError(f"num_train and num_val must be >= 1 and num_tune >= 0, got {num_train}, "
+                         f"{num_val}, {num_tune}")
     if not (1 <= num_thing_classes <= 10 and 1 <= num_stuff_classes <= 100):
         raise ValueError("num_thing_classes must lie in [1, 10] and num_stuff_classes in [1, 100] "
                          f"(thing ids stay below the stuff ids 100+), got {num_thing_classes}, "
                          f"{num_stuff_classes}")
     root = Path(root)
     meta = {"generator_version": GENERATOR_VERSION, "num_train": int(num_train),
-            "num_val": int(num_val), "image_size": [H, W],
+            "num_val": int(num_val), "num_tune": int(num_tune), "image_size": [H, W],
             "num_thing_classes": int(num_thing_classes),
             "num_stuff_classes": int(num_stuff_classes), "seed": int(seed)}
-    paths = {split: synthetic_paths(root, split) for split in SPLITS}
+    splits = [split for split in SPLITS if meta[f"num_{split}"] > 0]
+    paths = {split: synthetic_paths(root, split) for split in splits}
     meta_path = root / META_FILE
     expected = _expected_files(root, meta)
     if meta_path.is_file():
@@ -282,6 +291,8 @@ def generate_synthetic_coco_panoptic(
     public_cats = [{k: v for k, v in c.items() if not k.startswith("_")} for c in cats]
     keep = set(expected)
     for split_idx, split in enumerate(SPLITS):
+        if split not in paths:
+            continue
         image_dir, json_path, png_dir = paths[split]
         image_dir.mkdir(parents=True, exist_ok=True)
         png_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ def _metrics(names):
 
 rule report_runs:
     input:
-        lambda wc: _metrics(RUNS.groups[wc.group] if wc.group != "sweep" else SWEEP),
+        metrics=lambda wc: _metrics(RUNS.groups[wc.group] if wc.group != "sweep" else SWEEP),
+        teacher=TEACHER_EVALS,
     output:
         OUTPUT_ROOT / "report_{group}" / "report.md",
     params:
@@ -20,7 +21,8 @@ rule report_runs:
     log:
         "logs/report/{group}.log",
     shell:
-        "{PY} report --runs {params.runs} --out {params.out} --title 'RegSAM {wildcards.group}' > {log} 2>&1"
+        "{PY} report --runs {params.runs} --out {params.out} --title 'RegSAM {wildcards.group}' "
+        "--teacher-eval {input.teacher} > {log} 2>&1"
 
 
 rule ablation:

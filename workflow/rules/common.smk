@@ -1,7 +1,8 @@
 # Shared state: every run of the workflow, validated at parse time.
 from pathlib import Path
 
-from pipeline.cache.fingerprint import cache_dir
+from pipeline.cache.fingerprint import cache_marker
+from pipeline.teacher.adapted import ADAPTED_FILE, adapted_dir
 from pipeline.config import ConfigError
 from pipeline.runs import Run, expand_spec, validate_runs
 
@@ -14,13 +15,19 @@ MAIN_CFG = CONFIGS["main"]
 OUTPUT_ROOT = Path(MAIN_CFG.output_root)
 
 # One cached teacher serves every run: refuse runs whose teacher or cache settings differ.
-_teacher = (MAIN_CFG.teacher, MAIN_CFG.cache, MAIN_CFG.data.root, MAIN_CFG.data.train)
+_teacher = (MAIN_CFG.teacher, MAIN_CFG.teacher_adapt, MAIN_CFG.cache, MAIN_CFG.data.root,
+            MAIN_CFG.data.train)
 for _name, _cfg in CONFIGS.items():
-    if (_cfg.teacher, _cfg.cache, _cfg.data.root, _cfg.data.train) != _teacher:
+    if (_cfg.teacher, _cfg.teacher_adapt, _cfg.cache, _cfg.data.root, _cfg.data.train) != _teacher:
         raise ConfigError(f"run {_name!r} changes teacher/cache/data settings; all runs of one "
                           "workflow share one teacher cache (run another workflow config instead)")
 
-CACHE_DIR = cache_dir(MAIN_CFG, "train")
+# With teacher adaptation the cache directory depends on weights that do not exist yet, so the
+# workflow tracks the cache through a marker file known before anything runs.
+ADAPT = MAIN_CFG.teacher_adapt.enabled
+ADAPTED = adapted_dir(MAIN_CFG) / ADAPTED_FILE
+CACHE_MARKER = cache_marker(MAIN_CFG, "train")
+TEACHER_EVALS = [OUTPUT_ROOT / "teacher_eval" / f"{w}.json" for w in (["base", "effective"] if ADAPT else ["effective"])]
 TRAIN_JSON = MAIN_CFG.split_paths("train")[1]
 VAL_IMAGES, VAL_JSON, _ = MAIN_CFG.split_paths("val")
 PREDICT_INPUT = Path(config.get("predict_input") or VAL_IMAGES)
@@ -38,7 +45,7 @@ def run_args(wildcards):
 
 
 def needs_cache(wildcards):
-    return [CACHE_DIR / "COMPLETE.json"] if CONFIGS[wildcards.run].model.use_sam_distill else []
+    return [CACHE_MARKER] if CONFIGS[wildcards.run].model.use_sam_distill else []
 
 
 def init_weights(wildcards):
