@@ -644,6 +644,30 @@ def seed_section(runs: Sequence[RunRecord]) -> str | None:
             "\"no measurable effect\".\n")
 
 
+def loss_magnitude_section(runs: Sequence[RunRecord], tail: float = 0.2) -> str | None:
+    """Mean of every logged loss term over the last ``tail`` of each run's iterations, averaged
+    over the seeds of a variant: how large each distillation term is against the task terms."""
+    by_variant: dict[str, list[dict[str, float]]] = {}
+    for r in runs:
+        parsed = split_seed_name(r.name)
+        if parsed is None or not r.metrics:
+            continue
+        rows = r.metrics[int(len(r.metrics) * (1 - tail)):] or r.metrics
+        terms = {k for row in rows for k, v in row.items() if k.startswith("loss") and _is_number(v)}
+        by_variant.setdefault(parsed[0], []).append(
+            {k: float(sum(row[k] for row in rows if k in row) / len(rows)) for k in terms})
+    if not by_variant:
+        return None
+    terms = sorted({k for means in by_variant.values() for m in means for k in m},
+                   key=lambda k: (k != "loss", k))
+    table = [[v, *(_fmt(sum(m.get(t, 0.0) for m in ms) / len(ms), ".4f")
+                  if any(t in m for m in ms) else MISSING for t in terms)]
+             for v, ms in by_variant.items()]
+    return (f"## Loss magnitudes\n\nMean of each logged (weighted) term over the last "
+            f"{int(tail * 100)} % of iterations, averaged over seeds:\n\n"
+            + _md_table(["variant", *terms], table, [False] + [True] * len(terms)))
+
+
 def teacher_section(paths: Sequence[Path]) -> str:
     """The "Teacher" section: prompted-mask quality of each ``evaluate-teacher`` JSON."""
     rows = []
@@ -727,6 +751,9 @@ def build_report(
     seeds = seed_section(runs)
     if seeds:
         parts.append(seeds)
+        magnitudes = loss_magnitude_section(runs)
+        if magnitudes:
+            parts.append(magnitudes)
     if teacher_evals:
         parts.append(teacher_section(teacher_evals))
     attention = [r for r in runs if r.notes]
