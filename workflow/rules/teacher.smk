@@ -8,15 +8,19 @@ rule cache_teacher:
     output:
         CACHE_DIR / "COMPLETE.json",
     params:
+        cli=PY,
         config=config["main"],
+        workers=lambda wc, resources: cache_workers(resources.gpu),  # one dask worker per GPU
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
         mem_mb=16000,
         runtime=24 * 60,
+    conda:
+        "../../environment.yml"
     log:
         "logs/cache_teacher.log",
     benchmark:
         "logs/benchmarks/cache_teacher.tsv"
     shell:
-        "{PY} cache-teacher --config {params.config} --split train > {log} 2>&1"
+        "{params.cli} cache-teacher --config {params.config:q} --split train {params.workers} > {log:q} 2>&1"
