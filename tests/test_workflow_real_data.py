@@ -88,6 +88,19 @@ def test_readme_real_data_command_plans_the_expected_jobs(real_data_workspace, c
     assert "synthetic_data" not in res.stdout
 
 
+@pytest.mark.parametrize("command", readme_commands("Workflow targets"))
+def test_readme_profile_commands_plan_the_main_chain(real_data_workspace, command):
+    if "profiles/slurm" in command:
+        pytest.importorskip("snakemake_executor_plugin_slurm",
+                            reason="snakemake-executor-plugin-slurm is not installed "
+                                   "(pip install -e '.[slurm]')")
+    res = run_snakemake(command, real_data_workspace, "-n", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = {k: v for k, v in job_counts(res.stdout).items() if k not in TARGET_RULES}
+    expected = dict(CHAIN) if "main=configs/coco" in command else {**CHAIN, "synthetic_data": 1}
+    assert counts == expected, command
+
+
 def test_converted_cityscapes_plans_no_conversion(tmp_path):
     from pipeline.data.cityscapes import convert_cityscapes
 
