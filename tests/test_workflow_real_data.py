@@ -160,27 +160,38 @@ def test_cli_missing_checkpoint_is_one_message(tmp_path):
     assert "Traceback" in res.stderr and "MissingInputError" in res.stderr
 
 
-TINY_MAIN = """\
-# configs/coco/regnet_distill.yaml at a size a CPU runs in a minute: sam_tiny teacher from an
-# official-layout checkpoint, regnetx_002 from a timm state dict, 64x64 images, 4 iterations.
-_base_: {root}/configs/coco/regnet_distill.yaml
-experiment: coco_tiny
-data: {{crop_size: [64, 64], test_size: 64, scale_range: [0.8, 1.2], num_workers: 0}}
-teacher:
-  type: sam_tiny
-  checkpoint: checkpoints/sam_tiny.pth
-  tiny: {{img_size: 64, embed_dim: 32, depth: 4, num_heads: 2, global_attn_indexes: [0, 1, 2, 3], window_size: 0, decoder_mlp_dim: 64}}
-cache: {{channels: 16, mask_size: 16, pca_samples: 2, n_workers: 1}}
-model:
-  backbone: {{name: regnetx_002, pretrained_path: checkpoints/regnetx_002.pth}}
-  neck: {{channels: 32}}
-  head: {{num_queries: 8, num_stages: 1, ffn_dim: 64}}
-  loss: {{num_points: 256}}
-  resolution_distill: {{feat_channels: 16}}
-  sam_distill: {{num_points: 64}}
-training: {{max_iters: 4, batch_size: 2, warmup_iters: 1, checkpoint_interval: 2, log_interval: 2, amp: false, num_threads: 1}}
-evaluation: {{num_visualize: 1}}
-"""
+TINY_SAM = dict(img_size=64, embed_dim=32, depth=4, num_heads=2, global_attn_indexes=[0, 1, 2, 3],
+                window_size=0, decoder_mlp_dim=64)
+
+
+def write_tiny_config(path, **sections) -> None:
+    """configs/coco/regnet_distill.yaml at a size a CPU runs in a minute: sam_tiny teacher from an
+    official-layout checkpoint, regnetx_002 from a timm state dict, 64x64 images, 4 iterations;
+    ``sections`` update the sections (e.g. ``training={"device": "cpu"}``)."""
+    import yaml
+
+    cfg = {
+        "_base_": str(ROOT / "configs/coco/regnet_distill.yaml"),
+        "experiment": "coco_tiny",
+        "data": {"crop_size": [64, 64], "test_size": 64, "scale_range": [0.8, 1.2],
+                 "num_workers": 0},
+        "teacher": {"type": "sam_tiny", "checkpoint": "checkpoints/sam_tiny.pth", "tiny": TINY_SAM},
+        "cache": {"channels": 16, "mask_size": 16, "pca_samples": 2, "n_workers": 1},
+        "model": {"backbone": {"name": "regnetx_002",
+                               "pretrained_path": "checkpoints/regnetx_002.pth"},
+                  "neck": {"channels": 32}, "head": {"num_queries": 8, "num_stages": 1,
+                                                     "ffn_dim": 64},
+                  "loss": {"num_points": 256}, "resolution_distill": {"feat_channels": 16},
+                  "sam_distill": {"num_points": 64}},
+        "training": {"max_iters": 4, "batch_size": 2, "warmup_iters": 1,
+                     "checkpoint_interval": 2, "log_interval": 2, "amp": False,
+                     "num_threads": 1},
+        "evaluation": {"num_visualize": 1},
+    }
+    for key, value in sections.items():
+        cfg[key].update(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
 
 
 def test_main_chain_runs_on_a_tiny_coco_layout_dataset(tmp_path):
@@ -188,13 +199,10 @@ def test_main_chain_runs_on_a_tiny_coco_layout_dataset(tmp_path):
 
     ws = workspace(tmp_path)
     write_coco_panoptic(ws / "datasets" / "coco", num_train=4, num_val=2)
-    tiny = dict(img_size=64, embed_dim=32, depth=4, num_heads=2, global_attn_indexes=[0, 1, 2, 3],
-                window_size=0, decoder_mlp_dim=64)
-    write_sam_checkpoint(ws / "checkpoints" / "sam_tiny.pth", tiny)
+    write_sam_checkpoint(ws / "checkpoints" / "sam_tiny.pth", TINY_SAM)
     torch.manual_seed(0)
     torch.save(timm.create_model("regnetx_002").state_dict(), ws / "checkpoints" / "regnetx_002.pth")
-    (ws / "tiny").mkdir()
-    (ws / "tiny" / "regnet_distill.yaml").write_text(TINY_MAIN.format(root=ROOT))
+    write_tiny_config(ws / "tiny" / "regnet_distill.yaml")
 
     res = run_snakemake("snakemake --cores 2 --config main=tiny/regnet_distill.yaml threads=1", ws,
                         timeout=900)
@@ -222,3 +230,19 @@ def test_main_chain_runs_on_a_tiny_coco_layout_dataset(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["All"] == metrics["All"]
+
+
+def test_train_run_with_two_gpus_launches_torchrun(tmp_path):
+    """`gpus=2` trains under torchrun with two processes (here on the CPU, gloo) to final.pth."""
+    ws = workspace(tmp_path)
+    write_coco_panoptic(ws / "datasets" / "coco", num_train=4, num_val=1)
+    write_tiny_config(ws / "tiny" / "baseline.yaml", training={"device": "cpu"}, model={
+        "use_learnable_fusion": False, "use_resolution_distill": False, "use_sam_distill": False,
+        "backbone": {"name": "regnetx_002", "pretrained_path": None}})
+    write_sam_checkpoint(ws / "checkpoints" / "sam_tiny.pth", TINY_SAM)  # hashed for the cache dir
+    res = run_snakemake("snakemake --cores 2 train_student "
+                        "--config main=tiny/baseline.yaml gpus=2 threads=1", ws, "-p", timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "torchrun --standalone --nproc_per_node 2 -m pipeline train" in res.stdout + res.stderr
+    info = json.loads((ws / "runs" / "main" / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "done"
