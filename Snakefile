@@ -6,7 +6,9 @@
 #   snakemake --cores 2                 # the whole chain on the embedded synthetic default
 #   snakemake --cores 2 cache_teacher   # stage one only
 #   snakemake --cores 2 ablation        # baseline / +fusion / +resolution / +SAM / all, then a report
-#   snakemake --executor slurm ...      # the same rules on a cluster (threads/resources declared)
+#   snakemake --cores 16 --config main=configs/coco/regnet_distill.yaml gpus=1   # real data
+#   snakemake --profile workflow/profiles/slurm --config main=...   # the same rules on SLURM
+# Targets go before --config (it takes every word after it as a key=value pair).
 
 configfile: "configs/workflow.yaml"
 
@@ -25,3 +27,9 @@ rule all:
         run_dir("main") / "eval" / "metrics.json",
         run_dir("main") / "predict" / "predictions.json",
         TEACHER_EVALS,
+
+
+onsuccess:
+    summary = results_summary()  # where this invocation's results are, with the headline PQ
+    if summary:
+        print(summary)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.preflight import (MissingInputError, check_backbone_weights, check_cityscapes_root,
+                                check_split, check_teacher_checkpoint, require)
 
 log = logging.getLogger("regsam")
 
@@ -44,6 +46,7 @@ def cmd_convert_cityscapes(args: argparse.Namespace) -> int:
     from pipeline.data.cityscapes import convert_cityscapes
 
     cfg = _config(args)
+    require([check_cityscapes_root(cfg)])
     if not cfg.data.cityscapes_root:
         raise ConfigError("data.cityscapes_root is not set; point it at the Cityscapes root "
                           "(the folder holding gtFine/ and leftImg8bit/)")
@@ -95,6 +98,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from pipeline.cache.runner import build_cache
 
     cfg = _config(args)
+    require([check_split(cfg, args.split), check_teacher_checkpoint(cfg)])
     path = build_cache(cfg, split=args.split, scheduler_address=args.scheduler_address,
                        n_workers=args.workers)
     print(path)
@@ -129,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.trainer import train
 
     cfg = _config(args)
+    require([check_split(cfg, "train"), check_backbone_weights(cfg),
+             check_teacher_checkpoint(cfg) if cfg.model.use_sam_distill else None])
     work_dir = Path(args.work_dir or Path(cfg.output_root) / cfg.experiment)
     summary = train(cfg, work_dir, resume=not args.no_resume, progress=not args.no_progress,
                     stop_at=args.stop_at)
@@ -140,6 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.run import evaluate_checkpoint
 
     cfg = _config(args)
+    require([check_split(cfg, "val")])
     metrics = evaluate_checkpoint(cfg, Path(args.checkpoint), Path(args.out),
                                   max_images=args.max_images)
     print(json.dumps({k: metrics[k] for k in ("All", "Things", "Stuff") if k in metrics}))
@@ -165,6 +172,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regsam", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (default: one short message)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -240,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's files, each with a message naming the file and what differs."""
+    from pipeline.cache.fingerprint import FingerprintMismatchError
+    from pipeline.teacher.sam_builder import CheckpointError
+    from pipeline.training.checkpoint import StudentFileError
+
+    return (MissingInputError, FileNotFoundError, CheckpointError, FingerprintMismatchError,
+            StudentFileError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -247,7 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as exc:
+        if args.debug:
+            raise
         print(f"config error:\n{exc}", file=sys.stderr)
+        return 2
+    except _user_errors() as exc:  # a file the user must provide or fix: no traceback wall
+        if args.debug:
+            raise
+        print(f"error: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

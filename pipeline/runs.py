@@ -115,6 +115,50 @@ def expand_spec(spec_path: str | Path) -> RunTable:
     return table
 
 
+def find_ablation_spec(main_config: str | Path) -> Path | None:
+    """The ``ablation.yaml`` in the main config's folder, else in the folder above it, or None.
+
+    ``configs/coco/regnet_distill.yaml`` -> ``configs/coco/ablation.yaml``;
+    ``configs/reg_sam/regnet_distill.yaml`` -> ``configs/ablation.yaml`` (the synthetic one).
+    """
+    folder = Path(main_config).parent
+    for candidate in (folder / "ablation.yaml", folder.parent / "ablation.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _flatten(d: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}"))
+    return out
+
+
+SHARED_SECTIONS = ("teacher", "teacher_adapt", "cache", "data.root", "data.train")
+
+
+def shared_differences(main: Config, other: Config) -> list[str]:
+    """``key: main value vs other value`` for every teacher/cache/train-data key that differs.
+
+    All runs of one workflow read the one teacher cache of the main config, so these must agree.
+    """
+    out = []
+    for section in SHARED_SECTIONS:
+        a, b = main, other
+        for part in section.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        fa = _flatten(a.model_dump(mode="json", by_alias=True) if hasattr(a, "model_dump") else a,
+                      section)
+        fb = _flatten(b.model_dump(mode="json", by_alias=True) if hasattr(b, "model_dump") else b,
+                      section)
+        out += [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+                if fa.get(k) != fb.get(k)]
+    return out
+
+
 def validate_runs(table: RunTable, output_root: str = "runs") -> dict[str, Config]:
     """Load every run's config (raises ConfigError naming the run on the first bad one)."""
     out = {}
@@ -124,3 +168,41 @@ def validate_runs(table: RunTable, output_root: str = "runs") -> dict[str, Confi
         except ConfigError as exc:
             raise ConfigError(f"run {name!r} ({run.config} + {list(run.overrides)}):\n{exc}") from None
     return out
+
+
+def summarize_results(output_root: str | Path, since: float = 0.0) -> str:
+    """Where the results written since ``since`` (a ``time.time()``) are, with their PQ.
+
+    One line per evaluated run (``<run>/eval/metrics.json``: PQ, SQ, RQ, things/stuff PQ) and per
+    report (``report_<group>/report.md``); the main run also lists its weights and predictions.
+    Empty when nothing was written since ``since``. The Snakefile prints it at the end.
+    """
+    import json
+
+    root = Path(output_root)
+    lines = []
+    for metrics in sorted(root.glob("*/eval/metrics.json")):
+        if metrics.stat().st_mtime < since:
+            continue
+        run = metrics.parent.parent
+        try:
+            m = json.loads(metrics.read_text())
+            a, th, st = m["All"], m.get("Things", {}), m.get("Stuff", {})
+            pq = (f"PQ {a['pq']:.1f}  SQ {a['sq']:.1f}  RQ {a['rq']:.1f}  "
+                  f"(PQ things {th.get('pq', 0.0):.1f}, stuff {st.get('pq', 0.0):.1f})")
+        except (ValueError, KeyError, TypeError) as exc:
+            pq = f"(unreadable metrics: {exc})"
+        lines.append(f"  {run.name}: {pq}  {metrics}")
+        if run.name == "main":
+            extra = [f"weights {run / 'final.pth'}"]
+            if (run / "predict").is_dir():
+                extra.append(f"predictions {run / 'predict'}/")
+            if (run / "eval" / "visualizations").is_dir():
+                extra.append(f"panels {run / 'eval' / 'visualizations'}/")
+            lines.append("        " + ", ".join(extra))
+    for report in sorted(root.glob("report_*/report.md")):
+        if report.stat().st_mtime >= since:
+            lines.append(f"  report {report.parent.name.removeprefix('report_')}: {report}")
+    if not lines:
+        return ""
+    return f"RegSAM results under {root}/:\n" + "\n".join(lines)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,3 +79,68 @@ def test_bad_config_fails_before_any_job(tmp_path):
     res = dry_run(tmp_path, main=bad)
     assert res.returncode != 0
     assert "model.sam_distill.temperature" in res.stderr + res.stdout
+
+
+def snakemake(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake in ``tmp_path``, which sees this checkout's configs/ as the repository does."""
+    if not (tmp_path / "configs").exists():
+        (tmp_path / "configs").symlink_to(ROOT / "configs")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(tmp_path), "--configfile", str(ROOT / "configs/workflow.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+def shell_commands(out: str, rule: str) -> list[str]:
+    """The printed shell command of every planned job of ``rule`` (``-p`` output)."""
+    jobs = re.split(r"^\[[^\]]+\]\n", out, flags=re.M)
+    return [re.search(r"^Shell command: (.*)$", j, re.M).group(1) for j in jobs
+            if re.match(rf"(local)?rule {rule}:", j)]
+
+
+def test_lint_passes():
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile",
+                          str(ROOT / "Snakefile")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Lints for" not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("gpus, launcher, workers", [
+    (0, "python -m pipeline train", ""),
+    (1, "python -m pipeline train", " --workers 1"),
+    (2, "torchrun --standalone --nproc_per_node 2 -m pipeline train", " --workers 2"),
+])
+def test_gpus_choose_the_launcher(tmp_path, gpus, launcher, workers):
+    res = snakemake(tmp_path, "-n", "-p", "--cores", "2", "--resources", "gpu=2", "--config",
+                    f"gpus={gpus}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    (train,) = shell_commands(res.stdout, "train_run")
+    assert train.startswith(launcher + " --config "), train
+    (cache,) = shell_commands(res.stdout, "cache_teacher")
+    assert cache.split(" > ")[0].rstrip().endswith("--split train" + workers), cache
+
+
+def test_workflow_config_is_validated_by_the_schema(tmp_path):
+    res = snakemake(tmp_path, "-n", "--cores", "2", "--config", "gpus=-1")
+    assert res.returncode != 0
+    assert "gpus" in res.stderr and "minimum" in res.stderr
+
+
+def test_slurm_profile_plans_the_main_chain(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm",
+                        reason="snakemake-executor-plugin-slurm is not installed "
+                               "(pip install -e '.[slurm]')")
+    res = snakemake(tmp_path, "-n", "--profile", str(ROOT / "workflow/profiles/slurm"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = job_counts(res.stdout)
+    for rule in ("synthetic_data", "cache_teacher", "train_run", "evaluate_run", "predict_run"):
+        assert counts[rule] == 1, rule
+    (train,) = shell_commands(res.stdout, "train_run")
+    assert train.startswith("torchrun --standalone --nproc_per_node 8 -m pipeline train"), train
+    assert re.search(r"rule train_run:(.|\n)*?resources: .*mem_mb=256000.*gpu=8", res.stdout)
+
+
+def test_local_profile_plans_the_main_chain(tmp_path):
+    res = snakemake(tmp_path, "-n", "--profile", str(ROOT / "workflow/profiles/local"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert job_counts(res.stdout)["train_run"] == 1

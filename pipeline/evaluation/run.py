@@ -20,19 +20,36 @@ from pipeline.data.transforms import EvalTransform
 from pipeline.evaluation.evaluate import evaluate_model
 from pipeline.evaluation.predict import predict_folder
 from pipeline.models.student import RegSAMStudent, build_student
-from pipeline.training.checkpoint import load_student_weights
+from pipeline.training.checkpoint import StudentFileError, load_student_weights
 from pipeline.training.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
 
+def student_from_training_checkpoint(blob: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``final.pth`` entries (student, config, categories) of a training checkpoint."""
+    if "categories" not in blob:
+        raise StudentFileError(f"{path} is a training checkpoint without the categories (written "
+                               "by an older version); pass the run's final.pth, or resume the run "
+                               "once to rewrite its checkpoint")
+    prefix = "student."
+    student = {k[len(prefix):]: v for k, v in blob["model"].items() if k.startswith(prefix)}
+    log.info("using the student of training checkpoint %s (iteration %s)", path,
+             blob.get("iteration"))
+    return {"student": student, "config": json.dumps(blob["config"]),
+            "categories": json.dumps(blob["categories"])}
+
+
 def load_student(path: Path, device: torch.device | str = "cpu") -> tuple[RegSAMStudent, Config, list]:
-    """(student in eval mode, its training config, categories as namespaces) from ``final.pth``."""
+    """(student in eval mode, its training config, categories as namespaces) from a run's
+    ``final.pth`` or from a training checkpoint (``checkpoints/last.pth``)."""
     blob = load_student_weights(path)
+    if "student" not in blob and "model" in blob and "iteration" in blob:
+        blob = student_from_training_checkpoint(blob, path)
     for key in ("student", "config", "categories"):
         if key not in blob:
-            raise RuntimeError(f"{path} is not an exported RegSAM student (no '{key}' entry); "
-                               "pass the run's final.pth")
+            raise StudentFileError(f"{path} is not an exported RegSAM student (no '{key}' entry); "
+                                   "pass the run's final.pth")
     cfg = load_config_dict(json.loads(blob["config"]), source=f"{path} (embedded config)")
     categories = [SimpleNamespace(**c) for c in json.loads(blob["categories"])]
     student = build_student(cfg.model, len(categories))

@@ -56,12 +56,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
+class StudentFileError(RuntimeError):
+    """A model file cannot be used as a student; the message names the file and what to pass."""
+
+
+def _numpy_array_globals() -> list[Any]:
+    """What a pickled numpy array needs (the RNG state of a training checkpoint holds one)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_student_weights(path: Path) -> dict[str, Any]:
-    """Load an exported student (``final.pth``): tensors and plain metadata only."""
+    """Load an exported student (``final.pth``) or a training checkpoint (``last.pth``).
+
+    Read with ``torch.load(weights_only=True)``: tensors, plain containers and (for the RNG
+    state of a training checkpoint) numpy arrays only; nothing else is unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"cannot read model file {path}: {exc}") from exc
+        raise StudentFileError(f"cannot read model file {path}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}; pass a run's "
+                               "final.pth (or its checkpoints/last.pth)") from exc

@@ -189,6 +189,24 @@ def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def progress_line(record: dict[str, Any], it: int, max_iters: int, iters: int, seconds: float,
+                  elapsed: float) -> str:
+    """One log line: iteration, total and per-term losses, lr, speed over the last ``iters``
+    iterations (``seconds``), data time, elapsed time and ETA at that speed."""
+    rate = iters / seconds if seconds > 0 else 0.0
+    eta = _hms((max_iters - it) / rate) if rate > 0 else "?"
+    terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
+                     if k.startswith("loss_") and isinstance(v, float))
+    return (f"iter {it}/{max_iters}  loss {record['loss']:.4f} ({terms})  lr {record['lr']:.2e}  "
+            f"{rate:.2f} it/s, data {record.get('data_time', 0.0):.3f} s/it  "
+            f"elapsed {_hms(elapsed)}, ETA {eta}")
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -364,6 +382,7 @@ class Trainer:
             "rng": rng_state(),
             "skips": dict(self.skips),
             "config": self.cfg.to_dict(),
+            "categories": [c.__dict__ for c in self.categories],  # evaluate reads last.pth too
         }
 
     def _save(self, it: int) -> None:
@@ -448,6 +467,7 @@ class Trainer:
         bar = tqdm(total=tc.max_iters, initial=start, disable=not (self.progress and self.is_main),
                    desc=f"train {self.cfg.experiment}", dynamic_ncols=True)
         t_start = time.perf_counter()
+        logged = (start, t_start)  # (iteration, time) of the last progress line
         t_data = time.perf_counter()
         it = start
         mfile = open(metrics_path, "a") if self.is_main else None
@@ -464,6 +484,12 @@ class Trainer:
                     if it % tc.log_interval == 0 or it == tc.max_iters:
                         mfile.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                    if not self.progress and (it % tc.log_interval == 0 or it == tc.max_iters):
+                        # no bar (Snakemake's log, a batch job): a progress line instead
+                        now = time.perf_counter()
+                        log.info(progress_line(record, it, tc.max_iters, it - logged[0],
+                                               now - logged[1], now - t_start))
+                        logged = (it, now)
                 bar.update(1)
                 stopping = self.stop_at is not None and it >= self.stop_at
                 if it % tc.checkpoint_interval == 0 or it == tc.max_iters or stopping:
@@ -545,4 +571,4 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = True, progress: bool
 
 
 __all__ = ["Trainer", "TrainStep", "ResumableBatchSampler", "EpochIndexed", "NonFiniteLossError",
-           "train", "total_loss", "check_finite"]
+           "train", "total_loss", "check_finite", "progress_line"]

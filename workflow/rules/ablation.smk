@@ -1,28 +1,25 @@
 # Ablations, sweeps and progressive training over the one teacher cache, and their report.
 
-ABLATION = RUNS.groups.get("ablation", [])
-PROGRESSIVE = RUNS.groups.get("progressive", [])
-SWEEP = [n for g, names in RUNS.groups.items() if g.startswith("sweep_") for n in names]
-
-
-def _metrics(names):
-    return [run_dir(n) / "eval" / "metrics.json" for n in names]
-
 
 rule report_runs:
     input:
-        metrics=lambda wc: _metrics(RUNS.groups[wc.group] if wc.group != "sweep" else SWEEP),
+        metrics=group_metrics,
         teacher=TEACHER_EVALS,
     output:
         OUTPUT_ROOT / "report_{group}" / "report.md",
     params:
-        runs=lambda wc: " ".join(str(run_dir(n)) for n in (RUNS.groups[wc.group] if wc.group != "sweep" else SWEEP)),
+        cli=PY,
+        runs=group_dirs,
         out=lambda wc: OUTPUT_ROOT / f"report_{wc.group}",
+    conda:
+        "../../environment.yml"
     log:
         "logs/report/{group}.log",
+    benchmark:
+        "logs/benchmarks/report/{group}.tsv"
     shell:
-        "{PY} report --runs {params.runs} --out {params.out} --title 'RegSAM {wildcards.group}' "
-        "--teacher-eval {input.teacher} > {log} 2>&1"
+        "{params.cli} report --runs {params.runs} --out {params.out:q} --title 'RegSAM {wildcards.group}' "
+        "--teacher-eval {input.teacher} > {log:q} 2>&1"
 
 
 rule ablation:

@@ -15,8 +15,12 @@ rule bench_cache:
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/benchmark/cache.log",
+    benchmark:
+        "logs/benchmarks/benchmark/cache.tsv"
     shell:
         "python benchmarks/bench_cache.py --teacher vit_b --threads {threads} --out {output} > {log} 2>&1"
 
@@ -29,8 +33,12 @@ rule bench_model:
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/benchmark/model.log",
+    benchmark:
+        "logs/benchmarks/benchmark/model.tsv"
     shell:
         "python benchmarks/bench_model.py --config {params.configs} --threads {threads} --out {output} > {log} 2>&1"
 
@@ -43,8 +51,12 @@ rule bench_distill:
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/benchmark/distill.log",
+    benchmark:
+        "logs/benchmarks/benchmark/distill.tsv"
     shell:
         "python benchmarks/bench_distill.py --config {params.config} --decompose --threads {threads} --out {output} > {log} 2>&1"
 
@@ -56,7 +68,11 @@ rule bench_distill_coco:
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/benchmark/distill_coco.log",
+    benchmark:
+        "logs/benchmarks/benchmark/distill_coco.tsv"
     shell:
         "python benchmarks/bench_distill.py --config configs/coco/regnet_distill.yaml --batch-size 2 --crop 320 --iters 6 --skip-live --decompose --threads {threads} --out {output} > {log} 2>&1"

@@ -1,36 +1,80 @@
-# Shared state: every run of the workflow, validated at parse time.
+# Shared state and helper functions of the workflow: every run, validated at parse time.
+import shlex
+import sys
+import time
 from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
 from pipeline.cache.fingerprint import cache_marker
 from pipeline.teacher.adapted import ADAPTED_FILE, adapted_dir
 from pipeline.config import ConfigError
-from pipeline.runs import Run, expand_spec, validate_runs
+from pipeline.preflight import MissingInputError, require, workflow_checks
+from pipeline.runs import (Run, RunTable, expand_spec, find_ablation_spec, shared_differences,
+                           summarize_results, validate_runs)
 
-PY = "python -m pipeline"
-MAIN = Run("main", config["main"])
-RUNS = expand_spec(config["ablation"])
-RUNS.add(MAIN)
-CONFIGS = validate_runs(RUNS)
+try:
+    validate(config, "../schemas/workflow.schema.yaml")
+except WorkflowError as exc:  # one line per bad key instead of the whole schema
+    if "--debug" in sys.argv:
+        raise
+    cause = exc.__context__ or exc  # the jsonschema ValidationError
+    where = ".".join(str(p) for p in getattr(cause, "absolute_path", [])) or "config"
+    print(f"error: invalid workflow config (configs/workflow.yaml / --config): {where}: "
+          f"{getattr(cause, 'message', cause)} (see workflow/schemas/workflow.schema.yaml)",
+          file=sys.stderr)
+    sys.exit(1)
+
+PY = "python -m pipeline"  # the interpreter; rules take it through `params`
+STARTED = time.time()
+
+
+def load_workflow(main_config, ablation):
+    """(runs, their configs, the teacher cache's completion marker), or ConfigError /
+    MissingInputError."""
+    spec = ablation or find_ablation_spec(main_config)
+    runs = expand_spec(spec) if spec else RunTable()  # no spec: the main chain only
+    runs.add(Run("main", main_config))
+    configs = validate_runs(runs)
+    main_cfg = configs["main"]
+    # One cached teacher serves every run: refuse runs whose teacher or cache settings differ.
+    for name, cfg in configs.items():
+        diff = shared_differences(main_cfg, cfg)
+        if diff:
+            raise ConfigError(
+                f"run {name!r} of {spec} changes the teacher/cache/data settings of "
+                f"main={main_config} ({'; '.join(diff[:4])}). All runs of one workflow share "
+                "one teacher cache: use an ablation spec whose base has main's teacher, cache and "
+                "data sections (e.g. configs/coco/ablation.yaml for configs/coco/*), passed with "
+                "--config ablation=PATH or placed as ablation.yaml beside the main config.")
+    require(workflow_checks(main_cfg, configs.values()))
+    return runs, configs, cache_marker(main_cfg, "train")
+
+
+try:
+    RUNS, CONFIGS, CACHE_MARKER = load_workflow(config["main"], config.get("ablation"))
+except (ConfigError, MissingInputError) as exc:
+    if getattr(workflow.execution_settings, "debug", False) or "--debug" in sys.argv:
+        raise
+    print(f"error: {exc}\n(snakemake --debug shows the traceback)", file=sys.stderr)
+    sys.exit(1)
+
 MAIN_CFG = CONFIGS["main"]
 OUTPUT_ROOT = Path(MAIN_CFG.output_root)
-
-# One cached teacher serves every run: refuse runs whose teacher or cache settings differ.
-_teacher = (MAIN_CFG.teacher, MAIN_CFG.teacher_adapt, MAIN_CFG.cache, MAIN_CFG.data.root,
-            MAIN_CFG.data.train)
-for _name, _cfg in CONFIGS.items():
-    if (_cfg.teacher, _cfg.teacher_adapt, _cfg.cache, _cfg.data.root, _cfg.data.train) != _teacher:
-        raise ConfigError(f"run {_name!r} changes teacher/cache/data settings; all runs of one "
-                          "workflow share one teacher cache (run another workflow config instead)")
 
 # With teacher adaptation the cache directory depends on weights that do not exist yet, so the
 # workflow tracks the cache through a marker file known before anything runs.
 ADAPT = MAIN_CFG.teacher_adapt.enabled
 ADAPTED = adapted_dir(MAIN_CFG) / ADAPTED_FILE
-CACHE_MARKER = cache_marker(MAIN_CFG, "train")
-TEACHER_EVALS = [OUTPUT_ROOT / "teacher_eval" / f"{w}.json" for w in (["base", "effective"] if ADAPT else ["effective"])]
+TEACHER_EVALS = [OUTPUT_ROOT / "teacher_eval" / f"{w}.json"
+                 for w in (["base", "effective"] if ADAPT else ["effective"])]
 TRAIN_JSON = MAIN_CFG.split_paths("train")[1]
 VAL_IMAGES, VAL_JSON, _ = MAIN_CFG.split_paths("val")
 PREDICT_INPUT = Path(config.get("predict_input") or VAL_IMAGES)
+ABLATION = RUNS.groups.get("ablation", [])
+PROGRESSIVE = RUNS.groups.get("progressive", [])
+SWEEP = [n for g, names in RUNS.groups.items() if g.startswith("sweep_") for n in names]
 
 
 def run_dir(name):
@@ -38,10 +82,10 @@ def run_dir(name):
 
 
 def run_args(wildcards):
-    """--config/--override arguments of the run named by the `run` wildcard."""
+    """--config/--override arguments of the run named by the `run` wildcard, shell-quoted."""
     run = RUNS.runs[wildcards.run]
-    ov = " ".join(f"-o '{o}'" for o in run.all_overrides(str(OUTPUT_ROOT)))
-    return f"--config {run.config} {ov}"
+    ov = " ".join(f"-o {shlex.quote(o)}" for o in run.all_overrides(str(OUTPUT_ROOT)))
+    return f"--config {shlex.quote(run.config)} {ov}"
 
 
 def needs_cache(wildcards):
@@ -51,3 +95,39 @@ def needs_cache(wildcards):
 def init_weights(wildcards):
     prev = RUNS.runs[wildcards.run].init_from
     return [run_dir(prev) / "final.pth"] if prev else []
+
+
+def launcher(gpus):
+    """`python -m pipeline`, or torchrun with one process per GPU when a job has several."""
+    gpus = int(gpus)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline"
+    return PY
+
+
+def cache_workers(gpus):
+    """One dask worker per GPU of the job (default without GPUs: a few CPU workers)."""
+    return f"--workers {int(gpus)}" if int(gpus) > 0 else ""
+
+
+def group_runs(group):
+    """Run names of a report group (`ablation`, `progressive`, or `sweep` = every sweep)."""
+    names = SWEEP if group == "sweep" else RUNS.groups.get(group, [])
+    if not names:
+        raise WorkflowError(f"no {group} runs: no ablation spec declares them for "
+                            f"main={config['main']} (pass --config ablation=PATH, see "
+                            "configs/coco/ablation.yaml)")
+    return names
+
+
+def group_metrics(wildcards):
+    return [run_dir(n) / "eval" / "metrics.json" for n in group_runs(wildcards.group)]
+
+
+def group_dirs(wildcards):
+    return " ".join(shlex.quote(str(run_dir(n))) for n in group_runs(wildcards.group))
+
+
+def results_summary():
+    """Where this invocation's results are, with the headline PQ (printed by `onsuccess`)."""
+    return summarize_results(OUTPUT_ROOT, STARTED)

@@ -7,13 +7,16 @@ if MAIN_CFG.data.dataset == "synthetic":
             TRAIN_JSON,
             VAL_JSON,
         params:
+            cli=PY,
             config=config["main"],
+        conda:
+            "../../environment.yml"
         log:
             "logs/synthetic_data.log",
         benchmark:
             "logs/benchmarks/synthetic_data.tsv"
         shell:
-            "{PY} synthetic --config {params.config} > {log} 2>&1"
+            "{params.cli} synthetic --config {params.config:q} > {log:q} 2>&1"
 
 
 if MAIN_CFG.data.dataset == "cityscapes":
@@ -23,11 +26,14 @@ if MAIN_CFG.data.dataset == "cityscapes":
             TRAIN_JSON,
             VAL_JSON,
         params:
+            cli=PY,
             config=config["main"],
         threads: 1
+        conda:
+            "../../environment.yml"
         log:
             "logs/convert_cityscapes.log",
         benchmark:
             "logs/benchmarks/convert_cityscapes.tsv"
         shell:
-            "{PY} convert-cityscapes --config {params.config} > {log} 2>&1"
+            "{params.cli} convert-cityscapes --config {params.config:q} > {log:q} 2>&1"

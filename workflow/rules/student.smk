@@ -11,6 +11,7 @@ rule train_run:
     output:
         OUTPUT_ROOT / "{run}" / "final.pth",
     params:
+        cli=lambda wc, resources: launcher(resources.gpu),  # torchrun when the job has > 1 GPU
         args=run_args,
         work_dir=lambda wc: run_dir(wc.run),
     threads: config["threads"]
@@ -18,12 +19,14 @@ rule train_run:
         gpu=config["gpus"],
         mem_mb=16000,
         runtime=48 * 60,
+    conda:
+        "../../environment.yml"
     log:
         "logs/train/{run}.log",
     benchmark:
         "logs/benchmarks/train/{run}.tsv"
     shell:
-        "{PY} train {params.args} --work-dir {params.work_dir} --no-progress > {log} 2>&1"
+        "{params.cli} train {params.args} --work-dir {params.work_dir:q} --no-progress > {log:q} 2>&1"
 
 
 rule evaluate_run:
@@ -33,17 +36,20 @@ rule evaluate_run:
     output:
         OUTPUT_ROOT / "{run}" / "eval" / "metrics.json",
     params:
+        cli=PY,
         args=run_args,
         out=lambda wc: run_dir(wc.run) / "eval",
     threads: config["threads"]
     resources:
-        gpu=config["gpus"],
+        gpu=min(config["gpus"], 1),
+    conda:
+        "../../environment.yml"
     log:
         "logs/evaluate/{run}.log",
     benchmark:
         "logs/benchmarks/evaluate/{run}.tsv"
     shell:
-        "{PY} evaluate {params.args} --checkpoint {input.weights} --out {params.out} > {log} 2>&1"
+        "{params.cli} evaluate {params.args} --checkpoint {input.weights:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule predict_run:
@@ -53,15 +59,20 @@ rule predict_run:
     output:
         OUTPUT_ROOT / "{run}" / "predict" / "predictions.json",
     params:
+        cli=PY,
         images=PREDICT_INPUT,
         out=lambda wc: run_dir(wc.run) / "predict",
     threads: config["threads"]
     resources:
-        gpu=config["gpus"],
+        gpu=min(config["gpus"], 1),
+    conda:
+        "../../environment.yml"
     log:
         "logs/predict/{run}.log",
+    benchmark:
+        "logs/benchmarks/predict/{run}.tsv"
     shell:
-        "{PY} predict --checkpoint {input.weights} --input {params.images} --out {params.out} > {log} 2>&1"
+        "{params.cli} predict --checkpoint {input.weights:q} --input {params.images:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule train_student:

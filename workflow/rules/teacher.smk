@@ -12,18 +12,22 @@ if ADAPT:
         output:
             ADAPTED,
         params:
+            cli=lambda wc, resources: launcher(resources.gpu),  # torchrun when > 1 GPU
             config=config["main"],
         threads: config["threads"]
         resources:
             gpu=config["gpus"],
             mem_mb=16000,
             runtime=24 * 60,
+        conda:
+            "../../environment.yml"
         log:
             "logs/adapt_teacher.log",
         benchmark:
             "logs/benchmarks/adapt_teacher.tsv"
         shell:
-            "{PY} adapt-teacher --config {params.config} --threads {threads} --no-progress > {log} 2>&1"
+            "{params.cli} adapt-teacher --config {params.config:q} --threads {threads} "
+            "--no-progress > {log:q} 2>&1"
 
 
 rule cache_teacher:
@@ -33,18 +37,22 @@ rule cache_teacher:
     output:
         CACHE_MARKER,
     params:
+        cli=PY,
         config=config["main"],
+        workers=lambda wc, resources: cache_workers(resources.gpu),  # one dask worker per GPU
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
         mem_mb=16000,
         runtime=24 * 60,
+    conda:
+        "../../environment.yml"
     log:
         "logs/cache_teacher.log",
     benchmark:
         "logs/benchmarks/cache_teacher.tsv"
     shell:
-        "{PY} cache-teacher --config {params.config} --split train > {log} 2>&1"
+        "{params.cli} cache-teacher --config {params.config:q} --split train {params.workers} > {log:q} 2>&1"
 
 
 # Prompted-mask quality of the teacher on the val split: `base` = teacher.checkpoint (random
@@ -58,14 +66,17 @@ rule evaluate_teacher:
     wildcard_constraints:
         which="base|effective",
     params:
+        cli=PY,
         config=config["main"],
     threads: config["threads"]
     resources:
-        gpu=config["gpus"],
+        gpu=min(config["gpus"], 1),
+    conda:
+        "../../environment.yml"
     log:
         "logs/evaluate_teacher/{which}.log",
     benchmark:
         "logs/benchmarks/evaluate_teacher/{which}.tsv"
     shell:
-        "{PY} evaluate-teacher --config {params.config} --which {wildcards.which} --out {output} "
-        "--threads {threads} --no-progress > {log} 2>&1"
+        "{params.cli} evaluate-teacher --config {params.config:q} --which {wildcards.which} "
+        "--out {output:q} --threads {threads} --no-progress > {log:q} 2>&1"
