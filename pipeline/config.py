@@ -236,6 +236,8 @@ class TrainingConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0)
     amp: bool = True
     checkpoint_interval: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; resume falls "
+                                  "back to an older one when the newest is unreadable")
     log_interval: int = Field(10, ge=1)
     eval_interval: int | None = Field(None, ge=1)
     init_from: str | None = Field(None, description="weights to start from (progressive training)")
