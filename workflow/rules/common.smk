@@ -1,4 +1,5 @@
 # Shared state: every run of the workflow, validated at parse time.
+import shlex
 from pathlib import Path
 
 from pipeline.cache.fingerprint import cache_dir
@@ -31,10 +32,10 @@ def run_dir(name):
 
 
 def run_args(wildcards):
-    """--config/--override arguments of the run named by the `run` wildcard."""
+    """--config/--override arguments of the run named by the `run` wildcard, shell-quoted."""
     run = RUNS.runs[wildcards.run]
-    ov = " ".join(f"-o '{o}'" for o in run.all_overrides(str(OUTPUT_ROOT)))
-    return f"--config {run.config} {ov}"
+    ov = " ".join(f"-o {shlex.quote(o)}" for o in run.all_overrides(str(OUTPUT_ROOT)))
+    return f"--config {shlex.quote(str(run.config))} {ov}"
 
 
 def needs_cache(wildcards):
