@@ -12,17 +12,31 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import INPUT_KEYS, Config, ConfigError, load_config, missing_input_files
 
 log = logging.getLogger("regsam")
+
+
+DATA_KEYS = ("data.root", "data.cityscapes_root")
 
 
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.override)
 
 
+def _require(cfg: Config, keys: tuple[str, ...]) -> Config:
+    """Refuse, before any work, input files among ``keys`` (of
+    :data:`pipeline.config.INPUT_KEYS`) that do not exist."""
+    missing = missing_input_files(cfg, keys)
+    if missing:
+        raise ConfigError("\n".join(missing))
+    return cfg
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    # the `synthetic` command writes the synthetic dataset's data.root, which may not exist yet
+    _require(cfg, tuple(k for k in INPUT_KEYS if k != "data.root" or cfg.data.dataset != "synthetic"))
     print(json.dumps(cfg.to_dict(), indent=2) if args.print else f"{args.config}: OK")
     return 0
 
@@ -53,7 +67,7 @@ def cmd_convert_cityscapes(args: argparse.Namespace) -> int:
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from pipeline.cache.runner import build_cache
 
-    cfg = _config(args)
+    cfg = _require(_config(args), ("teacher.checkpoint", *DATA_KEYS))
     path = build_cache(cfg, split=args.split, scheduler_address=args.scheduler_address,
                        n_workers=args.workers)
     print(path)
@@ -88,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.trainer import train
 
     cfg = _config(args)
+    _require(cfg, (*(("teacher.checkpoint",) if cfg.model.use_sam_distill else ()),
+                   "model.backbone.pretrained_path", "training.init_from", *DATA_KEYS))
     work_dir = Path(args.work_dir or Path(cfg.output_root) / cfg.experiment)
     summary = train(cfg, work_dir, resume=not args.no_resume, progress=not args.no_progress,
                     stop_at=args.stop_at)
@@ -98,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.run import evaluate_checkpoint
 
-    cfg = _config(args)
+    cfg = _require(_config(args), DATA_KEYS)
     metrics = evaluate_checkpoint(cfg, Path(args.checkpoint), Path(args.out),
                                   max_images=args.max_images)
     print(json.dumps({k: metrics[k] for k in ("All", "Things", "Stuff") if k in metrics}))
