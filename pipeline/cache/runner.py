@@ -6,8 +6,9 @@
    ``cache.pca_samples`` evenly spaced images; each task returns float64 moments of its image's
    feature vectors (valid cells only) and the moments are summed along the fixed tree of
    :func:`pipeline.cache.pca.tree_reduce`, so the basis is bit-identical for any worker count.
-   The eigendecomposition runs on a worker too (dask pins BLAS/LAPACK to one thread there, and
-   LAPACK's bits depend on its thread count). The basis is stored and its sha256 recorded in
+   The moments and the eigendecomposition run their BLAS/LAPACK calls on one thread wherever
+   they run (:mod:`pipeline.cache.pca` pins it with threadpoolctl; LAPACK's bits depend on its
+   thread count), so Snakemake's and the CLI's thread settings give the same basis. The basis is stored and its sha256 recorded in
    ``manifest.json``; a resumed build reuses it.
 2. **Images.** One task per image still marked todo. The worker runs the teacher, projects the
    features, quantises and writes the image's chunks straight into the store, ``status`` last.
@@ -384,8 +385,7 @@ def _fit_pca(client: Any, job: CacheJob, layout: CacheLayout, pca_samples: int,
     leaves = client.map(pca_moments_task, [job] * len(indices), indices,
                         reduced=list(reduced), pure=False)
     root = tree_reduce(leaves, lambda a, b: client.submit(merge_level_moments, a, b, pure=False))
-    # the eigendecomposition also runs on a worker: LAPACK's result depends on its thread count,
-    # which dask pins to 1 in every worker (OPENBLAS/MKL/OMP_NUM_THREADS) but not in the client
+    # fit_pca pins LAPACK to one thread itself (its bits depend on the thread count)
     fitted = client.submit(fit_level_bases, root, list(layout.level_channels), pure=False)
     _gather_with_progress(leaves, "cache_teacher PCA", progress)
     del leaves, root
