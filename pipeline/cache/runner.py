@@ -61,6 +61,7 @@ import numpy as np
 from pipeline.cache.fingerprint import (
     TEACHER_INIT_SEED,
     cache_dir,
+    check_annotations,
     fingerprint_sha256,
     resolve_layers,
     teacher_fingerprint,
@@ -434,12 +435,14 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
     started = time.perf_counter()
     fingerprint = teacher_fingerprint(cfg, split)
     path = cache_dir(cfg, split)
+    image_dir, json_path, png_dir = cfg.split_paths(split)  # type: ignore[arg-type]
     if (path / "COMPLETE.json").is_file():
-        CacheStore.open(path).check_fingerprint(fingerprint)
+        done = CacheStore.open(path)
+        done.check_fingerprint(fingerprint)
+        check_annotations(path, done.manifest.get("annotation_sha256"), json_path)
         log.info("teacher cache %s is complete; nothing to do", path)
         return path
 
-    image_dir, json_path, png_dir = cfg.split_paths(split)  # type: ignore[arg-type]
     dataset = PanopticDataset(image_dir, json_path, png_dir, transform=None, on_bad_sample="skip")
     layout = cache_layout(cfg, dataset)
     _check_segment_counts(dataset, layout.max_segments)

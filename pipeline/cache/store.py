@@ -253,12 +253,20 @@ class CacheStore:
         """Open the store at ``path`` for writing, creating it if it has no manifest yet.
 
         An existing store must have the same fingerprint (else :class:`FingerprintMismatchError`
-        listing the differing fields) and the same layout.
+        listing the differing fields), the same ``annotation_sha256`` (when both are known) and
+        the same layout.
         """
         path = Path(path)
         if (path / MANIFEST_FILE).is_file():
             store = cls(path, writable=True)
             store.check_fingerprint(fingerprint)
+            recorded = store.manifest.get("annotation_sha256")
+            if annotation_sha256 is not None and recorded not in (None, annotation_sha256):
+                raise FingerprintMismatchError(
+                    f"teacher cache {path} was built from other annotations than asked:\n  "
+                    f"annotation_sha256: cache {recorded[:12]}, asked {annotation_sha256[:12]}\n"
+                    f"The panoptic JSON changed after the cache was started. Move or delete {path} "
+                    "and run `snakemake cache_teacher` again.")
             if store.layout != layout:
                 raise ValueError(f"{path}: the cache layout differs from the dataset's (another "
                                  "image list or category set under the same fingerprint); delete "
