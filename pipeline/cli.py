@@ -139,6 +139,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regsam", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="stop (with the dask/DataLoader workers) when process PID ends; the "
+                   "Snakemake rules pass their Snakemake process, so no orphan keeps writing")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -196,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.parent_pid is not None:
+        from pipeline.lifeline import watch_parent
+
+        watch_parent(args.parent_pid)
     try:
         return args.fn(args)
     except ConfigError as exc:

@@ -6,7 +6,8 @@ from pipeline.cache.fingerprint import cache_dir
 from pipeline.config import ConfigError
 from pipeline.runs import Run, expand_spec, validate_runs
 
-PY = "python -m pipeline"
+# $PPID is the Snakemake process running the rule's shell: the command stops when it dies
+PY = "python -m pipeline --parent-pid $PPID"
 MAIN = Run("main", config["main"])
 RUNS = expand_spec(config["ablation"])
 RUNS.add(MAIN)
