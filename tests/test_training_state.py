@@ -116,3 +116,14 @@ def test_no_readable_checkpoint_says_no_resume(tmp_path, data_root):
     with pytest.raises(CheckpointReadError, match="--no-resume"):
         Trainer(cfg_for(data_root), work, progress=False).train()
     assert Trainer(cfg_for(data_root), work, resume=False, progress=False).train()["status"] == "done"
+
+
+def test_finiteness_screen_is_exact():
+    """The fused norm screen overflows on huge finite weights; the per-tensor scan then decides."""
+    from pipeline.training.trainer import first_non_finite
+
+    huge = [("a", torch.ones(3)), ("b", torch.tensor([1e30, -3e38]))]
+    assert first_non_finite(iter(huge)) == (None, 0, 2)
+    bad = [("a", torch.ones(3)), ("c", torch.tensor([1.0, float("nan")])),
+           ("d", torch.tensor([float("-inf")])), ("i", torch.arange(3))]
+    assert first_non_finite(iter(bad)) == ("c", 2, 3)

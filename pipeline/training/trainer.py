@@ -196,11 +196,17 @@ def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
 def first_non_finite(named: Iterator[tuple[str, torch.Tensor]]) -> tuple[str | None, int, int]:
     """``(name of the first non-finite tensor or None, non-finite count, tensor count)``.
 
-    Reads the tensors only (no RNG, no change to them); one device sync for all of them.
+    Reads the tensors only (no RNG, no change to them). One fused pass first: the total L2 norm
+    is finite exactly when every element is, except that huge finite values can overflow it, so
+    only a non-finite norm leads to the per-tensor scan that decides and names the tensor (the
+    fused pass costs a few ms per step for the default student on a CPU core; ``isfinite`` per
+    tensor costs about 25 ms).
     """
-    named = [(n, t) for n, t in named if torch.is_tensor(t) and t.is_floating_point()]
+    named = [(n, t.detach()) for n, t in named if torch.is_tensor(t) and t.is_floating_point()]
     if not named:
         return None, 0, 0
+    if torch.isfinite(torch.nn.utils.get_total_norm([t for _, t in named])).item():
+        return None, 0, len(named)
     flags = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
     bad = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
     return (bad[0] if bad else None), len(bad), len(named)
