@@ -91,3 +91,27 @@ def test_missing_pca_chunk_is_reported(cache):
     delete_chunk(cache, "pca/neck/components", None)
     problems = verify_cache(cache, progress=False)
     assert any("pca/neck/components" in p for p in problems), problems
+
+
+def test_chunks_equal_to_the_fill_value_are_written(tmp_path):
+    """An image whose IoUs and embeddings are all zero (the fill value) still gets chunk files, so
+    "no chunk" always means "deleted"."""
+    import numpy as np
+
+    from pipeline.cache.store import CacheLayout, CacheStore, ImageRecord
+
+    layout = CacheLayout(image_ids=["1", "2"], level_names=["neck"], teacher_channels=[4],
+                         level_channels=[4], grid_sizes=[(2, 2)], input_size=32, mask_size=8,
+                         max_segments=2, embed_dim=256, dtype="float16", compressor="zstd", clevel=1,
+                         categories=[{"id": 1, "name": "a", "isthing": True, "train_id": 0}])
+    store = CacheStore.create_or_open(tmp_path / "c", {"schema_version": 2}, layout)
+    store.write_image(0, ImageRecord(features=[np.zeros((4, 2, 2), np.float32)],
+                                     mask_logits=np.zeros((1, 8, 8), np.float32),
+                                     iou=np.zeros(1, np.float32),
+                                     embeddings=np.zeros((1, 256), np.float32),
+                                     segment_ids=np.array([5]), labels=np.array([0]),
+                                     orig_size=(20, 30)))
+    reopened = CacheStore.open(tmp_path / "c")
+    assert reopened.missing_chunks(0) == []
+    assert reopened.missing_chunks(1) == reopened.image_array_names()  # never written
+    assert reopened.read_image(0)["iou"].tolist() == [0.0]
