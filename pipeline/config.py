@@ -157,7 +157,9 @@ class TeacherConfig(_Section):
 
 def teacher_depth(teacher_type: str, tiny: SamTinyConfig) -> int:
     """Number of ViT blocks of a teacher type (``tiny.depth`` for ``sam_tiny``)."""
-    return tiny.depth if teacher_type == "sam_tiny" else {"vit_b": 12, "vit_l": 24, "vit_h": 32}[teacher_type]
+    from pipeline.teacher.sam_builder import spec_for  # imported late: it imports this module
+
+    return spec_for(teacher_type, tiny).depth
 
 
 # ---------------------------------------------------------------------------- cache
