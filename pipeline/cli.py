@@ -12,19 +12,33 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import INPUT_KEYS, Config, ConfigError, load_config, missing_input_files
 from pipeline.preflight import (MissingInputError, check_backbone_weights, check_cityscapes_root,
                                 check_split, check_teacher_checkpoint, require)
 
 log = logging.getLogger("regsam")
 
 
+DATA_KEYS = ("data.root", "data.cityscapes_root")
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.override)
 
 
+def _require(cfg: Config, keys: tuple[str, ...]) -> Config:
+    """Refuse, before any work, input files among ``keys`` (of
+    :data:`pipeline.config.INPUT_KEYS`) that do not exist."""
+    missing = missing_input_files(cfg, keys)
+    if missing:
+        raise ConfigError("\n".join(missing))
+    return cfg
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    # the `synthetic` command writes the synthetic dataset's data.root, which may not exist yet
+    _require(cfg, tuple(k for k in INPUT_KEYS if k != "data.root" or cfg.data.dataset != "synthetic"))
     print(json.dumps(cfg.to_dict(), indent=2) if args.print else f"{args.config}: OK")
     return 0
 
@@ -135,6 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     require([check_split(cfg, "train"), check_backbone_weights(cfg),
              check_teacher_checkpoint(cfg) if cfg.model.use_sam_distill else None])
+    _require(cfg, ("training.init_from",))
     work_dir = Path(args.work_dir or Path(cfg.output_root) / cfg.experiment)
     summary = train(cfg, work_dir, resume=not args.no_resume, progress=not args.no_progress,
                     stop_at=args.stop_at)
@@ -174,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error (default: one short message)")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="stop (with the dask/DataLoader workers) when process PID ends; the "
+                   "Snakemake rules pass their Snakemake process, so no orphan keeps writing")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -253,16 +271,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's files, each with a message naming the file and what differs."""
     from pipeline.cache.fingerprint import FingerprintMismatchError
     from pipeline.teacher.sam_builder import CheckpointError
-    from pipeline.training.checkpoint import StudentFileError
+    from pipeline.training.checkpoint import CheckpointReadError
 
     return (MissingInputError, FileNotFoundError, CheckpointError, FingerprintMismatchError,
-            StudentFileError)
+            CheckpointReadError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.parent_pid is not None:
+        from pipeline.lifeline import watch_parent
+
+        watch_parent(args.parent_pid)
     try:
         return args.fn(args)
     except ConfigError as exc:

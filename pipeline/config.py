@@ -15,11 +15,14 @@ import copy
 import difflib
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 __all__ = [
     "Config",
@@ -28,7 +31,10 @@ __all__ = [
     "load_config_dict",
     "apply_overrides",
     "config_digest",
+    "missing_input_files",
 ]
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -36,7 +42,17 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_float32(cls, v: Any) -> Any:
+        """Every number must be finite and fit float32 (the tensors it ends up in)."""
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, float) and not (math.isfinite(x) and abs(x) <= FLOAT32_MAX):
+                raise ValueError(f"must be a finite number of magnitude at most {FLOAT32_MAX:.3g} "
+                                 "(float32)")
+        return v
 
 
 # ----------------------------------------------------------------------------- data
@@ -120,6 +136,33 @@ class TeacherConfig(_Section):
         "null = the global-attention blocks, the last one through the neck")
     points_per_stuff: int = Field(3, ge=1)
     device: str = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_in_range(cls, v: list[int | str] | None, info: ValidationInfo) -> list[int | str] | None:
+        if v is None or "type" not in info.data or "tiny" not in info.data:
+            return v
+        depth = teacher_depth(info.data["type"], info.data["tiny"])
+        bad = [x for x in v if x != "neck" and not 0 <= x < depth]
+        if bad or len(set(map(str, v))) != len(v):
+            raise ValueError(f"expected distinct block indices in [0, {depth}) (teacher.type="
+                             f"{info.data['type']!r} has {depth} blocks) and/or 'neck'")
+        return v
+
+    def num_levels(self) -> int:
+        """How many feature levels the cache of this teacher stores."""
+        if self.layers is not None:
+            return len(self.layers)
+        from pipeline.cache.fingerprint import resolve_layers
+
+        return len(resolve_layers(self))
+
+
+def teacher_depth(teacher_type: str, tiny: SamTinyConfig) -> int:
+    """Number of ViT blocks of a teacher type (``tiny.depth`` for ``sam_tiny``)."""
+    from pipeline.teacher.sam_builder import spec_for  # imported late: it imports this module
+
+    return spec_for(teacher_type, tiny).depth
 
 
 class TeacherAdaptConfig(_Section):
@@ -293,6 +336,8 @@ class TrainingConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0)
     amp: bool = True
     checkpoint_interval: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; resume falls "
+                                  "back to an older one when the newest is unreadable")
     log_interval: int = Field(10, ge=1)
     eval_interval: int | None = Field(None, ge=1)
     init_from: str | None = Field(None, description="weights to start from (progressive training)")
@@ -330,6 +375,15 @@ class Config(_Section):
             raise ValueError(
                 f"model.sam_distill.teacher_checkpoint={sd.teacher_checkpoint!r} differs from "
                 f"teacher.checkpoint={self.teacher.checkpoint!r}")
+        if self.model.use_sam_distill:
+            levels = self.teacher.num_levels()
+            bad = [i for i in sd.distill_feat_layers if i >= levels]
+            if bad:
+                raise ValueError(
+                    f"model.sam_distill.distill_feat_layers={sd.distill_feat_layers}: levels {bad} "
+                    f"do not exist; the teacher cache of teacher.type={self.teacher.type!r} with "
+                    f"teacher.layers={self.teacher.layers} stores {levels} levels (allowed: "
+                    f"indices in [0, {levels}))")
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -348,9 +402,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty (no keys); give at least "
+                          "`_base_: <file>` or the keys to set")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -421,6 +478,27 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _allowed_range(loc: tuple) -> str:
+    """The numeric bounds of the field at ``loc`` as text, e.g. ``"finite, > 0"`` ('' if none)."""
+    model: Any = Config
+    field = None
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            break
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ""
+        model = field.annotation
+    if field is None or "float" not in str(field.annotation):
+        return ""
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [f"{ops[k]} {getattr(m, k)}" for m in field.metadata for k in ops if hasattr(m, k)]
+    return ", ".join(["finite", *bounds, f"|x| <= {FLOAT32_MAX:.3g}"])
+
+
+_NAMED_KEY = re.compile(r"^Value error, ((?:[a-z_]+\.)+[a-z_]+)=")
+
+
 def _format_errors(exc: ValidationError, origin: dict[str, str], default_src: str) -> str:
     lines = []
     valid = _valid_keys(Config)
@@ -435,10 +513,16 @@ def _format_errors(exc: ValidationError, origin: dict[str, str], default_src: st
                 close = difflib.get_close_matches(loc, same, n=1, cutoff=0.0)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown key '{loc}' in {src}{hint}")
+        elif err["type"] == "value_error" and (named := _NAMED_KEY.match(err["msg"])):
+            # a check across sections names its key and value itself
+            key = named.group(1)
+            lines.append(f"invalid value for '{key}' in {origin.get(key, default_src)}: "
+                         f"{err['msg'].removeprefix('Value error, ')}")
         else:
             bad = err.get("input")
+            allowed = _allowed_range(err["loc"])
             lines.append(f"invalid value for '{loc or 'config'}' in {src}: {err['msg']} "
-                         f"(got {bad!r})")
+                         f"(got {bad!r}{'; allowed: ' + allowed if allowed else ''})")
     return "\n".join(lines)
 
 
@@ -458,6 +542,39 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = _resolve(Path(path), origin)
     raw = apply_overrides(raw, overrides, origin)
     return load_config_dict(raw, origin, str(Path(path).resolve()))
+
+
+INPUT_KEYS = ("teacher.checkpoint", "model.backbone.pretrained_path", "training.init_from",
+              "data.root", "data.cityscapes_root")
+
+
+def missing_input_files(cfg: Config, keys: tuple[str, ...] = INPUT_KEYS) -> list[str]:
+    """One line per input file or folder named by ``keys`` of the config that does not exist.
+
+    ``keys`` is a subset of :data:`INPUT_KEYS` (``data.cityscapes_root`` is only checked for
+    ``data.dataset: cityscapes``). The workflow creates some inputs (the synthetic dataset, a
+    progressive stage's ``final.pth``), so the commands (``check-config``, ``train``,
+    ``cache-teacher``, ``evaluate``) run this before any work, not the Snakefile at parse time.
+    """
+    kinds = {"teacher.checkpoint": (cfg.teacher.checkpoint, "file"),
+             "model.backbone.pretrained_path": (cfg.model.backbone.pretrained_path, "file"),
+             "training.init_from": (cfg.training.init_from, "file"),
+             "data.root": (cfg.data.root, "folder"),
+             "data.cityscapes_root": (cfg.data.cityscapes_root, "folder")}
+    checks = [(k, *kinds[k]) for k in keys
+              if k != "data.cityscapes_root" or cfg.data.dataset == "cityscapes"]
+    out = []
+    for key, value, kind in checks:
+        if value is None:
+            if key == "data.cityscapes_root":
+                out.append(f"{key} is not set (data.dataset=cityscapes needs the Cityscapes root)")
+            continue
+        p = Path(value)
+        ok = p.is_file() if kind == "file" else p.is_dir()
+        if not ok:
+            what = "no such file" if not p.exists() else f"not a {kind}"
+            out.append(f"{key}={value}: {what} ({p.resolve()})")
+    return out
 
 
 def config_digest(cfg: Config, sections: tuple[str, ...] | None = None) -> str:

@@ -100,7 +100,7 @@ def test_unknown_type_names_the_field():
 
 
 # --------------------------------------------------------------------------- sha256
-def test_sha256_sidecar_is_written_reused_and_invalidated(tmp_path):
+def test_sha256_sidecar_is_written_and_never_trusted(tmp_path):
     f = tmp_path / "w.pth"
     f.write_bytes(b"abc" * 1000)
     want = hashlib.sha256(b"abc" * 1000).hexdigest()
@@ -109,9 +109,9 @@ def test_sha256_sidecar_is_written_reused_and_invalidated(tmp_path):
     record = json.loads(side.read_text())
     assert record == {"size": 3000, "mtime_ns": f.stat().st_mtime_ns, "sha256": want}
 
-    # a sidecar matching size and mtime is trusted (proved by a planted digest)
+    # a sidecar matching size and mtime is not trusted: a planted digest is ignored
     side.write_text(json.dumps({**record, "sha256": "planted"}))
-    assert sha256_file(f) == "planted"
+    assert sha256_file(f) == want
 
     # same size, new mtime -> recomputed and rewritten
     os.utime(f, ns=(record["mtime_ns"] + 10**9, record["mtime_ns"] + 10**9))
@@ -137,6 +137,26 @@ def test_sha256_without_writable_sidecar(tmp_path, monkeypatch):
     monkeypatch.setattr(sam_builder.tempfile, "mkstemp", refuse)
     assert sha256_file(f) == hashlib.sha256(b"data").hexdigest()
     assert not (tmp_path / "w.pth.sha256").exists()
+
+
+def test_sha256_flipped_byte_with_restored_mtime_changes_the_digest(tmp_path, caplog):
+    """Issue 11 item 8: a byte flipped in place, size and mtime put back, changes the digest
+    (the sidecar still matching size and mtime is not trusted) and a warning says so."""
+    f = tmp_path / "sam.pth"
+    data = bytearray(os.urandom(1 << 16))
+    f.write_bytes(bytes(data))
+    before = sha256_file(f)
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(12345)
+        fh.write(bytes([data[12345] ^ 0x01]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    data[12345] ^= 0x01
+    with caplog.at_level("WARNING"):
+        after = sha256_file(f)
+    assert after != before and after == hashlib.sha256(bytes(data)).hexdigest()
+    assert "changed in place" in caplog.text
 
 
 def test_sha256_missing_file_names_it(tmp_path):

@@ -13,12 +13,15 @@ Annotations are identified by the sha256 of the split's panoptic JSON, except fo
 datasets the workflow generates itself, whose JSON may not exist yet when Snakemake builds its
 DAG: ``synthetic`` (identified by the generator parameters, of which the JSON is a pure
 function) and ``cityscapes`` (identified as the official release converted by
-cityscapesscripts). The sha256 of the actual JSON is still recorded in the manifest
-(``annotation_sha256``) when the cache is created.
+cityscapesscripts); for those two the configured ``data.root`` (and ``data.cityscapes_root``)
+and the split's paths enter the fingerprint, so two dataset folders never share a cache. For
+every kind the sha256 of the actual JSON is recorded in the manifest (``annotation_sha256``)
+when the cache is created and compared by the builder and the reader
+(:func:`check_annotations`): a JSON edited after the cache was built is refused.
 
 Computing the fingerprint builds no model: checkpoint digests come from
-:func:`pipeline.teacher.sam_builder.sha256_file`'s sidecar, so Snakemake can call
-:func:`cache_dir` at DAG time.
+:func:`pipeline.teacher.sam_builder.sha256_file`, so Snakemake can call :func:`cache_dir` at DAG
+time.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ __all__ = [
     "FingerprintMismatchError",
     "TEACHER_INIT_SEED",
     "cache_dir",
+    "check_annotations",
     "describe_differences",
     "fingerprint_sha256",
     "resolve_layers",
     "teacher_fingerprint",
 ]
 
-CACHE_SCHEMA_VERSION = 1
+# 2: annotation paths in the fingerprint, every chunk written (missing chunks are detectable)
+CACHE_SCHEMA_VERSION = 2
 # Seed of a randomly initialised teacher (no checkpoint); independent of the training seed.
 TEACHER_INIT_SEED = 0
 # How the per-image seed of the stuff point prompts is derived (see pipeline.cache.record).
@@ -67,13 +72,17 @@ def resolve_layers(teacher: TeacherConfig) -> list[int | str]:
 
 
 def _annotation_identity(cfg: Config, split: str) -> dict[str, Any]:
+    paths = getattr(cfg.data, split)
+    where = {"root": cfg.data.root, "images": paths.images, "json": paths.json_file,
+             "png_dir": paths.png_dir}
     if cfg.data.dataset == "synthetic":
         from pipeline.data.synthetic import GENERATOR_VERSION
 
         return {"synthetic": {**cfg.data.synthetic.model_dump(mode="json"),
-                              "generator_version": GENERATOR_VERSION}}
+                              "generator_version": GENERATOR_VERSION}, **where}
     if cfg.data.dataset == "cityscapes":
-        return {"cityscapes": {"split": split, "converter": "cityscapesscripts csCreatePanopticImgs"}}
+        return {"cityscapes": {"split": split, "converter": "cityscapesscripts csCreatePanopticImgs",
+                               "cityscapes_root": cfg.data.cityscapes_root}, **where}
     json_path = cfg.split_paths(split)[1]  # type: ignore[arg-type]
     if not json_path.is_file():
         raise FileNotFoundError(f"panoptic annotations of split {split!r} not found: {json_path} "
@@ -114,6 +123,24 @@ def teacher_fingerprint(cfg: Config, split: str) -> dict[str, Any]:
         "prototype_scale": c.prototype_scale,
         "annotations": _annotation_identity(cfg, split),
     }
+
+
+def check_annotations(cache_path: Path, recorded_sha256: str | None, json_path: Path) -> None:
+    """Refuse a cache built from another version of the split's panoptic JSON.
+
+    Raises:
+      FingerprintMismatchError: ``json_path``'s sha256 differs from ``recorded_sha256`` (the
+        manifest's ``annotation_sha256``; None = not recorded, nothing to compare).
+    """
+    if recorded_sha256 is None:
+        return
+    actual = sha256_file(json_path)
+    if actual != recorded_sha256:
+        raise FingerprintMismatchError(
+            f"teacher cache {cache_path} was built from other annotations than asked:\n  "
+            f"annotation_sha256: cache {recorded_sha256[:12]}, asked {actual[:12]} ({json_path})\n"
+            f"The panoptic JSON changed after the cache was built. Move or delete {cache_path} and "
+            "run `snakemake cache_teacher` (or `python -m pipeline cache-teacher`) to rebuild it.")
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from pipeline.cache.store import (
     STATUS_SKIPPED,
     STATUS_TODO,
     ZARR_DIR,
+    CacheIntegrityError,
     CacheStore,
 )
 
@@ -159,8 +160,9 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
     """Problems of a cache, one line each (empty = healthy).
 
     Checks: the manifest's fingerprint digest and the folder name, the PCA digest, images still
-    todo, skipped images without a reason, NaN/inf in any stored array of every done image,
-    segment arrays that disagree, and the class prototypes.
+    todo, skipped images without a reason, missing chunks (one line per done image and array
+    whose chunk file is gone), NaN/inf in any stored array of every done image, segment arrays
+    that disagree, and the class prototypes (present, with data, shape, finite).
     """
     path = Path(path)
     try:
@@ -199,6 +201,11 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
     for i in tqdm(np.flatnonzero(status == STATUS_DONE), desc="verify", unit="img",
                   disable=not progress):
         image_id = lay.image_ids[i]
+        missing = store.missing_chunks(int(i))
+        if missing:
+            problems.extend(f"image {image_id!r} (index {i}): chunk of {name} is missing"
+                            for name in missing)
+            continue
         try:
             item = store.read_image(int(i))
         except Exception as exc:  # a corrupt chunk: report, keep checking
@@ -219,8 +226,14 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
     if not store.has_prototypes():
         problems.append("class prototypes missing (the build did not finish)")
     else:
-        protos = store.read_prototypes()
-        if protos.shape != (lay.num_classes, lay.embed_dim) or not np.isfinite(protos).all():
+        try:
+            protos = store.read_prototypes()
+        except CacheIntegrityError as exc:
+            problems.append(str(exc))
+            protos = None
+        if protos is None:
+            pass
+        elif protos.shape != (lay.num_classes, lay.embed_dim) or not np.isfinite(protos).all():
             problems.append(f"class prototypes malformed: shape {protos.shape}, finite "
                             f"{bool(np.isfinite(protos).all())}")
     if store.complete is None and not todo.size:

@@ -5,6 +5,12 @@ feature vectors over the valid cells of ``cache.pca_samples`` images. Moments ar
 fixed binary tree (:func:`tree_reduce`) whose shape depends only on the number of leaves, so the
 sum, and hence the basis, is bit-identical however many dask workers computed the leaves.
 
+BLAS and LAPACK give results that depend on their thread count in the last bits (measured:
+``eigh`` of a 256x256 covariance differs between 1 and 2 OpenBLAS threads), so
+:func:`feature_moments` and :func:`fit_pca` run their BLAS/LAPACK calls on one thread
+(``threadpoolctl``), whatever the caller's ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` or
+Snakemake's ``threads``: a basis built through Snakemake equals one built from the CLI bit for bit.
+
 A stored level holds the PCA coefficients ``components^T (x - mean)``, i.e. centred and
 rotated features; levels no wider than ``cache.channels`` are stored unchanged.
 """
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "Moments",
@@ -105,7 +112,9 @@ def feature_moments(features: np.ndarray, mask: np.ndarray | None = None) -> Mom
     x = features.reshape(c, -1).T.astype(np.float64)
     if mask is not None:
         x = x[mask.reshape(-1)]
-    return Moments(x.sum(axis=0), x.T @ x, int(x.shape[0]))
+    with threadpool_limits(limits=1, user_api="blas"):  # thread-count-independent bits
+        outer = x.T @ x
+    return Moments(x.sum(axis=0), outer, int(x.shape[0]))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -135,7 +144,7 @@ def fit_pca(moments: Moments, k: int) -> PcaBasis:
     """The top-``k`` principal axes of the vectors summarised by ``moments``.
 
     The covariance ``(sum x x^T - n mean mean^T) / (n - 1)`` is decomposed with
-    :func:`numpy.linalg.eigh`.
+    :func:`numpy.linalg.eigh` on one BLAS/LAPACK thread (its bits depend on the thread count).
     """
     c = moments.total.shape[0]
     if not 0 < k <= c:
@@ -147,7 +156,8 @@ def fit_pca(moments: Moments, k: int) -> PcaBasis:
     mean = moments.total / n
     cov = (moments.outer - n * np.outer(mean, mean)) / (n - 1)
     cov = (cov + cov.T) / 2
-    eigval, eigvec = np.linalg.eigh(cov)
+    with threadpool_limits(limits=1, user_api="blas"):
+        eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(-eigval, kind="stable")[:k]
     eigval, eigvec = eigval[order], eigvec[:, order]
     peak = np.argmax(np.abs(eigvec), axis=0)

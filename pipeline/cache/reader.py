@@ -70,8 +70,9 @@ class TeacherCache:
 
     @classmethod
     def for_config(cls, cfg: Config, split: str = "train") -> "TeacherCache":
-        """The cache of ``split`` under ``cfg``; refuses a missing or unfinished one."""
-        from pipeline.cache.fingerprint import cache_dir, teacher_fingerprint
+        """The cache of ``split`` under ``cfg``; refuses a missing or unfinished one, one of other
+        settings and one built from another version of the split's panoptic JSON."""
+        from pipeline.cache.fingerprint import cache_dir, check_annotations, teacher_fingerprint
 
         fingerprint = teacher_fingerprint(cfg, split)
         path = cache_dir(cfg, split)
@@ -81,7 +82,10 @@ class TeacherCache:
                 f"the teacher cache of split {split!r} for this config is {state}: {path}; run "
                 "`snakemake cache_teacher` (or `python -m pipeline cache-teacher --config <this "
                 f"config> --split {split}`) first")
-        return cls(path, expected_fingerprint=fingerprint)
+        cache = cls(path, expected_fingerprint=fingerprint)
+        check_annotations(path, cache._store.manifest.get("annotation_sha256"),
+                          cfg.split_paths(split)[1])  # type: ignore[arg-type]
+        return cache
 
     # ------------------------------------------------------------------ metadata
     @property

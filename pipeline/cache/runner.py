@@ -6,8 +6,9 @@
    ``cache.pca_samples`` evenly spaced images; each task returns float64 moments of its image's
    feature vectors (valid cells only) and the moments are summed along the fixed tree of
    :func:`pipeline.cache.pca.tree_reduce`, so the basis is bit-identical for any worker count.
-   The eigendecomposition runs on a worker too (dask pins BLAS/LAPACK to one thread there, and
-   LAPACK's bits depend on its thread count). The basis is stored and its sha256 recorded in
+   The moments and the eigendecomposition run their BLAS/LAPACK calls on one thread wherever
+   they run (:mod:`pipeline.cache.pca` pins it with threadpoolctl; LAPACK's bits depend on its
+   thread count), so Snakemake's and the CLI's thread settings give the same basis. The basis is stored and its sha256 recorded in
    ``manifest.json``; a resumed build reuses it.
 2. **Images.** One task per image still marked todo. The worker runs the teacher, projects the
    features, quantises and writes the image's chunks straight into the store, ``status`` last.
@@ -62,6 +63,7 @@ from pipeline.cache.fingerprint import (
     TEACHER_INIT_SEED,
     cache_dir,
     cache_marker,
+    check_annotations,
     fingerprint_sha256,
     resolve_layers,
     teacher_fingerprint,
@@ -387,8 +389,7 @@ def _fit_pca(client: Any, job: CacheJob, layout: CacheLayout, pca_samples: int,
     leaves = client.map(pca_moments_task, [job] * len(indices), indices,
                         reduced=list(reduced), pure=False)
     root = tree_reduce(leaves, lambda a, b: client.submit(merge_level_moments, a, b, pure=False))
-    # the eigendecomposition also runs on a worker: LAPACK's result depends on its thread count,
-    # which dask pins to 1 in every worker (OPENBLAS/MKL/OMP_NUM_THREADS) but not in the client
+    # fit_pca pins LAPACK to one thread itself (its bits depend on the thread count)
     fitted = client.submit(fit_level_bases, root, list(layout.level_channels), pure=False)
     _gather_with_progress(leaves, "cache_teacher PCA", progress)
     del leaves, root
@@ -437,13 +438,15 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
     started = time.perf_counter()
     fingerprint = teacher_fingerprint(cfg, split)
     path = cache_dir(cfg, split)
+    image_dir, json_path, png_dir = cfg.split_paths(split)  # type: ignore[arg-type]
     if (path / "COMPLETE.json").is_file():
-        CacheStore.open(path).check_fingerprint(fingerprint)
+        done = CacheStore.open(path)
+        done.check_fingerprint(fingerprint)
+        check_annotations(path, done.manifest.get("annotation_sha256"), json_path)
         log.info("teacher cache %s is complete; nothing to do", path)
         _write_marker(cfg, split, path, fingerprint)
         return path
 
-    image_dir, json_path, png_dir = cfg.split_paths(split)  # type: ignore[arg-type]
     dataset = PanopticDataset(image_dir, json_path, png_dir, transform=None, on_bad_sample="skip")
     layout = cache_layout(cfg, dataset)
     _check_segment_counts(dataset, layout.max_segments)

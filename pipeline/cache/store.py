@@ -32,6 +32,14 @@ files, removed on reopening). An image counts as done only once ``status`` says 
 ``status`` is written after all of the image's other arrays.
 
 An image with more than ``max_segments`` segments is an error naming the image.
+
+Missing chunks. Zarr answers a read of a chunk that does not exist with the fill value, so a
+deleted chunk file would read as zeros. Every chunk is therefore written even when it equals the
+fill value (``write_empty_chunks``), and a done image must have a chunk in every per-image array:
+:meth:`CacheStore.missing_chunks` lists the arrays whose chunk of an image is gone (one ``exists``
+per array), :meth:`CacheStore.read_image` refuses such an image with
+:class:`CacheIntegrityError` naming the store, the image and the array, and the class
+prototypes and PCA bases are checked the same way when read.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from pipeline.cache.quant import dequantize_int8, quantize_int8, to_float16
 __all__ = [
     "COMPLETE_FILE",
     "CacheLayout",
+    "CacheIntegrityError",
     "CacheStore",
     "CacheWriteError",
     "ImageRecord",
@@ -88,6 +97,14 @@ async def _get_all(arrays: Sequence[Any], index: int) -> list[np.ndarray]:
 
 async def _set_all(arrays: Sequence[Any], values: Sequence[np.ndarray], index: int) -> None:
     await asyncio.gather(*(a.setitem(index, v) for a, v in zip(arrays, values)))
+
+
+class CacheIntegrityError(ValueError):
+    """Data of a done image (or of the prototypes / PCA basis) is gone from the store: names the
+    store, the image and the array."""
+
+
+_WRITE_ALL_CHUNKS = {"write_empty_chunks": True}  # a chunk equal to the fill value is written too
 
 
 class CacheWriteError(OSError):
@@ -253,12 +270,20 @@ class CacheStore:
         """Open the store at ``path`` for writing, creating it if it has no manifest yet.
 
         An existing store must have the same fingerprint (else :class:`FingerprintMismatchError`
-        listing the differing fields) and the same layout.
+        listing the differing fields), the same ``annotation_sha256`` (when both are known) and
+        the same layout.
         """
         path = Path(path)
         if (path / MANIFEST_FILE).is_file():
             store = cls(path, writable=True)
             store.check_fingerprint(fingerprint)
+            recorded = store.manifest.get("annotation_sha256")
+            if annotation_sha256 is not None and recorded not in (None, annotation_sha256):
+                raise FingerprintMismatchError(
+                    f"teacher cache {path} was built from other annotations than asked:\n  "
+                    f"annotation_sha256: cache {recorded[:12]}, asked {annotation_sha256[:12]}\n"
+                    f"The panoptic JSON changed after the cache was started. Move or delete {path} "
+                    "and run `snakemake cache_teacher` again.")
             if store.layout != layout:
                 raise ValueError(f"{path}: the cache layout differs from the dataset's (another "
                                  "image list or category set under the same fingerprint); delete "
@@ -335,8 +360,44 @@ class CacheStore:
         """A Zarr array of the group by path, e.g. ``"segments/iou"`` (handles are cached)."""
         group = self.group
         if name not in self._arrays:
-            self._arrays[name] = group[name]  # type: ignore[assignment]
+            arr = group[name]
+            if self.writable:  # every written chunk exists on disk, even an all-fill one
+                arr = arr.with_config(_WRITE_ALL_CHUNKS)  # type: ignore[union-attr]
+            self._arrays[name] = arr  # type: ignore[assignment]
         return self._arrays[name]
+
+    def image_array_names(self) -> list[str]:
+        """Every array holding one chunk per image (``status`` first)."""
+        levels = [n for name in self.layout.level_names
+                  for n in self._quantized_names(f"features/{name}")]
+        return ["status", *levels, *self._quantized_names(MASKS), "segments/segment_ids",
+                "segments/labels", "segments/iou", "segments/embeddings", "images/orig_size"]
+
+    def missing_chunks(self, index: int, names: Sequence[str] | None = None) -> list[str]:
+        """The arrays among ``names`` (default: :meth:`image_array_names`) whose chunk of image
+        ``index`` does not exist in the store (one ``exists`` call per array)."""
+        names = list(names or self.image_array_names())
+        arrays = [self.array(n) for n in names]
+
+        async def probe() -> list[bool]:
+            return list(await asyncio.gather(*(
+                a.store_path.store.exists(
+                    f"{a.path}/{a.metadata.encode_chunk_key((index,) + (0,) * (a.ndim - 1))}")
+                for a in arrays)))
+
+        return [n for n, ok in zip(names, sync(probe())) if not ok]
+
+    def _whole_array_missing(self, name: str) -> bool:
+        arr = self.array(name)
+        return arr.nchunks_initialized < arr.nchunks
+
+    def _refuse_missing(self, index: int, missing: Sequence[str]) -> None:
+        image_id = self.layout.image_ids[index]
+        raise CacheIntegrityError(
+            f"teacher cache {self.path}: image {image_id!r} (index {index}) has no data in "
+            f"{', '.join(missing)} (chunk file deleted or lost); the store is damaged. Run "
+            f"`python -m pipeline cache-verify {self.path}` for the full list, then move the "
+            "folder away and rebuild it with `snakemake cache_teacher`.")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -456,6 +517,9 @@ class CacheStore:
         plain = ["segments/segment_ids", "segments/labels", "segments/iou",
                  "segments/embeddings", "images/orig_size"]
         names = [n for group in levels for n in group] + masks + plain
+        missing = self.missing_chunks(index, ["status", *names])
+        if missing:
+            self._refuse_missing(index, missing)
         got = dict(zip(names, sync(_get_all([self.array(n).async_array for n in names], index))))
         ids = got["segments/segment_ids"]
         m = int((ids >= 0).sum())
@@ -490,7 +554,7 @@ class CacheStore:
                                    ("explained_variance", b.explained_variance)):
                     arr = self.group.create_array(f"pca/{name}/{key}", shape=value.shape,
                                                   dtype="float64", compressors=blosc,
-                                                  overwrite=True,
+                                                  overwrite=True, config=_WRITE_ALL_CHUNKS,
                                                   attributes={"total_variance": b.total_variance,
                                                               "num_samples": b.num_samples})
                     arr[...] = value
@@ -515,6 +579,12 @@ class CacheStore:
             if not reduced:
                 out.append(None)
                 continue
+            gone = [k for k in ("mean", "components", "explained_variance")
+                    if self._whole_array_missing(f"pca/{name}/{k}")]
+            if gone:
+                raise CacheIntegrityError(
+                    f"teacher cache {self.path}: pca/{name}/{gone[0]} has no data (chunk file "
+                    "deleted or lost); move the folder away and rebuild the cache")
             mean = self.array(f"pca/{name}/mean")
             out.append(PcaBasis(mean=mean[...], components=self.array(f"pca/{name}/components")[...],
                                 explained_variance=self.array(f"pca/{name}/explained_variance")[...],
@@ -528,9 +598,11 @@ class CacheStore:
                            shuffle=BloscShuffle.shuffle)
         with translate_os_errors(self.path, "cannot write the class prototypes to"):
             self.group.create_array("prototypes/embeddings", shape=prototypes.shape, dtype="float32",
-                                    compressors=blosc, overwrite=True)[...] = prototypes
+                                    compressors=blosc, overwrite=True,
+                                    config=_WRITE_ALL_CHUNKS)[...] = prototypes
             self.group.create_array("prototypes/counts", shape=counts.shape, dtype="int64",
-                                    compressors=blosc, overwrite=True)[...] = counts
+                                    compressors=blosc, overwrite=True,
+                                    config=_WRITE_ALL_CHUNKS)[...] = counts
         self._arrays.pop("prototypes/embeddings", None)
         self._arrays.pop("prototypes/counts", None)
 
@@ -542,6 +614,11 @@ class CacheStore:
         if not self.has_prototypes():
             raise ValueError(f"{self.path}: no class prototypes stored (the cache build did not "
                              "finish); rerun `snakemake cache_teacher`")
+        if self._whole_array_missing("prototypes/embeddings"):
+            raise CacheIntegrityError(
+                f"teacher cache {self.path}: prototypes/embeddings has no data (chunk file "
+                "deleted or lost); the store is damaged. Move the folder away and rebuild it "
+                "with `snakemake cache_teacher`.")
         return self.array("prototypes/embeddings")[...]
 
     # ------------------------------------------------------------------ completion

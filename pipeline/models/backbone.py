@@ -21,7 +21,7 @@ def _check_checkpoint_fits(body: nn.Module, path: Path, name: str) -> None:
     weights for a regnetx model) would otherwise load partially without an error. Extra keys are
     accepted only under top-level modules the feature model does not keep (the classifier).
     """
-    state = timm.models.load_state_dict(str(path))
+    state = timm.models.load_state_dict(str(path), weights_only=True)  # never runs pickled code
     expected = body.state_dict()
     kept = {key.split(".")[0] for key in expected}
     missing = [k for k in expected if k not in state]

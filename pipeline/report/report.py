@@ -304,7 +304,9 @@ def student_complexity(
     from pipeline.evaluation.complexity import count_flops, count_params, measure_latency
     from pipeline.models.student import build_student
 
-    ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    from pipeline.training.checkpoint import load_student_weights
+
+    ckpt = load_student_weights(weights)  # weights_only: never runs pickled code
     for key in ("student", "config", "categories"):
         if key not in ckpt:
             raise ReportError(f"{weights}: missing key '{key}' (expected an exported student)")

@@ -52,7 +52,7 @@ from pipeline.losses.promptable import PROMPTABLE_TERMS, promptable_loss
 from pipeline.teacher.adapted import ADAPTED_FILE, adapt_identity, adapted_dir
 from pipeline.teacher.prompts import corrective_points, mask_boxes, noisy_boxes, sample_points
 from pipeline.teacher.sam_builder import build_teacher, sha256_file
-from pipeline.training.checkpoint import save_atomic
+from pipeline.training.checkpoint import load_latest_checkpoint, rotate_checkpoints, save_atomic
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.trainer import (NonFiniteLossError, ResumableBatchSampler, git_commit,
                                        resolve_device)
@@ -306,14 +306,6 @@ def _check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
                 "check the data.")
 
 
-def _load_resume(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"cannot read the adaptation checkpoint {path}: {type(exc).__name__}: "
-                           f"{exc}; delete it or pass --no-resume to start over") from exc
-
-
 def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = True,
                   progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Fine-tune the teacher of ``cfg`` and write ``sam_adapted.pth`` into ``out_dir``.
@@ -365,17 +357,18 @@ def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: boo
     identity = adapt_identity(cfg)
     ckpt_path = out / CHECKPOINT
     start = 0
-    if resume and ckpt_path.is_file():
-        state = _load_resume(ckpt_path)
+    found = load_latest_checkpoint(ckpt_path.parent) if resume else None
+    if found is not None:
+        state, resumed_from = found
         if state.get("identity") != json.dumps(identity, sort_keys=True) or \
                 state.get("train_json_sha256") != train_sha:
-            raise RuntimeError(f"{ckpt_path} belongs to another adaptation (config or "
+            raise RuntimeError(f"{resumed_from} belongs to another adaptation (config or "
                                f"{json_path} changed); delete it or pass --no-resume")
         sam.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["iteration"])
-        log.info("resuming the teacher adaptation from %s at iteration %d", ckpt_path, start)
+        log.info("resuming the teacher adaptation from %s at iteration %d", resumed_from, start)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -434,6 +427,7 @@ def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: boo
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
             t_last = now
         if rank == 0 and (done % a.checkpoint_interval == 0 or done == stop) and done < a.iters:
+            rotate_checkpoints(ckpt_path.parent, cfg.training.keep_checkpoints)
             save_atomic({"model": sam.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "iteration": done,
                          "identity": json.dumps(identity, sort_keys=True),

@@ -31,8 +31,9 @@ from pipeline.data.transforms import TrainTransform, normalize_images
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.models.student import RegSAMStudent, build_student
-from pipeline.training.checkpoint import (load_checkpoint, load_student_weights, rng_state,
-                                          save_atomic, set_rng_state)
+from pipeline.training.checkpoint import (checkpoint_candidates, load_checkpoint,
+                                          load_latest_checkpoint, load_student_weights, rng_state,
+                                          rotate_checkpoints, save_atomic, set_rng_state)
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.teacher_targets import batch_warp_teacher_targets, stack_teacher_items
 
@@ -44,6 +45,10 @@ TOTAL_TERMS = TASK_TERMS + ("loss_resolution_distill", "loss_sam_distill")
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; the message names the term and the iteration."""
+
+
+class NonFiniteParameterError(FloatingPointError):
+    """A parameter or optimizer state became NaN or inf; names the tensor and the iteration."""
 
 
 # --------------------------------------------------------------------------- data order
@@ -186,6 +191,34 @@ def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
                 f"{name} is {value.item()} at iteration {it}; training stopped before the "
                 "optimizer step, so the last checkpoint is intact. Lower training.lr, enable "
                 "training.grad_clip or check the data and teacher cache.")
+
+
+def first_non_finite(named: Iterator[tuple[str, torch.Tensor]]) -> tuple[str | None, int, int]:
+    """``(name of the first non-finite tensor or None, non-finite count, tensor count)``.
+
+    Reads the tensors only (no RNG, no change to them). One fused pass first: the total L2 norm
+    is finite exactly when every element is, except that huge finite values can overflow it, so
+    only a non-finite norm leads to the per-tensor scan that decides and names the tensor (the
+    fused pass costs a few ms per step for the default student on a CPU core; ``isfinite`` per
+    tensor costs about 25 ms).
+    """
+    named = [(n, t.detach()) for n, t in named if torch.is_tensor(t) and t.is_floating_point()]
+    if not named:
+        return None, 0, 0
+    if torch.isfinite(torch.nn.utils.get_total_norm([t for _, t in named])).item():
+        return None, 0, len(named)
+    flags = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    bad = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
+    return (bad[0] if bad else None), len(bad), len(named)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer,
+                      names: dict[int, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``("<param>.<state key>", tensor)`` for every tensor of the optimizer state."""
+    for p, st in optimizer.state.items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                yield f"optimizer state {key} of {names.get(id(p), '?')}", value
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -385,18 +418,42 @@ class Trainer:
             "categories": [c.__dict__ for c in self.categories],  # evaluate reads last.pth too
         }
 
+    def _check_parameters(self, it: int, with_optimizer: bool = False) -> None:
+        """Raise :class:`NonFiniteParameterError` unless every parameter (and, with
+        ``with_optimizer``, every optimizer state tensor) is finite; nothing is saved then."""
+        named = list(self.step_module.named_parameters())
+        if with_optimizer:
+            ids = {id(p): n for n, p in named}
+            named += list(optimizer_tensors(self.optimizer, ids))
+        first, bad, total = first_non_finite(iter(named))
+        if first is not None:
+            raise NonFiniteParameterError(
+                f"iteration {it}: {first} is not finite after the optimizer step ({bad} of {total} "
+                f"tensors are NaN/inf); nothing was saved, the newest checkpoint in "
+                f"{self.ckpt_dir} is still the last good one. Lower training.lr (now "
+                f"{self.cfg.training.lr}), enable training.grad_clip or check the data.")
+
     def _save(self, it: int) -> None:
         if not self.is_main:
             return
+        self._check_parameters(it, with_optimizer=True)
         state = self._state(it)
+        rotate_checkpoints(self.ckpt_dir, self.cfg.training.keep_checkpoints)
         save_atomic(state, self.ckpt_dir / "last.pth")
         log.info("checkpoint at iteration %d", it)
 
     def _restore(self) -> int:
-        path = self.ckpt_dir / "last.pth"
-        if not (self.resume and path.is_file()):
+        found = load_latest_checkpoint(self.ckpt_dir) if self.resume else None
+        if found is None:
             return 0
-        state = load_checkpoint(path)
+        state, path = found
+        if self.is_main and path.name != "last.pth":
+            # the newer files are unreadable: keep them aside for inspection, out of the rotation
+            for bad in checkpoint_candidates(self.ckpt_dir):
+                if bad == path:
+                    break
+                os.replace(bad, bad.with_name(bad.name + ".unreadable"))
+            os.replace(path, self.ckpt_dir / "last.pth")
         self.step_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -529,6 +586,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), self.cfg.training.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._check_parameters(it + 1)
         lr = self.optimizer.param_groups[-1]["lr"]
         self.scheduler.step()
         record: dict[str, Any] = {"lr": lr, "loss": float(loss.detach())}
@@ -571,4 +629,5 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = True, progress: bool
 
 
 __all__ = ["Trainer", "TrainStep", "ResumableBatchSampler", "EpochIndexed", "NonFiniteLossError",
+           "NonFiniteParameterError",
            "train", "total_loss", "check_finite", "progress_line"]

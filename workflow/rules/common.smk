@@ -26,7 +26,9 @@ except WorkflowError as exc:  # one line per bad key instead of the whole schema
           file=sys.stderr)
     sys.exit(1)
 
-PY = "python -m pipeline"  # the interpreter; rules take it through `params`
+# the interpreter, which rules take through `params`; $PPID is the Snakemake process running the
+# rule's shell: the command stops (with its workers) when Snakemake dies
+PY = "python -m pipeline --parent-pid $PPID"
 STARTED = time.time()
 
 
@@ -85,7 +87,7 @@ def run_args(wildcards):
     """--config/--override arguments of the run named by the `run` wildcard, shell-quoted."""
     run = RUNS.runs[wildcards.run]
     ov = " ".join(f"-o {shlex.quote(o)}" for o in run.all_overrides(str(OUTPUT_ROOT)))
-    return f"--config {shlex.quote(run.config)} {ov}"
+    return f"--config {shlex.quote(str(run.config))} {ov}"
 
 
 def needs_cache(wildcards):
@@ -101,7 +103,7 @@ def launcher(gpus):
     """`python -m pipeline`, or torchrun with one process per GPU when a job has several."""
     gpus = int(gpus)
     if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline"
+        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline --parent-pid $PPID"
     return PY
 
 
