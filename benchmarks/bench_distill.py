@@ -81,7 +81,7 @@ import torch
 from pipeline.config import Config, load_config
 from pipeline.evaluation.complexity import (complexity_table, device_description, load_average,
                                             write_report)
-from pipeline.training.trainer import resolve_device
+from pipeline.device import resolve_device
 
 DEFAULT_CONFIG = "configs/reg_sam/regnet_distill.yaml"
 FETCH_REPEATS = 5

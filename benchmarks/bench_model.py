@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import load_config
+from pipeline.device import resolve_device
 from pipeline.evaluation.complexity import (
     complexity_table,
     count_flops,
@@ -154,10 +155,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     on_cuda = device.type == "cuda"

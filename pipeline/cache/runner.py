@@ -209,10 +209,10 @@ _STATE: dict[tuple[str, str], _WorkerState] = {}  # per process: (path, fingerpr
 def _worker_device(device: str) -> str:
     import torch
 
-    if device != "auto":
-        return device
-    if not torch.cuda.is_available():
-        return "cpu"
+    from pipeline.device import resolve_device
+
+    if device != "auto" or not torch.cuda.is_available():
+        return str(resolve_device(device))
     try:
         from distributed import get_worker
 
@@ -220,8 +220,8 @@ def _worker_device(device: str) -> str:
     except (ImportError, ValueError):
         name = None
     if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
-        return f"cuda:{int(name) % torch.cuda.device_count()}"
-    return "cuda"
+        return str(resolve_device("auto", int(name) % torch.cuda.device_count()))
+    return str(resolve_device("auto"))
 
 
 def _worker_state(job: CacheJob) -> _WorkerState:

@@ -300,26 +300,15 @@ def student_complexity(
     """
     import torch
 
+    from pipeline.device import resolve_device
     from pipeline.evaluation.complexity import count_flops, count_params, measure_latency
-    from pipeline.models.student import build_student
+    from pipeline.export import ExportError, load_exported_student
 
-    ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-    for key in ("student", "config", "categories"):
-        if key not in ckpt:
-            raise ReportError(f"{weights}: missing key '{key}' (expected an exported student)")
     try:
-        raw_cfg = json.loads(ckpt["config"])
-        num_classes = len(json.loads(ckpt["categories"]))
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{weights}: 'config'/'categories' are not JSON strings: {exc}") from None
-    cfg = load_config_dict(raw_cfg, source=f"{weights} (key 'config')")
-    model_cfg = cfg.model.model_copy(deep=True)
-    model_cfg.backbone.pretrained_path = None  # the state dict below holds every weight
-    model = build_student(model_cfg, num_classes)
-    model.load_state_dict(ckpt["student"])
-    model.eval()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_exported_student(weights, "cpu").student
+    except ExportError as exc:
+        raise ReportError(str(exc)) from None
+    device = resolve_device(device)
     flops = count_flops(model, input_shape, device)
     latency = measure_latency(model, input_shape, device, warmup=warmup, iters=iters)
     return {

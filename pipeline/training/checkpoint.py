@@ -55,13 +55,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
         raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
 
-
-def load_student_weights(path: Path) -> dict[str, Any]:
-    """Load an exported student (``final.pth``): tensors and plain metadata only."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"cannot read model file {path}: {exc}") from exc

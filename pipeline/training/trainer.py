@@ -28,11 +28,12 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data.coco_panoptic import PanopticDataset, SkipSummary, collate_panoptic
 from pipeline.data.transforms import TrainTransform, normalize_images
+from pipeline.device import resolve_device
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.models.student import RegSAMStudent, build_student
-from pipeline.training.checkpoint import (load_checkpoint, load_student_weights, rng_state,
-                                          save_atomic, set_rng_state)
+from pipeline.export import export_blob, load_student_weights
+from pipeline.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.teacher_targets import batch_warp_teacher_targets, stack_teacher_items
 
@@ -189,12 +190,6 @@ def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
 
 
 # ------------------------------------------------------------------------------ helpers
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(spec)
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -331,7 +326,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     def _init_from(self, student: nn.Module, path: Path) -> None:
-        blob = load_student_weights(path) if path.name.endswith("final.pth") else load_checkpoint(path)
+        exported = path.name.endswith(("final.pth", "best.pth"))
+        blob = load_student_weights(path) if exported else load_checkpoint(path)
         state = blob.get("student") or blob.get("model") or blob
         # Switching learnable fusion on or off between stages is allowed: fresh fusion weights
         # start as the plain average, which is what a model without them computed.
@@ -391,11 +387,7 @@ class Trainer:
 
     def export_student(self, path: Path) -> None:
         """Inference weights only: no distillation modules, no optimizer."""
-        save_atomic({
-            "student": self.step_module.student.state_dict(),
-            "config": json.dumps(self.cfg.to_dict()),
-            "categories": json.dumps([c.__dict__ for c in self.categories]),
-        }, path)
+        save_atomic(export_blob(self.step_module.student, self.cfg, self.categories), path)
 
     def _write_run_info(self, extra: dict[str, Any]) -> None:
         info = {
