@@ -181,6 +181,23 @@ class RunRecord:
     def weights(self) -> Path:
         return self.path / "final.pth"
 
+    def evaluated_checkpoint(self) -> str:
+        """File name of the checkpoint ``eval/metrics.json`` scored (``settings.checkpoint``,
+        written by ``pipeline evaluate``); evaluations that predate the field came from the
+        workflow's ``evaluate`` rule, which scores ``final.pth``."""
+        if self.eval is None:
+            return MISSING
+        settings = self.eval.get("settings")
+        checkpoint = settings.get("checkpoint") if isinstance(settings, dict) else None
+        return Path(str(checkpoint)).name if checkpoint else "final.pth"
+
+    def best_during_training(self) -> str:
+        """``"PQ <pq> @ <iteration>"`` of ``best.pth`` (``training.eval_interval``), or –."""
+        best = self.info.get("best")
+        if not isinstance(best, dict) or not _is_number(best.get("pq")):
+            return "–"
+        return f"PQ {best['pq']:.2f} @ {best.get('iteration', '?')}"
+
     def switch(self, key: str) -> bool | None:
         """A ``model.use_*`` flag of the config, None without a config."""
         return None if self.config is None else bool(getattr(self.config.model, key))
@@ -413,7 +430,8 @@ def _status(run: RunRecord) -> str:
 
 
 QUALITY_COLUMNS = (("PQ", "All", "pq"), ("SQ", "All", "sq"), ("RQ", "All", "rq"),
-                   ("PQ Th", "Things", "pq"), ("PQ St", "Stuff", "pq"))
+                   ("PQ Th", "Things", "pq"), ("PQ St", "Stuff", "pq"),
+                   ("AP Th", "instance", "AP"), ("mIoU", "semantic", "mIoU"))
 
 
 def ablation_table(runs: Sequence[RunRecord]) -> str:
@@ -426,7 +444,8 @@ def ablation_table(runs: Sequence[RunRecord]) -> str:
     best = {col: max(v for v in vals if v is not None)
             for col, vals in quality.items() if sum(v is not None for v in vals) >= 2}
     header = ["run", *(s for s, _ in SWITCHES), *(c for c, _, _ in QUALITY_COLUMNS),
-              "params (M)", "GFLOPs", "latency (ms)", "train (min)", "iters", "status"]
+              "params (M)", "GFLOPs", "latency (ms)", "train (min)", "iters", "checkpoint",
+              "status"]
     rows = []
     for i, run in enumerate(runs):
         row: list[str] = [run.name]
@@ -448,9 +467,11 @@ def ablation_table(runs: Sequence[RunRecord]) -> str:
             row.append(MISSING)
         else:
             row.append(str(it) if run.finished or max_iters is None else f"{it}/{max_iters}")
+        row.append(run.evaluated_checkpoint())
         row.append(_status(run))
         rows.append(row)
-    right = [False] * (1 + len(SWITCHES)) + [True] * (len(header) - 2 - len(SWITCHES)) + [False]
+    right = ([False] * (1 + len(SWITCHES)) + [True] * (len(header) - 3 - len(SWITCHES))
+             + [False, False])
     return _md_table(header, rows, right)
 
 
@@ -464,7 +485,8 @@ def _short_commit(commit: Any) -> str:
 
 def provenance_table(runs: Sequence[RunRecord], config_paths: Mapping[str, str]) -> str:
     """git commit, seed, cache fingerprint (short), resolved config and run directory per run."""
-    header = ["run", "git commit", "seed", "cache", "config", "eval images", "run dir"]
+    header = ["run", "git commit", "seed", "cache", "config", "eval images", "evaluated",
+              "best.pth (during training)", "run dir"]
     rows = []
     for run in runs:
         seed = run.info.get("seed", run.config.seed if run.config is not None else None)
@@ -475,7 +497,8 @@ def provenance_table(runs: Sequence[RunRecord], config_paths: Mapping[str, str])
                      MISSING if seed is None else seed,
                      str(fp)[:12] if fp else "–",
                      f"[{cfg}]({cfg})" if cfg else MISSING,
-                     MISSING if n_img is None else n_img, f"`{run.path}`"])
+                     MISSING if n_img is None else n_img, run.evaluated_checkpoint(),
+                     run.best_during_training(), f"`{run.path}`"])
     return _md_table(header, rows)
 
 
