@@ -99,8 +99,8 @@ def runs(tmp_path):
 def table(md: str, section: str) -> dict[str, dict[str, str]]:
     """Rows of the first Markdown table after ``## section``, keyed by the first column."""
     lines = md.split(f"## {section}\n", 1)[1].splitlines()
-    rows = [ln for ln in lines[lines.index(next(l for l in lines if l.startswith("|"))):]]
-    rows = rows[: next((i for i, l in enumerate(rows) if not l.startswith("|")), len(rows))]
+    rows = [ln for ln in lines[lines.index(next(x for x in lines if x.startswith("|"))):]]
+    rows = rows[: next((i for i, x in enumerate(rows) if not x.startswith("|")), len(rows))]
     cells = [[c.strip() for c in r.strip("|").split(" | ")] for r in rows]
     header = cells[0]
     return {c[0]: dict(zip(header, (x.replace("**", "") for x in c))) for c in cells[2:]}
