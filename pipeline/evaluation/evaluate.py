@@ -130,7 +130,7 @@ def _check_inputs(dataset: PanopticDataset, categories: Sequence[Category] | Non
 
 def _score_image(result: _ShardResult, dataset: PanopticDataset, index: int,
                  sample: dict[str, Any], panoptic: tuple[torch.Tensor, list[dict[str, Any]]],
-                 instances: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                 instances: tuple[torch.Tensor, ...] | None,
                  categories: Sequence[Category], outputs: _Outputs) -> None:
     """Add one image's PQ statistics, confusion matrix and AP inputs; write its PNG / panel."""
     id_map, segments = panoptic
@@ -146,7 +146,8 @@ def _score_image(result: _ShardResult, dataset: PanopticDataset, index: int,
     result.images.append((index, *gt_ids.shape[:2]))
     if instances is not None:
         result.gt_things += gt_thing_annotations(gt_ids, gt_segments, index)
-        result.detections += thing_detections(*instances, image_id=index)
+        masks, labels, class_prob, query_index = instances
+        result.detections += thing_detections(masks, labels, class_prob, index, query_index)
     if outputs.png_dir is not None:
         name = dataset.png_path(index).name
         save_image(pred_rgb, outputs.png_dir / name)

@@ -267,18 +267,19 @@ def thing_queries_at_original(
     input_size: tuple[int, int],
     isthing: Sequence[bool],
     topk: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One image's ``topk`` best (query, thing class) pairs with their masks at the original
     resolution (for instance AP, :mod:`pipeline.evaluation.instance_ap`).
 
     Returns:
-        ``(mask_logits [N, H0, W0], labels [N] train ids, class_prob [N])``, best first.
+        ``(mask_logits [M, H0, W0] of the M distinct queries, labels [N] train ids,
+        class_prob [N], query_index [N] row of mask_logits per pair)``, pairs best first.
     """
     queries, labels, class_prob = select_thing_queries(outputs["pred_logits"], isthing, topk)
     unique, inverse = queries.unique(return_inverse=True)
     masks = mask_logits_to_original(outputs["pred_masks"][unique], sample["transform"],
                                     input_size, tuple(sample["orig_size"]))
-    return masks[inverse], labels, class_prob
+    return masks, labels, class_prob, inverse
 
 
 @torch.no_grad()

@@ -84,29 +84,36 @@ def select_thing_queries(pred_logits: Tensor, isthing: Sequence[bool], topk: int
     return flat // len(things), things[flat % len(things)], scores
 
 
-def thing_detections(mask_logits: Tensor, labels: Tensor, class_prob: Tensor, image_id: int
-                     ) -> list[dict[str, Any]]:
+def thing_detections(mask_logits: Tensor, labels: Tensor, class_prob: Tensor, image_id: int,
+                     query_index: Tensor | None = None) -> list[dict[str, Any]]:
     """COCO results of one image from selected thing queries.
 
     Arguments:
-        mask_logits: ``[N, H0, W0]`` mask logits at the original resolution, one per pair.
+        mask_logits: ``[M, H0, W0]`` mask logits at the original resolution.
         labels: ``[N]`` train ids; class_prob: ``[N]`` their class probabilities.
+        query_index: ``[N]`` row of ``mask_logits`` of each pair (a query selected with two
+            classes shares its mask); None = row ``i`` for pair ``i`` (``M == N``).
 
     Returns:
         dicts ``image_id``, ``category_id``, ``segmentation`` (RLE), ``score`` =
         ``class_prob * mean sigmoid inside the mask``; pairs with an empty mask are left out.
     """
-    out = []
-    binary = mask_logits > 0
-    prob = mask_logits.float().sigmoid()
+    if query_index is None:
+        query_index = torch.arange(mask_logits.shape[0])
+    if mask_logits.shape[0] == 0 or query_index.numel() == 0:
+        return []
+    binary = mask_logits > 0  # [M, H0, W0]
     area = binary.flatten(1).sum(1)
-    mask_score = (prob * binary).flatten(1).sum(1) / area.clamp(min=1)
-    scores = (class_prob.float() * mask_score).tolist()
-    for i in range(binary.shape[0]):
-        if int(area[i]) == 0:
+    mask_score = (mask_logits.float().sigmoid() * binary).flatten(1).sum(1) / area.clamp(min=1)
+    # one pycocotools call encodes every mask ([H, W, M] Fortran order)
+    rles = mask_util.encode(np.asfortranarray(binary.permute(1, 2, 0).cpu().numpy(), np.uint8))
+    scores = (class_prob.float() * mask_score[query_index]).tolist()
+    out = []
+    for i, row in enumerate(query_index.tolist()):
+        if int(area[row]) == 0:
             continue
         out.append({"image_id": int(image_id), "category_id": int(labels[i]),
-                    "segmentation": encode_mask(binary[i].cpu().numpy()), "score": scores[i]})
+                    "segmentation": rles[row], "score": scores[i]})
     return out
 
 
