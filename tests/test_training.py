@@ -237,7 +237,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_root):
             "--master_port", "29517", "-m", "pipeline", "train", "--config",
             str(ROOT / "configs/reg_sam/baseline.yaml"), "--work-dir", str(tmp_path / "ddp"),
             "--no-progress"]
-    for o in tiny_overrides(data_root, **{"training.max_iters": 3}):
+    for o in tiny_overrides(data_root, **{"training.max_iters": 3, "training.eval_interval": 2}):
         args += ["-o", o]
     res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -248,6 +248,10 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_root):
     assert [json.loads(r)["iter"] for r in rows] == [1, 2, 3]  # rank 0 alone writes
     exported = torch.load(tmp_path / "ddp" / "final.pth", weights_only=True)["student"]
     assert not any(k.startswith("module.") for k in exported)
+    # rank 0 evaluated alone (at 2 and at the end) while rank 1 waited, and kept best.pth
+    evals = (tmp_path / "ddp" / "evaluations.jsonl").read_text().splitlines()
+    assert [json.loads(e)["iter"] for e in evals] == [2, 3]
+    assert (tmp_path / "ddp" / "best.pth").is_file()
 
 
 def test_init_from_starts_from_the_previous_stage(tmp_path, data_root):
