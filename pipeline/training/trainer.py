@@ -29,18 +29,17 @@ from pipeline.config import Config
 from pipeline.data.coco_panoptic import PanopticDataset, SkipSummary, collate_panoptic
 from pipeline.data.transforms import TrainTransform, normalize_images
 from pipeline.device import resolve_device
+from pipeline.export import export_blob, load_student_weights
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.losses.weights import loss_weight_table
 from pipeline.models.student import RegSAMStudent, build_student
-from pipeline.export import export_blob, load_student_weights
 from pipeline.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from pipeline.training.monitor import RunMonitor, eval_summary
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.teacher_targets import batch_warp_teacher_targets, stack_teacher_items
 
 log = logging.getLogger(__name__)
-
 
 
 class NonFiniteLossError(FloatingPointError):
