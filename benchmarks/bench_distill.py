@@ -521,6 +521,10 @@ def run_row_isolated(spec: dict[str, Any], env: dict[str, str] | None = None) ->
     with tempfile.TemporaryDirectory(prefix="bench_distill_row_") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
+        # the child imports this checkout's `pipeline`, whatever copy is installed
+        env = dict(os.environ if env is None else env)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
                                str(spec_path), str(out_path)], env=env)
         if proc.returncode != 0 or not out_path.is_file():

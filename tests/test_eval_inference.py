@@ -220,7 +220,8 @@ def test_run_panoptic_inference_equals_postprocess_then_merge():
     for i in range(q):  # random rectangles
         r, c = torch.randint(0, 6, (2,), generator=g).tolist()
         masks[0, i, r:r + 3, c:c + 3] = ON
-    outputs = {"pred_logits": logits, "pred_masks": masks, "pred_iou": torch.rand(1, q)}
+    outputs = {"pred_logits": logits, "pred_masks": masks,
+               "pred_iou": torch.rand(1, q, generator=g)}  # seeded: independent of test order
     transform, (ph, pw) = _eval_view((24, 20), test_size=32)
     image = torch.randint(0, 256, (3, ph, pw), dtype=torch.uint8, generator=g)
     sample = {"transform": transform, "orig_size": (24, 20), "image": image}
