@@ -19,7 +19,7 @@ low-resolution pass costs by itself.
 
 Every row is the real training step of :class:`pipeline.training.trainer.Trainer`: the trainer
 builds the student, criterion, distillers, AdamW and schedule exactly as for a run
-(``Trainer._build``) and one iteration is ``Trainer._step`` (forward of ``TrainStep``, backward,
+(``Trainer.build``) and one iteration is ``Trainer.step`` (forward of ``TrainStep``, backward,
 gradient clipping, optimizer and scheduler step; autocast on CUDA as in training). The batch is
 the first training batch of the config's seeded sampler (``ResumableBatchSampler``,
 ``EpochIndexed``, ``collate_training_batch``) over a small synthetic dataset, and its sha256 is
@@ -81,7 +81,7 @@ import torch
 from pipeline.config import Config, load_config
 from pipeline.evaluation.complexity import (complexity_table, device_description, load_average,
                                             write_report)
-from pipeline.training.trainer import resolve_device
+from pipeline.device import resolve_device
 
 DEFAULT_CONFIG = "configs/reg_sam/regnet_distill.yaml"
 FETCH_REPEATS = 5
@@ -367,7 +367,7 @@ def _row_trainer(cfg: Config, spec: dict[str, Any], row: RowSpec, name: str) -> 
     trainer = Trainer(cfg, Path(spec["workdir"]) / name, resume=False, progress=False)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))  # training.num_threads may have changed it
-    trainer._build()
+    trainer.build()
     _apply_part(trainer, row)
     return trainer
 
@@ -417,7 +417,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.step_module.train()
 
     for it in range(warmup):
-        trainer._step(batch, it)
+        trainer.step(batch, it)
     if row.teacher == "live":
         trainer.teacher.lookup(dataset, keys[0] % n, batch["targets"][0])  # warm the teacher
 
@@ -432,7 +432,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
             batch["teacher"] = stack_teacher_items(items)
             _sync(device)
             live_times.append(time.perf_counter() - start)
-        record = trainer._step(batch, it)
+        record = trainer.step(batch, it)
         _sync(device)
         step_times.append(time.perf_counter() - start)
     if live_times:
@@ -444,7 +444,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as flops:
-        trainer._step(batch, warmup + iters)
+        trainer.step(batch, warmup + iters)
     step_gflop = flops.get_total_flops() / 1e9
 
     return {
@@ -503,7 +503,7 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
             row, trainer, batch = built[(it + j) % len(built)]
             _sync(device)
             start = time.perf_counter()
-            trainer._step(batch, it)
+            trainer.step(batch, it)
             _sync(device)
             if it >= warmup:
                 times[row.key].append(time.perf_counter() - start)
@@ -521,6 +521,10 @@ def run_row_isolated(spec: dict[str, Any], env: dict[str, str] | None = None) ->
     with tempfile.TemporaryDirectory(prefix="bench_distill_row_") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
+        # the child imports this checkout's `pipeline`, whatever copy is installed
+        env = dict(os.environ if env is None else env)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
                                str(spec_path), str(out_path)], env=env)
         if proc.returncode != 0 or not out_path.is_file():
@@ -715,7 +719,7 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
         "process of its own (the one that measures its memory"
         + (f"; the live row's only timing, {info['live_iters']} step" if any(
             r["teacher"] == "live" for r in results) else "")
-        + "). A step = Trainer._step: TrainStep forward, backward, grad clip, AdamW + schedule "
+        + "). A step = Trainer.step: TrainStep forward, backward, grad clip, AdamW + schedule "
         "step",
         f"- teacher `{lay['teacher']}` (random weights), input {lay['input_size']}, cached levels "
         f"{lay['levels']} x {lay['channels'][0]} channels at {lay['grid'][0]}x{lay['grid'][1]}, "

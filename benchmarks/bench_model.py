@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import load_config
+from pipeline.device import resolve_device
 from pipeline.evaluation.complexity import (
     complexity_table,
     count_flops,
@@ -109,7 +110,8 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: expected HxW such as 640x640, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--sizes: expected HxW such as 640x640, got {text!r}") from None
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise argparse.ArgumentTypeError(f"--sizes: {text!r} must be positive multiples of 32")
     return h, w
@@ -154,10 +156,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     on_cuda = device.type == "cuda"

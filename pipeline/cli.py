@@ -164,7 +164,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     require([check_split(cfg, "val")])
     metrics = evaluate_checkpoint(cfg, Path(args.checkpoint), Path(args.out),
                                   max_images=args.max_images)
-    print(json.dumps({k: metrics[k] for k in ("All", "Things", "Stuff") if k in metrics}))
+    print(json.dumps({k: metrics[k] for k in ("All", "Things", "Stuff") if k in metrics}
+                     | {"AP": (metrics.get("instance") or {}).get("AP"),
+                        "mIoU": (metrics.get("semantic") or {}).get("mIoU")}))
     return 0
 
 
@@ -246,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--stop-at", type=int, default=None,
                     help="checkpoint and exit after this iteration (rerun to resume)")
-    sp = with_config("evaluate", cmd_evaluate, "PQ/SQ/RQ of a trained student on data.val")
+    sp = with_config("evaluate", cmd_evaluate,
+                     "PQ/SQ/RQ, instance AP and mIoU of a trained student on data.val")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--max-images", type=int, default=None)

@@ -32,9 +32,15 @@ __all__ = [
     "apply_overrides",
     "config_digest",
     "missing_input_files",
+    "OBJECT_MASK_THRESHOLD",
+    "OVERLAP_THRESHOLD",
 ]
 
 FLOAT32_MAX = 3.4028234663852886e38
+
+# Panoptic post-processing defaults: the config's and every Python signature's (one place).
+OBJECT_MASK_THRESHOLD = 0.5  # a query is kept when its class probability is above this
+OVERLAP_THRESHOLD = 0.8  # a segment is kept when it keeps this fraction of its own mask
 
 
 class ConfigError(ValueError):
@@ -262,6 +268,17 @@ class HeadConfig(_Section):
     num_queries: int = Field(100, ge=1)
     num_stages: int = Field(3, ge=1)
     ffn_dim: int = Field(512, ge=8)
+    num_mask_fcs: int = Field(1, ge=0, description="(Linear, LayerNorm, ReLU) blocks of the "
+                              "kernel -> mask-kernel embedding, before its last Linear")
+    kernel_size: int = Field(3, ge=1, description="taps of the separable dynamic convolution "
+                             "across queries (odd)")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 != 1:
+            raise ValueError(f"must be odd, got {v}")
+        return v
 
 
 class LossConfig(_Section):
@@ -339,15 +356,19 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; resume falls "
                                   "back to an older one when the newest is unreadable")
     log_interval: int = Field(10, ge=1)
-    eval_interval: int | None = Field(None, ge=1)
+    eval_interval: int | None = Field(
+        None, ge=0, description="evaluate on the val split every N iterations and keep best.pth "
+        "(by PQ); 0 or null = off")
+    tensorboard: bool = Field(True, description="TensorBoard event files in <run>/tensorboard")
     init_from: str | None = Field(None, description="weights to start from (progressive training)")
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1)
 
 
 class EvaluationConfig(_Section):
-    object_mask_threshold: float = Field(0.5, ge=0, le=1)
-    overlap_threshold: float = Field(0.8, ge=0, le=1)
+    object_mask_threshold: float = Field(OBJECT_MASK_THRESHOLD, ge=0, le=1)
+    overlap_threshold: float = Field(OVERLAP_THRESHOLD, ge=0, le=1)
+    instance_topk: int = Field(100, ge=1, description="scored thing queries per image for AP")
     max_images: int | None = Field(None, ge=1)
     num_visualize: int = Field(8, ge=0)
 

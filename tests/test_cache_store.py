@@ -135,3 +135,16 @@ def test_store_pickles_without_its_zarr_handles(tmp_path):
     clone = pickle.loads(pickle.dumps(store))
     assert clone._group is None and clone._arrays == {}
     np.testing.assert_array_equal(clone.status(), store.status())
+
+
+def test_chunks_use_numcodecs_blosc_declared_as_the_v3_blosc_codec(monkeypatch):
+    import numcodecs.blosc
+
+    from pipeline.cache import store as store_module
+
+    codec = store_module.blosc_codec("zstd", 5)
+    assert (codec.to_dict()["name"], codec.cname.value, codec.clevel) == ("blosc", "zstd", 5)
+    # a compressor missing from the installed Blosc stops before any image is computed
+    monkeypatch.setattr(numcodecs.blosc, "list_compressors", lambda: ["lz4", "zlib"])
+    with pytest.raises(ValueError, match=r"cache.compressor='zstd' is not built into this Blosc"):
+        store_module.blosc_codec("zstd", 5)

@@ -163,7 +163,7 @@ def test_bench_model_tiny_run(tmp_path):
     comp = _table_rows(complexity)  # Params (M) | GMACs | GFLOPs
     assert set(comp) == {"RegSAM", "Mask2Former"}
     assert 43.0 < float(comp["Mask2Former"][0]) < 45.0  # Mask2Former R50 has ~44 M parameters
-    for params, gmacs, gflops in comp.values():
+    for _params, gmacs, gflops in comp.values():
         assert float(gflops) == pytest.approx(2 * float(gmacs), abs=0.011)
 
     lat = _table_rows(latency)  # ms | p90 ms | peer/student

@@ -116,3 +116,19 @@ def test_override_errors_name_the_override(tmp_path):
         load_config(ROOT / "configs/base.yaml", ["model.sam_distill.temperature=-2"])
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(ROOT / "configs/base.yaml", ["training.lr"])
+
+
+def test_every_head_option_the_builder_reads_is_settable_from_yaml():
+    import torch
+
+    from pipeline.models.student import build_student
+
+    cfg = load_config(ROOT / "configs/base.yaml",
+                      ["model.head.num_mask_fcs=2", "model.head.kernel_size=5"])
+    head = build_student(cfg.model, num_classes=3).head
+    linears = [m for m in head.modules() if type(m).__name__ == "MaskEmbedding"][0].layers
+    assert sum(isinstance(m, torch.nn.Linear) for m in linears) == 3  # 2 blocks + the last
+    assert all(m.kernel_size == 5 for m in head.modules() if hasattr(m, "kernel_size")
+               and isinstance(m.kernel_size, int))
+    with pytest.raises(ConfigError, match=r"model\.head\.kernel_size.*must be odd"):
+        load_config(ROOT / "configs/base.yaml", ["model.head.kernel_size=4"])

@@ -119,6 +119,13 @@ def test_evaluate_model_perfect_predictions_give_100(split, tmp_path):
         {"pq": 100.0, "sq": 100.0, "rq": 100.0, "tp": 6, "fp": 0, "fn": 0,
          "name": "person", "isthing": True})
     assert metrics["num_images"] == 3 and metrics["num_skipped"] == 0
+    # the same queries give perfect instance AP (the crowd-coloured detections fall on crowd
+    # GT: ignored, as COCOeval does) and a perfect semantic segmentation
+    assert metrics["instance"]["AP"] == pytest.approx(100.0)
+    assert metrics["instance"]["AP50"] == pytest.approx(100.0)
+    assert metrics["semantic"]["mIoU"] == pytest.approx(100.0)
+    assert metrics["semantic"]["per_class"] == pytest.approx(
+        {"person": 100.0, "sky": 100.0, "grass": 100.0})
     assert model.calls == 2  # batches of 2 + 1
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["All"]["pq"] == 100.0 and saved["per_class"]["9"]["name"] == "grass"

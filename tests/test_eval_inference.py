@@ -43,15 +43,15 @@ def test_drops_no_object_and_low_scoring_queries():
                           class_logits(0.05, 0.05, 0.9),   # "no object"
                           class_logits(0.7, 0.2, 0.1)])    # p = 0.7 < 0.8
     masks = column_masks(8, (0, 4), (0, 8), (4, 8))
-    id_map, segments = panoptic_merge(logits, masks, None, [True, False])
+    id_map, segments = panoptic_merge(logits, masks, None, [True, False],
+                                      object_mask_threshold=0.8)
     assert id_map.dtype == torch.int32
     assert id_map[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     assert len(segments) == 1
     assert segments[0]["category_id"] == 0 and segments[0]["isthing"]
     assert segments[0]["area"] == 8 and segments[0]["score"] == pytest.approx(0.9)
-    # lowering the threshold to 0.6 admits the third query (class 0, columns 4-7)
-    id_map, segments = panoptic_merge(logits, masks, None, [True, False],
-                                      object_mask_threshold=0.6)
+    # the default threshold (the config's, 0.5) admits the third query (class 0, columns 4-7)
+    id_map, segments = panoptic_merge(logits, masks, None, [True, False])
     assert id_map[0].tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
     assert [s["score"] for s in segments] == pytest.approx([0.9, 0.7])
 
@@ -220,7 +220,8 @@ def test_run_panoptic_inference_equals_postprocess_then_merge():
     for i in range(q):  # random rectangles
         r, c = torch.randint(0, 6, (2,), generator=g).tolist()
         masks[0, i, r:r + 3, c:c + 3] = ON
-    outputs = {"pred_logits": logits, "pred_masks": masks, "pred_iou": torch.rand(1, q)}
+    outputs = {"pred_logits": logits, "pred_masks": masks,
+               "pred_iou": torch.rand(1, q, generator=g)}  # seeded: independent of test order
     transform, (ph, pw) = _eval_view((24, 20), test_size=32)
     image = torch.randint(0, 256, (3, ph, pw), dtype=torch.uint8, generator=g)
     sample = {"transform": transform, "orig_size": (24, 20), "image": image}

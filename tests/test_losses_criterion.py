@@ -72,8 +72,12 @@ def test_iou_score_loss_is_detached_squared_error() -> None:
 
 # ------------------------------------------------------------------------- criterion
 def _criterion(**kw) -> SetCriterion:
+    weights = {"loss_cls": 2.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_iou": 1.0}
+    for term in ("cls", "mask", "dice", "iou"):
+        if f"{term}_weight" in kw:
+            weights[f"loss_{term}"] = kw.pop(f"{term}_weight")
     return SetCriterion(3, HungarianMatcher(num_points=kw.pop("matcher_points", 256)),
-                        num_points=kw.pop("num_points", 256), **kw)
+                        weight_dict=weights, num_points=kw.pop("num_points", 256), **kw)
 
 
 def _outputs(batch: int = 1, queries: int = 4, size: int = 8, stages: int = 0, seed: int = 0):

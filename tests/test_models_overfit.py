@@ -31,7 +31,8 @@ def test_overfits_two_squares() -> None:
         backbone=SimpleNamespace(name="regnetx_002", pretrained_path=None, freeze_bn=False),
         neck=SimpleNamespace(channels=32, mask_stride=4, use_coord=True),
         use_learnable_fusion=True,
-        head=SimpleNamespace(num_queries=8, num_stages=2, ffn_dim=64))
+        head=SimpleNamespace(num_queries=8, num_stages=2, ffn_dim=64, num_mask_fcs=1,
+                             kernel_size=3))
     student = build_student(cfg, num_classes=2).train()
     criterion = SetCriterion(2, HungarianMatcher(num_points=256), num_points=256)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)

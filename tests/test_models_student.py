@@ -17,7 +17,8 @@ def tiny_cfg(name: str = "regnetx_002", mask_stride: int = 4, learnable: bool = 
         backbone=SimpleNamespace(name=name, pretrained_path=None, freeze_bn=False),
         neck=SimpleNamespace(channels=channels, mask_stride=mask_stride, use_coord=True),
         use_learnable_fusion=learnable,
-        head=SimpleNamespace(num_queries=queries, num_stages=stages, ffn_dim=64))
+        head=SimpleNamespace(num_queries=queries, num_stages=stages, ffn_dim=64, num_mask_fcs=1,
+                             kernel_size=3))
 
 
 @pytest.mark.parametrize("name", ["regnetx_002", "regnety_002"])

@@ -99,8 +99,8 @@ def runs(tmp_path):
 def table(md: str, section: str) -> dict[str, dict[str, str]]:
     """Rows of the first Markdown table after ``## section``, keyed by the first column."""
     lines = md.split(f"## {section}\n", 1)[1].splitlines()
-    rows = [ln for ln in lines[lines.index(next(l for l in lines if l.startswith("|"))):]]
-    rows = rows[: next((i for i, l in enumerate(rows) if not l.startswith("|")), len(rows))]
+    rows = [ln for ln in lines[lines.index(next(x for x in lines if x.startswith("|"))):]]
+    rows = rows[: next((i for i, x in enumerate(rows) if not x.startswith("|")), len(rows))]
     cells = [[c.strip() for c in r.strip("|").split(" | ")] for r in rows]
     header = cells[0]
     return {c[0]: dict(zip(header, (x.replace("**", "") for x in c))) for c in cells[2:]}
@@ -297,3 +297,27 @@ def test_student_complexity_on_a_tiny_student(tmp_path):
     torch.save({"student": model.state_dict()}, weights)
     with pytest.raises(ReportError, match="missing key 'config'"):
         student_complexity(weights, shape, device="cpu", warmup=0, iters=1)
+
+
+def test_report_says_which_checkpoint_each_row_uses(runs, tmp_path):
+    # "all" was evaluated from best.pth (pipeline evaluate records settings.checkpoint) and
+    # kept a best.pth during training; "baseline" predates the field: the evaluate rule's final.pth
+    metrics_path = runs[1] / "eval" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics.update(settings={"checkpoint": str(runs[1] / "best.pth")},
+                   instance={"AP": 12.5}, semantic={"mIoU": 61.0})
+    metrics_path.write_text(json.dumps(metrics))
+    info_path = runs[1] / "run_info.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()),
+                                     "best": {"iteration": 80, "pq": 43.5}}))
+    md = build_report(runs, tmp_path / "out", "t", measure_fn=FakeMeasurer()).read_text()
+    results = table(md, "Results")
+    assert results["all"]["checkpoint"] == "best.pth"
+    assert results["baseline"]["checkpoint"] == "final.pth"
+    assert results["crashed"]["checkpoint"] == "n/a"
+    assert results["all"]["AP Th"] == "12.50" and results["all"]["mIoU"] == "61.00"
+    assert results["baseline"]["AP Th"] == "n/a"
+    prov = table(md, "Provenance")
+    assert prov["all"]["evaluated"] == "best.pth"
+    assert prov["all"]["best.pth (during training)"] == "PQ 43.50 @ 80"
+    assert prov["baseline"]["best.pth (during training)"] == "–"

@@ -63,6 +63,17 @@ def test_all_distillations_train_from_the_cache(built):
     assert r["loss_resolution_distill"] == pytest.approx(
         rd.sr_loss_weight * r["loss_sr"] + rd.fa_loss_weight * r["loss_fa"], rel=1e-5)
     assert len(r["fusion_weights"]) == 4 and sum(r["fusion_weights"]) == pytest.approx(1, abs=1e-3)
+    # TensorBoard (on by default) holds every loss term by its design name, and the fusion weights
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(work / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for term in ("loss", "loss_cls", "loss_mask", "loss_dice", "loss_iou") + DISTILL_TERMS:
+        assert f"train/{term}" in scalars, term
+        assert [e.value for e in acc.Scalars(f"train/{term}")] == pytest.approx(
+            [row[term] for row in rows]), term
+    assert {"fusion/stride4", "fusion/stride32", "train/grad_norm", "train/lr"} <= scalars
     info = json.loads((work / "run_info.json").read_text())
     assert len(info["cache_fingerprint"]) == 64
     # the exported student carries no distillation module: same keys as a fresh student

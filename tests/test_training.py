@@ -80,11 +80,16 @@ def test_sampler_positions_epochs_and_ranks():
 def test_resume_equals_uninterrupted_run(tmp_path, data_root):
     full = tmp_path / "full"
     Trainer(cfg_for(data_root), full, progress=False).train()
+    # the interrupted run also evaluates every 3 iterations: neither the evaluations nor the
+    # resume may change a single bit of the weights
+    with_eval = {"training.eval_interval": 3}
     part = tmp_path / "part"
-    Trainer(cfg_for(data_root), part, progress=False, stop_at=4).train()
+    Trainer(cfg_for(data_root, **with_eval), part, progress=False, stop_at=4).train()
     assert load_checkpoint(part / "checkpoints/last.pth")["iteration"] == 4
     # same run directory, continued to 6 iterations: model, optimizer, schedule, RNG, data order
-    Trainer(cfg_for(data_root), part, progress=False).train()
+    Trainer(cfg_for(data_root, **with_eval), part, progress=False).train()
+    evals = [json.loads(x) for x in (part / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["iter"] for e in evals] == [3, 6]
     a, b = weights(full), weights(part)
     assert a.keys() == b.keys()
     for k in a:
@@ -96,7 +101,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_root):
     for term in ("loss_cls", "loss_mask", "loss_dice", "loss_iou", "lr"):
         assert term in la[0]
     # the stored resolved config reproduces the run's config exactly
-    assert load_config(part / "config.yaml") == cfg_for(data_root)
+    assert load_config(part / "config.yaml") == cfg_for(data_root, **with_eval)
     info = json.loads((part / "run_info.json").read_text())
     assert info["status"] == "done" and info["iterations"] == 6 and info["seed"] == 0
     exported = torch.load(part / "final.pth", weights_only=True)
@@ -106,7 +111,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_root):
 def test_sigkill_then_resume_matches(tmp_path, data_root):
     """Kill -9 a training process mid-run; the rerun continues and ends where a clean run ends."""
     ov = tiny_overrides(data_root, **{"training.max_iters": 10, "training.checkpoint_interval": 1,
-                                      "data.num_workers": 2})
+                                      "data.num_workers": 2, "training.eval_interval": 2})
     args = [sys.executable, "-m", "pipeline", "train", "--config",
             str(ROOT / "configs/reg_sam/baseline.yaml"), "--no-progress"]
     for o in ov:
@@ -140,6 +145,57 @@ def test_sigkill_then_resume_matches(tmp_path, data_root):
         assert torch.equal(a[k], b[k]), k
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iter"] for x in lines] == list(range(1, 11))
+    # evaluations ran in both (every 2 iterations) and agree, best.pth included
+    evals = [(killed / "evaluations.jsonl").read_text(), (clean / "evaluations.jsonl").read_text()]
+    assert [json.loads(x)["iter"] for x in evals[0].splitlines()] == [2, 4, 6, 8, 10]
+    assert evals[0] == evals[1]
+    best = [torch.load(w / "best.pth", weights_only=True)["student"] for w in (killed, clean)]
+    assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
+
+
+def _event_tags(log_dir: Path) -> dict[str, set[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {"scalars": set(tags["scalars"]), "images": set(tags["images"])}
+
+
+def test_evaluation_during_training_writes_pq_best_and_tensorboard(tmp_path, data_root):
+    work = tmp_path / "evals"
+    cfg = cfg_for(data_root, **{"training.eval_interval": 2, "evaluation.num_visualize": 1})
+    summary = Trainer(cfg, work, progress=False).train()
+    evals = [json.loads(x) for x in (work / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["iter"] for e in evals] == [2, 4, 6]
+    for e in evals:
+        assert 0.0 <= e["PQ"] <= 100.0 and {"SQ", "RQ", "PQ_things", "PQ_stuff", "AP",
+                                             "mIoU"} <= set(e)
+    best = max(evals, key=lambda e: e["PQ"])  # the first of equal PQs wins
+    assert summary["best"] == {"iteration": best["iter"], "pq": best["PQ"], "path": "best.pth"}
+    assert json.loads((work / "run_info.json").read_text())["best"]["iteration"] == best["iter"]
+    metrics = json.loads((work / "evaluations" / "iter_0000004" / "metrics.json").read_text())
+    assert metrics["All"]["pq"] == evals[1]["PQ"] and metrics["settings"]["iteration"] == 4
+    exported = torch.load(work / "best.pth", weights_only=True)
+    assert set(exported) == {"student", "config", "categories"}
+    # TensorBoard beside the JSONL: every loss term, lr, grad norm, times, PQ and panels
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows)
+    tags = _event_tags(work / "tensorboard")
+    terms = [k for k in rows[0] if k.startswith("loss")]
+    assert {"loss", "loss_cls", "loss_mask", "loss_dice", "loss_iou"} <= set(terms)
+    for tag in [f"train/{t}" for t in terms] + ["train/lr", "train/grad_norm", "time/iteration",
+                                                 "time/data", "val/PQ", "val/PQ_things",
+                                                 "val/PQ_stuff", "val/SQ", "val/RQ", "val/mIoU"]:
+        assert tag in tags["scalars"], tag
+    assert any(t.startswith("val/panel/") for t in tags["images"])
+
+
+def test_tensorboard_can_be_switched_off(tmp_path, data_root):
+    work = tmp_path / "quiet"
+    Trainer(cfg_for(data_root, **{"training.max_iters": 1, "training.tensorboard": "false"}),
+            work, progress=False).train()
+    assert not (work / "tensorboard").exists() and not (work / "best.pth").exists()
 
 
 def test_non_finite_loss_names_term_and_keeps_checkpoint(tmp_path, data_root, monkeypatch):
@@ -181,7 +237,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_root):
             "--master_port", "29517", "-m", "pipeline", "train", "--config",
             str(ROOT / "configs/reg_sam/baseline.yaml"), "--work-dir", str(tmp_path / "ddp"),
             "--no-progress"]
-    for o in tiny_overrides(data_root, **{"training.max_iters": 3}):
+    for o in tiny_overrides(data_root, **{"training.max_iters": 3, "training.eval_interval": 2}):
         args += ["-o", o]
     res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -192,6 +248,10 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_root):
     assert [json.loads(r)["iter"] for r in rows] == [1, 2, 3]  # rank 0 alone writes
     exported = torch.load(tmp_path / "ddp" / "final.pth", weights_only=True)["student"]
     assert not any(k.startswith("module.") for k in exported)
+    # rank 0 evaluated alone (at 2 and at the end) while rank 1 waited, and kept best.pth
+    evals = (tmp_path / "ddp" / "evaluations.jsonl").read_text().splitlines()
+    assert [json.loads(e)["iter"] for e in evals] == [2, 3]
+    assert (tmp_path / "ddp" / "best.pth").is_file()
 
 
 def test_init_from_starts_from_the_previous_stage(tmp_path, data_root):
@@ -202,7 +262,7 @@ def test_init_from_starts_from_the_previous_stage(tmp_path, data_root):
     cfg = cfg_for(data_root, **{"training.init_from": str(first / "final.pth"),
                                 "model.use_learnable_fusion": "true"})
     trainer = Trainer(cfg, tmp_path / "stage1", progress=False)
-    trainer._build()
+    trainer.build()
     start = trainer.step_module.student.state_dict()
     shared = [k for k in prev if "fusion" not in k]
     assert shared and all(torch.equal(start[k], prev[k]) for k in shared)

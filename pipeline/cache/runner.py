@@ -214,10 +214,10 @@ _STATE: dict[tuple[str, str], _WorkerState] = {}  # per process: (path, fingerpr
 def _worker_device(device: str) -> str:
     import torch
 
-    if device != "auto":
-        return device
-    if not torch.cuda.is_available():
-        return "cpu"
+    from pipeline.device import resolve_device
+
+    if device != "auto" or not torch.cuda.is_available():
+        return str(resolve_device(device))
     try:
         from distributed import get_worker
 
@@ -225,8 +225,8 @@ def _worker_device(device: str) -> str:
     except (ImportError, ValueError):
         name = None
     if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
-        return f"cuda:{int(name) % torch.cuda.device_count()}"
-    return "cuda"
+        return str(resolve_device("auto", int(name) % torch.cuda.device_count()))
+    return str(resolve_device("auto"))
 
 
 def _worker_state(job: CacheJob) -> _WorkerState:
@@ -411,6 +411,44 @@ def _disk_bytes(path: Path) -> int:
     return total
 
 
+def _write_completion(store: CacheStore, path: Path, split: str, layout: CacheLayout,
+                      prototype_counts: Sequence[int], todo: Sequence[int], workers: Any,
+                      elapsed: float) -> None:
+    """Check that every image is done or skipped, then write ``COMPLETE.json`` and log it."""
+    status = store.status()
+    if (status == STATUS_TODO).any():  # cannot happen unless a task was lost silently
+        raise RuntimeError(f"{path}: {int((status == STATUS_TODO).sum())} images still todo after "
+                           "the pass; rerun to resume")
+    skipped = [int(i) for i in np.flatnonzero(status == STATUS_SKIPPED)]
+    skip_reasons = Counter(store.skip_info(i)["reason"] for i in skipped)  # type: ignore[index]
+    done = int((status == STATUS_DONE).sum())
+    disk = _disk_bytes(path)
+    summary = {
+        "path": str(path),
+        "split": split,
+        "fingerprint_sha256": store.fingerprint_sha256,
+        "pca_sha256": store.manifest["pca"]["sha256"],
+        "num_images": layout.num_images,
+        "done": done,
+        "skipped": len(skipped),
+        "skipped_indices": skipped,
+        "skip_reasons": dict(skip_reasons),
+        "prototype_counts": [int(c) for c in prototype_counts],
+        "bytes_on_disk": disk,
+        "bytes_per_done_image": disk / max(done, 1),
+        "raw_bytes_per_image_padded": raw_bytes_per_image(layout),
+        "seconds_this_run": round(elapsed, 3),
+        "images_this_run": len(todo),
+        "workers": workers,
+    }
+    store.write_complete(summary)
+    if skipped:
+        log.warning("skipped %d image(s): %s (details in %s/skips/)", len(skipped),
+                    dict(skip_reasons), path)
+    log.info("teacher cache complete: %s (%d done, %.0f KB per image on disk)", path, done,
+             summary["bytes_per_done_image"] / 1024)
+
+
 def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None = None,
                 n_workers: int | None = None, progress: bool = True) -> Path:
     """Build (or resume) the teacher cache of ``split`` and return its directory.
@@ -494,39 +532,8 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
         sums = sums.result()
     store.write_prototypes(prototypes_from_sums(sums), sums.count)
 
-    status = store.status()
-    if (status == STATUS_TODO).any():  # cannot happen unless a task was lost silently
-        raise RuntimeError(f"{path}: {int((status == STATUS_TODO).sum())} images still todo after "
-                           "the pass; rerun to resume")
-    skipped = [int(i) for i in np.flatnonzero(status == STATUS_SKIPPED)]
-    skip_reasons = Counter(store.skip_info(i)["reason"] for i in skipped)  # type: ignore[index]
-    done = int((status == STATUS_DONE).sum())
-    disk = _disk_bytes(path)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "path": str(path),
-        "split": split,
-        "fingerprint_sha256": store.fingerprint_sha256,
-        "pca_sha256": store.manifest["pca"]["sha256"],
-        "num_images": layout.num_images,
-        "done": done,
-        "skipped": len(skipped),
-        "skipped_indices": skipped,
-        "skip_reasons": dict(skip_reasons),
-        "prototype_counts": [int(c) for c in sums.count],
-        "bytes_on_disk": disk,
-        "bytes_per_done_image": disk / max(done, 1),
-        "raw_bytes_per_image_padded": raw_bytes_per_image(layout),
-        "seconds_this_run": round(elapsed, 3),
-        "images_this_run": len(todo),
-        "workers": workers if not address else address,
-    }
-    store.write_complete(summary)
-    if skipped:
-        log.warning("skipped %d image(s): %s (details in %s/skips/)", len(skipped),
-                    dict(skip_reasons), path)
-    log.info("teacher cache complete: %s (%d done, %.0f KB per image on disk)", path, done,
-             summary["bytes_per_done_image"] / 1024)
+    _write_completion(store, path, split, layout, sums.count, todo,
+                      workers if not address else address, time.perf_counter() - started)
     _write_marker(cfg, split, path, fingerprint)
     return path
 

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.device import resolve_device
+
 __all__ = [
     "device_description",
     "load_average",
@@ -74,13 +76,6 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
-    return dev
-
-
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters of ``model``.
 
@@ -116,7 +111,7 @@ def count_flops(
         tables), plus a per-operator breakdown.
     """
     shape = _check_shape(input_shape)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     was_training = model.training
     model.to(dev).eval()
     x = torch.randn(shape, device=dev)
@@ -178,7 +173,7 @@ def measure_latency(
         raise ValueError(f"iters must be >= 1, got {iters}")
     if precision_mode not in ("autocast", "half"):
         raise ValueError(f"precision_mode must be 'autocast' or 'half', got {precision_mode!r}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     was_training = model.training
     net = model.to(dev).eval()

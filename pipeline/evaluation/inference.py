@@ -9,8 +9,10 @@ Three small steps, each usable on its own:
 3. :func:`to_coco_panoptic` encodes the result as a COCO panoptic PNG and ``segments_info``
    with the dataset's original category ids.
 
-:func:`run_panoptic_inference` chains the model forward pass with steps 1 and 2 for a list of
-eval-transformed samples; evaluation and folder prediction both go through it.
+:func:`run_panoptic_inference` chains the model forward pass (:func:`forward_samples`) with
+steps 1 and 2 (:func:`panoptic_from_outputs`) for a list of eval-transformed samples; evaluation
+and folder prediction both go through it. :func:`thing_queries_at_original` gives the scored
+thing queries that instance AP needs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.config import OBJECT_MASK_THRESHOLD, OVERLAP_THRESHOLD
 from pipeline.data.coco_panoptic import id_to_rgb
 from pipeline.data.geometry import warp_affine
 from pipeline.data.transforms import normalize_images
+from pipeline.evaluation.instance_ap import select_thing_queries
 from pipeline.evaluation.pq import CategoryLike
 
 __all__ = [
@@ -34,6 +38,9 @@ __all__ = [
     "to_coco_panoptic",
     "unbatch_outputs",
     "pad_images",
+    "forward_samples",
+    "panoptic_from_outputs",
+    "thing_queries_at_original",
     "run_panoptic_inference",
 ]
 
@@ -45,8 +52,8 @@ def panoptic_merge(
     pred_masks: Tensor,
     pred_iou: Tensor | None,
     isthing: Sequence[bool],
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
+    object_mask_threshold: float = OBJECT_MASK_THRESHOLD,
+    overlap_threshold: float = OVERLAP_THRESHOLD,
     iou_score_weight: float = 0.0,
     mask_threshold: float = 0.5,
 ) -> tuple[Tensor, list[dict[str, Any]]]:
@@ -216,40 +223,88 @@ def _drop_unused_queries(outputs: dict[str, Tensor | None], object_mask_threshol
 
 
 @torch.no_grad()
+def forward_samples(model: torch.nn.Module, samples: Sequence[Mapping[str, Any]],
+                    device: torch.device | str
+                    ) -> tuple[list[dict[str, Tensor | None]], tuple[int, int]]:
+    """Model forward on a list of eval-transformed samples.
+
+    The views are zero-padded to a common size, ImageNet-normalised and run through ``model``
+    (which must return ``pred_logits`` / ``pred_masks`` / optionally ``pred_iou``). The caller
+    sets ``model.eval()``.
+
+    Returns:
+        per sample its outputs (:func:`unbatch_outputs`), and the ``(H, W)`` of the network input.
+    """
+    images = pad_images([s["image"] for s in samples]).to(device)
+    outputs = model(normalize_images(images))
+    return unbatch_outputs(outputs), (int(images.shape[-2]), int(images.shape[-1]))
+
+
+@torch.no_grad()
+def panoptic_from_outputs(
+    outputs: dict[str, Tensor | None],
+    sample: Mapping[str, Any],
+    input_size: tuple[int, int],
+    isthing: Sequence[bool],
+    object_mask_threshold: float = OBJECT_MASK_THRESHOLD,
+    overlap_threshold: float = OVERLAP_THRESHOLD,
+    iou_score_weight: float = 0.0,
+) -> tuple[Tensor, list[dict[str, Any]]]:
+    """One image's panoptic result at the original resolution: the queries
+    :func:`panoptic_merge` would drop by class alone are removed first, the rest are resampled
+    to the original size (:func:`postprocess`) and merged."""
+    out = _drop_unused_queries(outputs, object_mask_threshold)
+    full = postprocess(out, sample, input_size)
+    return panoptic_merge(full["pred_logits"], full["pred_masks"], full["pred_iou"], isthing,
+                          object_mask_threshold=object_mask_threshold,
+                          overlap_threshold=overlap_threshold, iou_score_weight=iou_score_weight)
+
+
+@torch.no_grad()
+def thing_queries_at_original(
+    outputs: dict[str, Tensor | None],
+    sample: Mapping[str, Any],
+    input_size: tuple[int, int],
+    isthing: Sequence[bool],
+    topk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One image's ``topk`` best (query, thing class) pairs with their masks at the original
+    resolution (for instance AP, :mod:`pipeline.evaluation.instance_ap`).
+
+    Returns:
+        ``(mask_logits [M, H0, W0] of the M distinct queries, labels [N] train ids,
+        class_prob [N], query_index [N] row of mask_logits per pair)``, pairs best first.
+    """
+    queries, labels, class_prob = select_thing_queries(outputs["pred_logits"], isthing, topk)
+    unique, inverse = queries.unique(return_inverse=True)
+    masks = mask_logits_to_original(outputs["pred_masks"][unique], sample["transform"],
+                                    input_size, tuple(sample["orig_size"]))
+    return masks, labels, class_prob, inverse
+
+
+@torch.no_grad()
 def run_panoptic_inference(
     model: torch.nn.Module,
     samples: Sequence[Mapping[str, Any]],
     isthing: Sequence[bool],
     device: torch.device | str,
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
+    object_mask_threshold: float = OBJECT_MASK_THRESHOLD,
+    overlap_threshold: float = OVERLAP_THRESHOLD,
     iou_score_weight: float = 0.0,
 ) -> list[tuple[Tensor, list[dict[str, Any]]]]:
-    """Model forward on a list of eval-transformed samples, then per-image panoptic results.
-
-    The views are zero-padded to a common size, ImageNet-normalised and run through ``model``
-    (which must return ``pred_logits`` / ``pred_masks`` / optionally ``pred_iou``). Per image,
-    the queries that :func:`panoptic_merge` would drop by class alone are removed first, the
-    rest are resampled to the original size (:func:`postprocess`) and merged. The caller sets
-    ``model.eval()``.
+    """:func:`forward_samples` then :func:`panoptic_from_outputs` for every sample.
 
     Returns:
         per sample, ``(id_map int32 [H0, W0], segments_info)`` with train-id categories.
     """
     if not samples:
         return []
-    images = pad_images([s["image"] for s in samples]).to(device)
-    outputs = model(normalize_images(images))
-    input_size = (int(images.shape[-2]), int(images.shape[-1]))
-    results = []
-    for out, sample in zip(unbatch_outputs(outputs), samples):
-        out = _drop_unused_queries(out, object_mask_threshold)
-        full = postprocess(out, sample, input_size)
-        results.append(panoptic_merge(
-            full["pred_logits"], full["pred_masks"], full["pred_iou"], isthing,
-            object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold,
-            iou_score_weight=iou_score_weight))
-    return results
+    outputs, input_size = forward_samples(model, samples, device)
+    return [panoptic_from_outputs(out, sample, input_size, isthing,
+                                  object_mask_threshold=object_mask_threshold,
+                                  overlap_threshold=overlap_threshold,
+                                  iou_score_weight=iou_score_weight)
+            for out, sample in zip(outputs, samples)]
 
 
 def to_coco_panoptic(

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.config import OBJECT_MASK_THRESHOLD, OVERLAP_THRESHOLD
 from pipeline.data.coco_panoptic import DataError, load_image_rgb
 from pipeline.data.transforms import EvalTransform
 from pipeline.evaluation.inference import run_panoptic_inference, to_coco_panoptic
@@ -90,8 +91,8 @@ def predict_folder(
     test_size: int | None,
     device: torch.device | str,
     size_divisibility: int = 32,
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
+    object_mask_threshold: float = OBJECT_MASK_THRESHOLD,
+    overlap_threshold: float = OVERLAP_THRESHOLD,
     iou_score_weight: float = 0.0,
     write_overlays: bool = True,
     progress: bool = True,

@@ -7,7 +7,7 @@ the mask, dice and IoU terms: a point on one has weight 0 and IoU targets skip t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from pipeline.losses.matcher import HungarianMatcher, check_targets
 from pipeline.losses.point_sampling import point_sample, sample_pixels, uncertainty_points
+from pipeline.losses.weights import TASK_TERMS
 
 __all__ = [
     "sigmoid_bce_loss",
@@ -26,7 +27,7 @@ __all__ = [
     "SetCriterion",
 ]
 
-LOSS_NAMES = ("loss_cls", "loss_mask", "loss_dice", "loss_iou")
+DEFAULT_WEIGHTS = {"loss_cls": 2.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_iou": 1.0}
 
 
 def sigmoid_bce_loss(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -105,10 +106,7 @@ class SetCriterion(nn.Module):
         self,
         num_classes: int,
         matcher: HungarianMatcher,
-        cls_weight: float = 2.0,
-        mask_weight: float = 5.0,
-        dice_weight: float = 5.0,
-        iou_weight: float = 1.0,
+        weight_dict: Mapping[str, float] | None = None,
         no_object_weight: float = 0.1,
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
@@ -118,15 +116,21 @@ class SetCriterion(nn.Module):
         Arguments:
             num_classes: K; logits have K + 1 entries, the last is "no object".
             matcher: assigns predictions to targets, per stage.
-            *_weight: loss weights; ``no_object_weight`` is the CE weight of the no-object class.
+            weight_dict: the loss-term table (:func:`~pipeline.losses.weights.loss_weight_table`);
+                the criterion takes the weights of its terms ``loss_cls``, ``loss_mask``,
+                ``loss_dice``, ``loss_iou`` from it and ignores the others. None = 2, 5, 5, 1.
+            no_object_weight: the CE weight of the no-object class.
             num_points, oversample_ratio, importance_sample_ratio: point sampling of the mask
                 losses (:func:`uncertainty_points`).
         """
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
-        self.weights = {"loss_cls": cls_weight, "loss_mask": mask_weight,
-                        "loss_dice": dice_weight, "loss_iou": iou_weight}
+        weight_dict = DEFAULT_WEIGHTS if weight_dict is None else weight_dict
+        missing = [name for name in TASK_TERMS if name not in weight_dict]
+        if missing:
+            raise KeyError(f"weight_dict has no weight for {missing} (terms of SetCriterion)")
+        self.weights = {name: float(weight_dict[name]) for name in TASK_TERMS}
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
@@ -216,7 +220,7 @@ class SetCriterion(nn.Module):
             losses, indices = self.stage_losses(stage, targets, num_masks)
             if i == 0:
                 final_indices = indices
-            for name in LOSS_NAMES:
+            for name in TASK_TERMS:
                 value = self.weights[name] * losses[name]
                 total[name] = total[name] + value if name in total else value
         return total, final_indices

@@ -97,9 +97,8 @@ def build_student(model_cfg: Any, num_classes: int) -> RegSAMStudent:
     """Build the student from ``cfg.model`` (any object with the attributes below).
 
     Reads ``backbone.{name, pretrained_path, freeze_bn}``, ``neck.{channels, mask_stride,
-    use_coord}``, ``use_learnable_fusion``, ``head.{num_queries, num_stages, ffn_dim}`` and the
-    optional ``head.num_mask_fcs`` (default 1) and ``head.kernel_size`` (default 3). The kernel
-    dimension is the neck width.
+    use_coord}``, ``use_learnable_fusion``, ``head.{num_queries, num_stages, ffn_dim, num_mask_fcs,
+    kernel_size}``. The kernel dimension is the neck width.
     """
     bb, nk, hd = model_cfg.backbone, model_cfg.neck, model_cfg.head
     backbone = RegNetBackbone(bb.name, pretrained_path=bb.pretrained_path, freeze_bn=bb.freeze_bn)
@@ -108,6 +107,5 @@ def build_student(model_cfg: Any, num_classes: int) -> RegSAMStudent:
                    use_learnable_fusion=model_cfg.use_learnable_fusion)
     head = KernelHead(num_classes, dim=nk.channels, num_queries=hd.num_queries,
                       num_stages=hd.num_stages, ffn_dim=hd.ffn_dim,
-                      num_mask_fcs=getattr(hd, "num_mask_fcs", 1),
-                      kernel_size=getattr(hd, "kernel_size", 3))
+                      num_mask_fcs=hd.num_mask_fcs, kernel_size=hd.kernel_size)
     return RegSAMStudent(backbone, neck, head)

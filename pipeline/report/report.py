@@ -182,6 +182,23 @@ class RunRecord:
     def weights(self) -> Path:
         return self.path / "final.pth"
 
+    def evaluated_checkpoint(self) -> str:
+        """File name of the checkpoint ``eval/metrics.json`` scored (``settings.checkpoint``,
+        written by ``pipeline evaluate``); evaluations that predate the field came from the
+        workflow's ``evaluate`` rule, which scores ``final.pth``."""
+        if self.eval is None:
+            return MISSING
+        settings = self.eval.get("settings")
+        checkpoint = settings.get("checkpoint") if isinstance(settings, dict) else None
+        return Path(str(checkpoint)).name if checkpoint else "final.pth"
+
+    def best_during_training(self) -> str:
+        """``"PQ <pq> @ <iteration>"`` of ``best.pth`` (``training.eval_interval``), or –."""
+        best = self.info.get("best")
+        if not isinstance(best, dict) or not _is_number(best.get("pq")):
+            return "–"
+        return f"PQ {best['pq']:.2f} @ {best.get('iteration', '?')}"
+
     def switch(self, key: str) -> bool | None:
         """A ``model.use_*`` flag of the config, None without a config."""
         return None if self.config is None else bool(getattr(self.config.model, key))
@@ -301,28 +318,15 @@ def student_complexity(
     """
     import torch
 
+    from pipeline.device import resolve_device
     from pipeline.evaluation.complexity import count_flops, count_params, measure_latency
-    from pipeline.models.student import build_student
+    from pipeline.export import ExportError, load_exported_student
 
-    from pipeline.training.checkpoint import load_student_weights
-
-    ckpt = load_student_weights(weights)  # weights_only: never runs pickled code
-    for key in ("student", "config", "categories"):
-        if key not in ckpt:
-            raise ReportError(f"{weights}: missing key '{key}' (expected an exported student)")
     try:
-        raw_cfg = json.loads(ckpt["config"])
-        num_classes = len(json.loads(ckpt["categories"]))
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{weights}: 'config'/'categories' are not JSON strings: {exc}") from None
-    cfg = load_config_dict(raw_cfg, source=f"{weights} (key 'config')")
-    model_cfg = cfg.model.model_copy(deep=True)
-    model_cfg.backbone.pretrained_path = None  # the state dict below holds every weight
-    model = build_student(model_cfg, num_classes)
-    model.load_state_dict(ckpt["student"])
-    model.eval()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_exported_student(weights, "cpu").student
+    except ExportError as exc:
+        raise ReportError(str(exc)) from None
+    device = resolve_device(device)
     flops = count_flops(model, input_shape, device)
     latency = measure_latency(model, input_shape, device, warmup=warmup, iters=iters)
     return {
@@ -427,7 +431,8 @@ def _status(run: RunRecord) -> str:
 
 
 QUALITY_COLUMNS = (("PQ", "All", "pq"), ("SQ", "All", "sq"), ("RQ", "All", "rq"),
-                   ("PQ Th", "Things", "pq"), ("PQ St", "Stuff", "pq"))
+                   ("PQ Th", "Things", "pq"), ("PQ St", "Stuff", "pq"),
+                   ("AP Th", "instance", "AP"), ("mIoU", "semantic", "mIoU"))
 
 
 def ablation_table(runs: Sequence[RunRecord]) -> str:
@@ -440,7 +445,8 @@ def ablation_table(runs: Sequence[RunRecord]) -> str:
     best = {col: max(v for v in vals if v is not None)
             for col, vals in quality.items() if sum(v is not None for v in vals) >= 2}
     header = ["run", *(s for s, _ in SWITCHES), *(c for c, _, _ in QUALITY_COLUMNS),
-              "params (M)", "GFLOPs", "latency (ms)", "train (min)", "iters", "status"]
+              "params (M)", "GFLOPs", "latency (ms)", "train (min)", "iters", "checkpoint",
+              "status"]
     rows = []
     for i, run in enumerate(runs):
         row: list[str] = [run.name]
@@ -462,9 +468,11 @@ def ablation_table(runs: Sequence[RunRecord]) -> str:
             row.append(MISSING)
         else:
             row.append(str(it) if run.finished or max_iters is None else f"{it}/{max_iters}")
+        row.append(run.evaluated_checkpoint())
         row.append(_status(run))
         rows.append(row)
-    right = [False] * (1 + len(SWITCHES)) + [True] * (len(header) - 2 - len(SWITCHES)) + [False]
+    right = ([False] * (1 + len(SWITCHES)) + [True] * (len(header) - 3 - len(SWITCHES))
+             + [False, False])
     return _md_table(header, rows, right)
 
 
@@ -478,7 +486,8 @@ def _short_commit(commit: Any) -> str:
 
 def provenance_table(runs: Sequence[RunRecord], config_paths: Mapping[str, str]) -> str:
     """git commit, seed, cache fingerprint (short), resolved config and run directory per run."""
-    header = ["run", "git commit", "seed", "cache", "config", "eval images", "run dir"]
+    header = ["run", "git commit", "seed", "cache", "config", "eval images", "evaluated",
+              "best.pth (during training)", "run dir"]
     rows = []
     for run in runs:
         seed = run.info.get("seed", run.config.seed if run.config is not None else None)
@@ -489,7 +498,8 @@ def provenance_table(runs: Sequence[RunRecord], config_paths: Mapping[str, str])
                      MISSING if seed is None else seed,
                      str(fp)[:12] if fp else "–",
                      f"[{cfg}]({cfg})" if cfg else MISSING,
-                     MISSING if n_img is None else n_img, f"`{run.path}`"])
+                     MISSING if n_img is None else n_img, run.evaluated_checkpoint(),
+                     run.best_during_training(), f"`{run.path}`"])
     return _md_table(header, rows)
 
 

@@ -31,6 +31,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import masks_to_boxes
 
 from pipeline.config import TeacherConfig
+from pipeline.device import resolve_device
 from pipeline.teacher.sam_builder import build_teacher, default_layers
 
 __all__ = [
@@ -219,9 +220,7 @@ class TeacherExtractor:
     def __init__(self, sam: Sam, layers: Sequence[int | str] | None = None, mask_size: int = 64,
                  points_per_stuff: int = 3, device: str | torch.device = "cpu",
                  amp: bool = False, prompt_batch: int = 64) -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.sam = sam.to(self.device).float().eval()
         self.layers = list(default_layers(sam) if layers is None else layers)
         depth = len(sam.image_encoder.blocks)

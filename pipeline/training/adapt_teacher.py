@@ -54,8 +54,8 @@ from pipeline.teacher.prompts import corrective_points, mask_boxes, noisy_boxes,
 from pipeline.teacher.sam_builder import build_teacher, sha256_file
 from pipeline.training.checkpoint import load_latest_checkpoint, rotate_checkpoints, save_atomic
 from pipeline.training.schedule import build_scheduler
-from pipeline.training.trainer import (NonFiniteLossError, ResumableBatchSampler, git_commit,
-                                       resolve_device)
+from pipeline.device import resolve_device
+from pipeline.training.trainer import NonFiniteLossError, ResumableBatchSampler, git_commit
 
 __all__ = ["AdaptDataset", "AdaptStep", "adapt_teacher", "select_trainable"]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.safe_load import CheckpointReadError, UntrustedCheckpointError, safe_torch_load
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
     "checkpoint_candidates",
     "load_checkpoint",
     "load_latest_checkpoint",
-    "load_student_weights",
+    "StudentFileError",
     "rotate_checkpoints",
     "rng_state",
     "safe_torch_load",
@@ -41,14 +42,6 @@ __all__ = [
 ]
 
 _ROTATED_NAME = re.compile(r"^last(?:\.(\d+))?\.pth$")
-
-
-class CheckpointReadError(RuntimeError):
-    """A checkpoint file is missing, truncated or not a torch file; the message names it."""
-
-
-class UntrustedCheckpointError(CheckpointReadError):
-    """A checkpoint holds pickled objects other than tensors and plain data (possibly code)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,56 +87,9 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def safe_torch_load(path: Path, what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name ``path``.
-
-    Raises:
-      FileNotFoundError: no file at ``path``.
-      UntrustedCheckpointError: the pickle asks for a global the safe loader refuses.
-      CheckpointReadError: any other failure (truncated, corrupt, not a torch file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines()]
-        refused = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln), None)
-        if refused is None:  # garbage bytes, not a forbidden object
-            raise CheckpointReadError(f"cannot read {what} {path}: not a torch file or corrupt "
-                                      f"({lines[0][:200] if lines else 'UnpicklingError'})") from None
-        raise UntrustedCheckpointError(
-            f"refusing to load {what} {path}: it holds pickled objects other than tensors and "
-            f"plain data ({refused[:300]}); RegSAM loads checkpoints with weights_only=True and "
-            "never runs code from them. Use a file written by RegSAM or a plain state dict."
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointReadError(f"cannot read {what} {path}: {type(exc).__name__}: "
-                                  f"{str(exc)[:300]}") from exc
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a training checkpoint written by :func:`save_atomic` (weights_only)."""
     return safe_torch_load(path, "checkpoint")
-
-
-class StudentFileError(CheckpointReadError):
-    """A model file cannot be used as a student; the message names the file and what to pass."""
-
-
-def load_student_weights(path: Path) -> dict[str, Any]:
-    """Load an exported student (``final.pth``) or a training checkpoint (``last.pth``).
-
-    Read with ``torch.load(weights_only=True)`` (:func:`safe_torch_load`): tensors and plain
-    containers only; nothing else is unpickled.
-    """
-    try:
-        return safe_torch_load(path, "model file")
-    except UntrustedCheckpointError:
-        raise
-    except CheckpointReadError as exc:
-        raise StudentFileError(f"{exc}; pass a run's final.pth (or its checkpoints/last.pth)") from exc
 
 
 def checkpoint_candidates(ckpt_dir: Path) -> list[Path]:
@@ -218,3 +164,7 @@ def load_latest_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Any], Path] | None
     raise CheckpointReadError(
         f"no readable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(failures)
         + "\nRerun with --no-resume to start this run from scratch (or delete the folder).")
+
+
+# kept here for callers of the training API; the class lives with the exported-student format
+from pipeline.export import StudentFileError  # noqa: E402

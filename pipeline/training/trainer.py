@@ -28,19 +28,20 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data.coco_panoptic import PanopticDataset, SkipSummary, collate_panoptic
 from pipeline.data.transforms import TrainTransform, normalize_images
+from pipeline.device import resolve_device
+from pipeline.export import export_blob, load_student_weights
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
+from pipeline.losses.weights import loss_weight_table
 from pipeline.models.student import RegSAMStudent, build_student
 from pipeline.training.checkpoint import (checkpoint_candidates, load_checkpoint,
-                                          load_latest_checkpoint, load_student_weights, rng_state,
-                                          rotate_checkpoints, save_atomic, set_rng_state)
+                                          load_latest_checkpoint, rng_state, rotate_checkpoints,
+                                          save_atomic, set_rng_state)
+from pipeline.training.monitor import RunMonitor, eval_summary
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.teacher_targets import batch_warp_teacher_targets, stack_teacher_items
 
 log = logging.getLogger(__name__)
-
-TASK_TERMS = ("loss_cls", "loss_mask", "loss_dice", "loss_iou")
-TOTAL_TERMS = TASK_TERMS + ("loss_resolution_distill", "loss_sam_distill")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -177,9 +178,13 @@ class TrainStep(nn.Module):
         return losses
 
 
-def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the task terms and the two distillation totals (sub-terms are not re-added)."""
-    return sum(losses[k] for k in TOTAL_TERMS if k in losses)
+def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Sum of the terms of the loss table ``weights`` (:func:`loss_weight_table`), in its order.
+
+    The terms arrive weighted by the modules that compute them; the distillation parts
+    (``loss_sr``, ...) are not terms of the table and are not re-added.
+    """
+    return sum(losses[k] for k in weights if k in losses)
 
 
 def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
@@ -240,12 +245,6 @@ def progress_line(record: dict[str, Any], it: int, max_iters: int, iters: int, s
             f"elapsed {_hms(elapsed)}, ETA {eta}")
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(spec)
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -285,11 +284,12 @@ def build_datasets(cfg: Config) -> PanopticDataset:
 
 
 def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
+    """The set criterion, its terms' weights and its matcher's costs from the loss table."""
     lc = cfg.model.loss
-    matcher = HungarianMatcher(cost_class=lc.cls_weight, cost_mask=lc.mask_weight,
-                               cost_dice=lc.dice_weight, num_points=lc.num_points)
-    return SetCriterion(num_classes, matcher, cls_weight=lc.cls_weight, mask_weight=lc.mask_weight,
-                        dice_weight=lc.dice_weight, iou_weight=lc.iou_weight,
+    weights = loss_weight_table(cfg.model)
+    matcher = HungarianMatcher(cost_class=weights["loss_cls"], cost_mask=weights["loss_mask"],
+                               cost_dice=weights["loss_dice"], num_points=lc.num_points)
+    return SetCriterion(num_classes, matcher, weight_dict=weights,
                         no_object_weight=lc.no_object_weight, num_points=lc.num_points,
                         oversample_ratio=lc.oversample_ratio,
                         importance_sample_ratio=lc.importance_sample_ratio)
@@ -313,6 +313,9 @@ class Trainer:
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         self.skips = SkipSummary()
+        self.monitor = RunMonitor()  # TensorBoard, opened by train() on rank 0
+        self.best: dict[str, Any] | None = None  # {"iteration", "pq"} of best.pth
+        self._val_dataset: PanopticDataset | None = None
 
     @property
     def is_main(self) -> bool:
@@ -326,7 +329,8 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend=backend)
 
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Datasets, student, criterion, distillers, optimizer and schedule (no state restored)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -337,6 +341,7 @@ class Trainer:
         if cfg.training.init_from:
             self._init_from(student, Path(cfg.training.init_from))
         criterion = build_criterion(cfg, num_classes)
+        self.loss_weights = loss_weight_table(cfg.model)
 
         res = sam = None
         self.teacher = None
@@ -382,7 +387,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     def _init_from(self, student: nn.Module, path: Path) -> None:
-        blob = load_student_weights(path) if path.name.endswith("final.pth") else load_checkpoint(path)
+        exported = path.name.endswith(("final.pth", "best.pth"))
+        blob = load_student_weights(path) if exported else load_checkpoint(path)
         state = blob.get("student") or blob.get("model") or blob
         # Switching learnable fusion on or off between stages is allowed: fresh fusion weights
         # start as the plain average, which is what a model without them computed.
@@ -414,6 +420,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "skips": dict(self.skips),
+            "best": self.best,
             "config": self.cfg.to_dict(),
             "categories": [c.__dict__ for c in self.categories],  # evaluate reads last.pth too
         }
@@ -460,6 +467,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.skips.update(state.get("skips", {}))
+        self.best = state.get("best")
         it = int(state["iteration"])
         if self.is_main:
             log.info("resumed from %s at iteration %d", path, it)
@@ -467,11 +475,7 @@ class Trainer:
 
     def export_student(self, path: Path) -> None:
         """Inference weights only: no distillation modules, no optimizer."""
-        save_atomic({
-            "student": self.step_module.student.state_dict(),
-            "config": json.dumps(self.cfg.to_dict()),
-            "categories": json.dumps([c.__dict__ for c in self.categories]),
-        }, path)
+        save_atomic(export_blob(self.step_module.student, self.cfg, self.categories), path)
 
     def _write_run_info(self, extra: dict[str, Any]) -> None:
         info = {
@@ -508,13 +512,14 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run (or resume) training to ``training.max_iters``; returns a summary dict."""
         self._init_distributed()
-        self._build()
+        self.build()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         start = self._restore()
         tc = self.cfg.training
         metrics_path = self.work_dir / "metrics.jsonl"
         if self.is_main:
             self._truncate_metrics(metrics_path, start)
+            self._truncate_metrics(self.work_dir / "evaluations.jsonl", start)
             self._write_run_info({"status": "running", "start_iteration": start})
         if start >= tc.max_iters:
             log.info("already trained to %d iterations", start)
@@ -523,6 +528,8 @@ class Trainer:
         self.step_module.train()
         bar = tqdm(total=tc.max_iters, initial=start, disable=not (self.progress and self.is_main),
                    desc=f"train {self.cfg.experiment}", dynamic_ncols=True)
+        if self.is_main and tc.tensorboard:
+            self.monitor = RunMonitor(self.work_dir / "tensorboard", start)
         t_start = time.perf_counter()
         logged = (start, t_start)  # (iteration, time) of the last progress line
         t_data = time.perf_counter()
@@ -532,14 +539,16 @@ class Trainer:
             for batch in self._loader(start):
                 data_time = time.perf_counter() - t_data
                 self.skips.add_batch(batch)
-                record = self._step(batch, it)
+                record = self.step(batch, it)
                 it += 1
                 if record is not None and mfile is not None:
                     record.update(iter=it, data_time=round(data_time, 4),
                                   time=round(time.perf_counter() - t_data, 4))
                     mfile.write(json.dumps(record) + "\n")
+                    self.monitor.log_train(record, it)
                     if it % tc.log_interval == 0 or it == tc.max_iters:
                         mfile.flush()
+                        self.monitor.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
                     if not self.progress and (it % tc.log_interval == 0 or it == tc.max_iters):
                         # no bar (Snakemake's log, a batch job): a progress line instead
@@ -549,6 +558,8 @@ class Trainer:
                         logged = (it, now)
                 bar.update(1)
                 stopping = self.stop_at is not None and it >= self.stop_at
+                if tc.eval_interval and (it % tc.eval_interval == 0 or it == tc.max_iters):
+                    self.evaluate(it)
                 if it % tc.checkpoint_interval == 0 or it == tc.max_iters or stopping:
                     if mfile is not None:
                         mfile.flush()
@@ -560,12 +571,19 @@ class Trainer:
             bar.close()
             if mfile is not None:
                 mfile.close()
+            self.monitor.close()
         if it < tc.max_iters:
             log.info("stopped at iteration %d of %d (stop_at); rerun to resume", it, tc.max_iters)
             return {"status": "stopped", "iterations": it}
         return self._finish(it, time.perf_counter() - t_start)
 
-    def _step(self, batch: dict, it: int) -> dict[str, Any] | None:
+    def step(self, batch: dict, it: int) -> dict[str, Any] | None:
+        """One optimisation step on a collated batch (:func:`collate_training_batch`) at
+        iteration ``it``: forward, loss checks, backward, clipping, optimizer and schedule.
+
+        Returns the iteration's record (``lr``, ``loss``, every loss term, ``grad_norm``,
+        ``fusion_weights``), or None for a batch whose samples were all skipped.
+        """
         targets = [to_device(t, self.device) for t in batch["targets"]]
         if not targets:
             self.scheduler.step()
@@ -578,12 +596,15 @@ class Trainer:
             losses = self.model(images, targets, teacher)
         fusion = losses.pop("_fusion_weights", None)
         check_finite(losses, it)
-        loss = total_loss(losses)
+        loss = total_loss(losses, self.loss_weights)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.training.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), self.cfg.training.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.step_module.parameters(),
+                                                       self.cfg.training.grad_clip)
+        else:
+            grad_norm = self._grad_norm()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._check_parameters(it + 1)
@@ -591,9 +612,67 @@ class Trainer:
         self.scheduler.step()
         record: dict[str, Any] = {"lr": lr, "loss": float(loss.detach())}
         record.update({k: float(v.detach()) for k, v in losses.items()})
+        record["grad_norm"] = float(grad_norm)
         if fusion is not None:
             record["fusion_weights"] = [round(float(w), 5) for w in fusion]
         return record
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Total L2 norm of the unscaled gradients, computed without touching them."""
+        grads = [p.grad for p in self.step_module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm / self.scaler.get_scale() if self.scaler.is_enabled() else norm
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, it: int) -> dict[str, Any] | None:
+        """Evaluate the student on the val split at iteration ``it`` and keep ``best.pth``.
+
+        Rank 0 evaluates the whole split (the other ranks wait at a barrier); the metrics go to
+        ``evaluations/iter_<it>/metrics.json``, a line of ``evaluations.jsonl``, the log and
+        TensorBoard. ``best.pth`` (an exported student, as ``final.pth``) is rewritten when PQ
+        beats every earlier evaluation of the run. The training is not disturbed: the RNG
+        states are restored afterwards and the model's train/eval mode is put back, so a run
+        with evaluations ends with the weights of a run without them. Returns the headline
+        numbers (None on other ranks).
+        """
+        summary = None
+        if self.is_main:
+            from pipeline.evaluation.evaluate import evaluate_model
+            from pipeline.evaluation.run import val_dataset
+
+            if self._val_dataset is None:
+                self._val_dataset = val_dataset(self.cfg)
+            ev = self.cfg.evaluation
+            panels: list[tuple[str, Any]] = []
+            saved_rng = rng_state()
+            try:
+                metrics = evaluate_model(
+                    self.step_module.student, self._val_dataset, self.categories, self.device,
+                    out_dir=self.work_dir / "evaluations" / f"iter_{it:07d}",
+                    max_images=ev.max_images, object_mask_threshold=ev.object_mask_threshold,
+                    overlap_threshold=ev.overlap_threshold, num_visualize=ev.num_visualize,
+                    progress=False, instance_topk=ev.instance_topk, distributed=False,
+                    on_panel=lambda image_id, panel: panels.append((image_id, panel)),
+                    extra_settings={"iteration": it})
+            finally:
+                set_rng_state(saved_rng)
+            summary = {"iter": it, **eval_summary(metrics)}
+            if self.best is None or summary["PQ"] > self.best["pq"]:
+                self.best = {"iteration": it, "pq": summary["PQ"]}
+                save_atomic(export_blob(self.step_module.student, self.cfg, self.categories),
+                            self.work_dir / "best.pth")
+            summary["best_iteration"] = self.best["iteration"]
+            with open(self.work_dir / "evaluations.jsonl", "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            self.monitor.log_eval(metrics, it, panels)
+            log.info("evaluation at iteration %d: PQ %.2f (best %.2f at %d), AP %s, mIoU %s", it,
+                     summary["PQ"], self.best["pq"], self.best["iteration"],
+                     _fmt(summary["AP"]), _fmt(summary["mIoU"]))
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
 
     @staticmethod
     def _truncate_metrics(path: Path, start: int) -> None:
@@ -607,6 +686,8 @@ class Trainer:
     def _finish(self, it: int, seconds: float) -> dict[str, Any]:
         summary = {"status": "done", "iterations": it, "train_seconds": round(seconds, 1),
                    "skipped_samples": dict(self.skips)}
+        if self.best is not None:
+            summary["best"] = {**self.best, "path": "best.pth"}
         if self.is_main:
             self.export_student(self.work_dir / "final.pth")
             prev = {}
@@ -620,6 +701,10 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def train(cfg: Config, work_dir: str | Path, resume: bool = True, progress: bool = True,
