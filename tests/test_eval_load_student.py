@@ -11,7 +11,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.evaluation.run import load_student
 from pipeline.models.student import build_student
-from pipeline.training.checkpoint import StudentFileError, rng_state, save_atomic
+from pipeline.training.checkpoint import (StudentFileError, UntrustedCheckpointError, rng_state,
+                                          save_atomic)
 from pipeline.training.trainer import progress_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_other_files_name_the_file(tmp_path):
             return (print, ("executed",))
 
     torch.save({"student": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(StudentFileError, match="evil.pth"):
+    with pytest.raises(UntrustedCheckpointError, match="evil.pth"):
         load_student(tmp_path / "evil.pth")
 
 

@@ -12,18 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_ablation_spec_expands_and_validates():
     table = expand_spec(ROOT / "configs/ablation.yaml")
-    assert table.groups["ablation"] == ["baseline", "fusion", "resolution_distill", "sam_distill", "all"]
+    variants = ["baseline", "fusion", "resolution_distill", "sam_distill", "all"]
+    assert table.groups["ablation"] == [f"{v}-s{s}" for v in variants for s in (0, 1, 2)]
     assert len(table.groups["sweep_rd_weights"]) == 9
     assert len(table.groups["sweep_temperature"]) == 3
     cfgs = validate_runs(table)
-    assert not cfgs["baseline"].model.use_learnable_fusion
-    assert cfgs["all"].model.use_sam_distill and cfgs["all"].model.use_resolution_distill
+    assert not cfgs["baseline-s0"].model.use_learnable_fusion
+    assert cfgs["all-s2"].model.use_sam_distill and cfgs["all-s2"].model.use_resolution_distill
+    assert [cfgs[f"sam_distill-s{s}"].seed for s in (0, 1, 2)] == [0, 1, 2]
     temps = sorted(cfgs[n].model.sam_distill.temperature for n in table.groups["sweep_temperature"])
     assert temps == [2.0, 4.0, 8.0]
     # sweeps inherit their variant's switches
     assert all(cfgs[n].model.use_sam_distill for n in table.groups["sweep_temperature"])
     # every run names itself
-    assert cfgs["fusion"].experiment == "fusion"
+    assert cfgs["fusion-s1"].experiment == "fusion-s1"
 
 
 def test_progressive_stages_chain_their_weights():

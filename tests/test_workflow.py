@@ -106,9 +106,10 @@ def test_lint_passes():
 
 
 @pytest.mark.parametrize("gpus, launcher, workers", [
-    (0, "python -m pipeline train", ""),
-    (1, "python -m pipeline train", " --workers 1"),
-    (2, "torchrun --standalone --nproc_per_node 2 -m pipeline train", " --workers 2"),
+    (0, "python -m pipeline --parent-pid $PPID train", ""),
+    (1, "python -m pipeline --parent-pid $PPID train", " --workers 1"),
+    (2, "torchrun --standalone --nproc_per_node 2 -m pipeline --parent-pid $PPID train",
+     " --workers 2"),
 ])
 def test_gpus_choose_the_launcher(tmp_path, gpus, launcher, workers):
     res = snakemake(tmp_path, "-n", "-p", "--cores", "2", "--resources", "gpu=2", "--config",
@@ -136,7 +137,7 @@ def test_slurm_profile_plans_the_main_chain(tmp_path):
     for rule in ("synthetic_data", "cache_teacher", "train_run", "evaluate_run", "predict_run"):
         assert counts[rule] == 1, rule
     (train,) = shell_commands(res.stdout, "train_run")
-    assert train.startswith("torchrun --standalone --nproc_per_node 8 -m pipeline train"), train
+    assert train.startswith("torchrun --standalone --nproc_per_node 8 -m pipeline --parent-pid $PPID train"), train
     assert re.search(r"rule train_run:(.|\n)*?resources: .*mem_mb=256000.*gpu=8", res.stdout)
 
 

@@ -243,6 +243,6 @@ def test_train_run_with_two_gpus_launches_torchrun(tmp_path):
     res = run_snakemake("snakemake --cores 2 train_student "
                         "--config main=tiny/baseline.yaml gpus=2 threads=1", ws, "-p", timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "torchrun --standalone --nproc_per_node 2 -m pipeline train" in res.stdout + res.stderr
+    assert "torchrun --standalone --nproc_per_node 2 -m pipeline --parent-pid $PPID train" in res.stdout + res.stderr
     info = json.loads((ws / "runs" / "main" / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["status"] == "done"
