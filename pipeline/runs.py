@@ -8,6 +8,7 @@ Snakefile turns it into wildcards, tests check it directly.
 from __future__ import annotations
 
 import itertools
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,12 @@ class Run:
         if self.init_from:
             ov.append(f"training.init_from={output_root}/{self.init_from}/final.pth")
         return ov
+
+    def shell_args(self, output_root: str = "runs") -> str:
+        """``--config <file> -o <override> ...`` for a shell command line, every value quoted
+        with :func:`shlex.quote` (an override is data, never shell syntax)."""
+        ov = " ".join(f"-o {shlex.quote(o)}" for o in self.all_overrides(output_root))
+        return f"--config {shlex.quote(str(self.config))} {ov}"
 
     def load(self, output_root: str = "runs") -> Config:
         return load_config(self.config, self.all_overrides(output_root))

@@ -9,21 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.runs import expand_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_args(tmp_path: Path, spec: Path, run: str) -> str:
-    """The ``--config ... -o ...`` part of ``run``'s train command as Snakemake plans it."""
-    res = subprocess.run(
-        [sys.executable, "-m", "snakemake", f"runs/{run}/final.pth", "-n", "-p", "--cores", "1",
-         "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
-         str(ROOT / "configs/workflow.yaml"), "--config",
-         f"main={ROOT / 'configs/reg_sam/regnet_distill.yaml'}", f"ablation={spec}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    line = next(ln for ln in (res.stdout + res.stderr).splitlines()
-                if " train --config " in ln and f"experiment={run}" in ln)
-    return line.split(" train ", 1)[1].split(" --work-dir ", 1)[0]
+def train_args(spec: Path, run: str) -> str:
+    """The ``--config ... -o ...`` part of ``run``'s train command (``run_args`` of the workflow)."""
+    return expand_spec(spec).runs[run].shell_args("runs")
 
 
 def test_override_with_quotes_reaches_the_config_verbatim_and_runs_nothing(tmp_path):
@@ -36,7 +29,7 @@ def test_override_with_quotes_reaches_the_config_verbatim_and_runs_nothing(tmp_p
         "variants": {"evil": {"training.device": evil}, "odd": {"training.device": odd}},
     }))
     for name, value in (("evil", evil), ("odd", odd)):
-        args = train_args(tmp_path, spec, name)
+        args = train_args(spec, name)
         # the rule's shell line, with `train` swapped for `check-config --print`
         cmd = f"{sys.executable} -m pipeline check-config --print {args}"
         res = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
@@ -46,3 +39,8 @@ def test_override_with_quotes_reaches_the_config_verbatim_and_runs_nothing(tmp_p
         assert resolved["training"]["device"] == value
         assert resolved["experiment"] == name
     assert not marker.exists(), "an override value ran a shell command"
+
+
+def test_workflow_builds_train_commands_with_the_quoted_arguments():
+    common = (ROOT / "workflow/rules/common.smk").read_text()
+    assert "RUNS.runs[wildcards.run].shell_args(str(OUTPUT_ROOT))" in common

@@ -85,9 +85,7 @@ def run_dir(name):
 
 def run_args(wildcards):
     """--config/--override arguments of the run named by the `run` wildcard, shell-quoted."""
-    run = RUNS.runs[wildcards.run]
-    ov = " ".join(f"-o {shlex.quote(o)}" for o in run.all_overrides(str(OUTPUT_ROOT)))
-    return f"--config {shlex.quote(str(run.config))} {ov}"
+    return RUNS.runs[wildcards.run].shell_args(str(OUTPUT_ROOT))
 
 
 def needs_cache(wildcards):
