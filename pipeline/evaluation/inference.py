@@ -35,6 +35,7 @@ __all__ = [
     "unbatch_outputs",
     "pad_images",
     "run_panoptic_inference",
+    "forward_pixels",
 ]
 
 OUTSIDE_LOGIT = -1e4  # mask logit for original pixels outside the network input (none if exact)
@@ -215,6 +216,17 @@ def _drop_unused_queries(outputs: dict[str, Tensor | None], object_mask_threshol
     return {k: None if v is None else v[keep] for k, v in outputs.items()}
 
 
+def forward_pixels(model: torch.nn.Module, images: Tensor) -> dict[str, Any]:
+    """Outputs of ``model`` on uint8 RGB ``[B, 3, H, W]``.
+
+    A model with its own ``forward_pixels`` (the student, which normalises with its backbone's
+    mean/std, and :class:`pipeline.deploy.runner.ExportedStudent`) is called through it; any
+    other module gets ImageNet-normalised images (:func:`normalize_images`).
+    """
+    own = getattr(model, "forward_pixels", None)
+    return own(images) if callable(own) else model(normalize_images(images))
+
+
 @torch.no_grad()
 def run_panoptic_inference(
     model: torch.nn.Module,
@@ -227,9 +239,9 @@ def run_panoptic_inference(
 ) -> list[tuple[Tensor, list[dict[str, Any]]]]:
     """Model forward on a list of eval-transformed samples, then per-image panoptic results.
 
-    The views are zero-padded to a common size, ImageNet-normalised and run through ``model``
-    (which must return ``pred_logits`` / ``pred_masks`` / optionally ``pred_iou``). Per image,
-    the queries that :func:`panoptic_merge` would drop by class alone are removed first, the
+    The views are zero-padded to a common size and run through ``model`` by
+    :func:`forward_pixels` (``model`` must return ``pred_logits`` / ``pred_masks`` / optionally
+    ``pred_iou``). Per image, the queries that :func:`panoptic_merge` would drop by class alone are removed first, the
     rest are resampled to the original size (:func:`postprocess`) and merged. The caller sets
     ``model.eval()``.
 
@@ -239,7 +251,7 @@ def run_panoptic_inference(
     if not samples:
         return []
     images = pad_images([s["image"] for s in samples]).to(device)
-    outputs = model(normalize_images(images))
+    outputs = forward_pixels(model, images)
     input_size = (int(images.shape[-2]), int(images.shape[-1]))
     results = []
     for out, sample in zip(unbatch_outputs(outputs), samples):
