@@ -32,7 +32,7 @@ rule bench_model:
     log:
         "logs/benchmark/model.log",
     shell:
-        "python benchmarks/bench_model.py --config {params.configs} --threads {threads} --out {output} > {log} 2>&1"
+        "python benchmarks/bench_model.py --config {params.configs} --threads {threads} --profile --out {output} > {log} 2>&1"
 
 
 rule bench_distill:
