@@ -133,8 +133,8 @@ def load_exported(path: Path, *, threads: int | None = None,
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--model {path}: no such file (write it with "
-                                "`python -m pipeline export`)")
+        raise RunnerError(f"--model {path}: no such file (write it with "
+                          "`python -m pipeline export`)")
     backend = _backend_of(path)
     if backend == "onnxruntime":
         ort = _onnxruntime()
@@ -180,7 +180,8 @@ def predict_exported(model_path: Path, image_dir: Path, out_dir: Path, *,
 
 def evaluate_exported(cfg: Any, model_path: Path, out_dir: Path,
                       max_images: int | None = None) -> dict[str, Any]:
-    """PQ/SQ/RQ of an exported student on ``cfg``'s val split (``evaluate --backend ...``)."""
+    """PQ/SQ/RQ of an exported student on ``cfg``'s val split (``evaluate --backend ...``),
+    with ``cfg.evaluation``'s merge thresholds, as ``evaluate_checkpoint`` uses them."""
     from pipeline.data.coco_panoptic import PanopticDataset
     from pipeline.data.transforms import EvalTransform
     from pipeline.evaluation.evaluate import evaluate_model
@@ -199,6 +200,6 @@ def evaluate_exported(cfg: Any, model_path: Path, out_dir: Path,
     ev = cfg.evaluation
     return evaluate_model(runner, dataset, dataset.categories, "cpu", out_dir=out_dir,
                           max_images=max_images or ev.max_images,
-                          object_mask_threshold=meta["object_mask_threshold"],
-                          overlap_threshold=meta["overlap_threshold"], write_predictions=True,
+                          object_mask_threshold=ev.object_mask_threshold,
+                          overlap_threshold=ev.overlap_threshold, write_predictions=True,
                           num_visualize=ev.num_visualize, num_workers=0)
