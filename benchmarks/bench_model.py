@@ -1,79 +1,76 @@
-"""Benchmark the RegSAM student against a Mask2Former (ResNet-50) peer on the same machine.
+"""Benchmark the RegSAM student (eager, torch.export, onnxruntime fp32/INT8) against Mask2Former.
 
-Both models are measured in one run, side by side, at the same batch-1 input sizes:
+Every row is measured side by side, as ``bench_distill.py`` does: ``--rounds`` fresh Python
+processes each build every row, warm each up, then alternate their forwards round-robin (round
+``k`` starts at row ``k mod R``), so a slow stretch of a shared machine hits all rows alike; a
+row's time is the median over the processes of each process's median. Load average and thread
+counts are recorded in the report.
 
-* the RegSAM student built from one or more configs (inference model only: backbone, neck and
-  head; the training-only distillation modules are not part of it), ``num_classes = 133``
-  (COCO panoptic), random weights;
-* Mask2Former with a ResNet-50 backbone from ``transformers`` (depths [3, 4, 6, 3], hidden sizes
-  [256, 512, 1024, 2048], 100 queries, 133 classes, the library's default pixel decoder and
-  transformer decoder), built from config objects only: random weights, nothing downloaded.
+Rows, per student config (random weights, ``num_classes = 133``, batch 1, fp32):
 
-Reported: parameters, GMACs and GFLOPs (FlopCounterMode; GFLOPs = 2 x GMACs, papers quote
-GMACs as "GFLOPs"), median fp32 latency per input size, the speed ratio
-``peer latency / student latency`` at equal size (issue goal: >= 5x) and, where CUDA is
-available, fp16-autocast FPS at the first size (goal >= 100 FPS). Neither model's timing
-includes pre-processing or the panoptic merge.
+* ``eager``: the student as trained (``forward_pixels``: uint8 in, normalisation inside);
+* ``torch.export``: the exported program (:mod:`pipeline.deploy.export`: BatchNorm folded into
+  the convolutions, one program with dynamic H/W for every size), run by torch;
+* ``onnxruntime fp32`` / ``onnxruntime int8``: the same graph as ONNX (dynamic H/W), and
+  onnxruntime's dynamic INT8 quantisation of it;
+
+and Mask2Former with a ResNet-50 backbone from ``transformers`` (random weights, 100 queries,
+133 classes, built from config objects: nothing downloaded), eager.
+
+Columns: parameters, GMACs (multiply-adds, FlopCounterMode on the eager model; the papers'
+"GFLOPs"), median ms, Mask2Former's ms / the row's ms at equal size, achieved GMAC/s (GMACs /
+seconds: how much of the cores' throughput each row turns into model arithmetic). On CUDA the
+same script adds fp16-autocast FPS rows for eager models; without CUDA the report says the GPU
+rows were not measured. ``--profile`` adds torch.profiler's top operators of the eager and the
+BatchNorm-folded default student.
 
 Example (from the repository root)::
 
-    python benchmarks/bench_model.py --config configs/reg_sam/regnet_distill.yaml \
-        configs/coco/regnet_distill.yaml --sizes 640x640 1024x2048 --warmup 3 1 --iters 5 3 \
-        --out benchmarks/results/bench_model.md
+    python benchmarks/bench_model.py --config configs/reg_sam/regnet_distill.yaml \\
+        configs/coco/regnet_distill.yaml --sizes 640x640 1024x2048 --threads 2 --rounds 3 \\
+        --profile --out benchmarks/results/model.md
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import load_config
-from pipeline.device import resolve_device
-from pipeline.evaluation.complexity import (
-    complexity_table,
-    count_flops,
-    count_params,
-    device_description,
-    load_average,
-    measure_latency,
-    write_report,
-)
-from pipeline.models.student import build_student
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: this checkout's pipeline
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.evaluation.complexity import (complexity_table, count_flops, count_params,  # noqa: E402
+                                            device_description, load_average, write_report)
 
 NUM_CLASSES = 133  # COCO panoptic: 80 things + 53 stuff
-PEER_NAME = "Mask2Former R50 (transformers)"
+PEER = "Mask2Former R50 (transformers), eager"
+STUDENT_ROWS = ("eager", "torch.export", "onnxruntime fp32", "onnxruntime int8")
 
 
 # --------------------------------------------------------------------------- models
-class InferenceAdapter(nn.Module):
-    """Calls a model as ``model(images)`` and optionally feeds it channels-last input.
+class PeerAdapter(nn.Module):
+    """Mask2Former called as ``model(pixel_values=images)`` on ImageNet-normalised floats
+    (its own image processor normalises outside the model; this costs it one subtraction)."""
 
-    Arguments:
-        model: the wrapped module.
-        keyword: if set, the image tensor is passed as this keyword argument
-            (``pixel_values`` for transformers models).
-        channels_last: convert the input ``[B, 3, H, W]`` to channels-last memory format.
-    """
-
-    def __init__(self, model: nn.Module, keyword: str | None = None,
-                 channels_last: bool = False) -> None:
+    def __init__(self, *, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.keyword = keyword
-        self.channels_last = channels_last
 
     def forward(self, images: Tensor) -> Any:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if self.keyword is None:
-            return self.model(images)
-        return self.model(**{self.keyword: images})
+        return self.model(pixel_values=images)
 
 
 def build_mask2former_r50(num_labels: int = NUM_CLASSES) -> nn.Module:
@@ -82,27 +79,39 @@ def build_mask2former_r50(num_labels: int = NUM_CLASSES) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "resnet is not a supported backbone" is informational
-    backbone = ResNetConfig(
-        num_channels=3,
-        embedding_size=64,
-        hidden_sizes=[256, 512, 1024, 2048],
-        depths=[3, 4, 6, 3],
-        layer_type="bottleneck",
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = Mask2FormerConfig(
-        backbone_config=backbone,
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        num_labels=num_labels,
-    )
+    backbone = ResNetConfig(num_channels=3, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048],
+                            depths=[3, 4, 6, 3], layer_type="bottleneck",
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, use_timm_backbone=False,
+                               use_pretrained_backbone=False, num_labels=num_labels)
     return Mask2FormerForUniversalSegmentation(config)
 
 
-def student_label(path: str, model_cfg: Any) -> str:
-    bb, nk, hd = model_cfg.backbone, model_cfg.neck, model_cfg.head
-    return (f"RegSAM student {bb.name}, neck {nk.channels}, {hd.num_queries} q x "
-            f"{hd.num_stages} st ({path})")
+def build_student_from(config: str) -> nn.Module:
+    """The config's student with random weights (seed 0); weights never change speed."""
+    from pipeline.config import load_config
+    from pipeline.models.student import build_student
+
+    cfg = load_config(config, ["model.backbone.pretrained_path=null"])
+    torch.manual_seed(0)
+    return build_student(cfg.model, NUM_CLASSES).eval()
+
+
+def student_label(config: str) -> str:
+    from pipeline.config import load_config
+
+    m = load_config(config).model
+    return (f"student {m.backbone.name}, neck {m.neck.channels}, {m.head.num_queries} q × "
+            f"{m.head.num_stages} st")
+
+
+class _Eager(nn.Module):
+    def __init__(self, *, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: Tensor) -> Any:
+        return self.student.forward_pixels(images)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -110,8 +119,7 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--sizes: expected HxW such as 640x640, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--sizes: expected HxW such as 640x640, got {text!r}")
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise argparse.ArgumentTypeError(f"--sizes: {text!r} must be positive multiples of 32")
     return h, w
@@ -130,115 +138,274 @@ def per_size(values: list[int] | None, n: int, default: list[int], name: str) ->
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", nargs="+", default=["configs/reg_sam/regnet_distill.yaml"],
-                   help="student config(s); one student row each")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides applied to every student config")
-    p.add_argument("--sizes", nargs="+", type=parse_size, default=[(640, 640), (1024, 2048)],
-                   help="batch-1 input sizes HxW (the first one also gets fp16 FPS on CUDA)")
+    p.add_argument("--config", nargs="+",
+                   default=["configs/reg_sam/regnet_distill.yaml", "configs/coco/regnet_distill.yaml"],
+                   help="student config(s); four rows each")
+    p.add_argument("--sizes", nargs="+", type=parse_size, default=[(640, 640), (1024, 2048)])
     p.add_argument("--warmup", nargs="+", type=int, default=None,
-                   help="untimed forwards, one value or one per size "
-                        "(default: 3 1 on CPU, 10 on CUDA)")
+                   help="untimed forwards per row and process, one value or one per size "
+                        "(default 2 1)")
     p.add_argument("--iters", nargs="+", type=int, default=None,
-                   help="timed forwards, one value or one per size "
-                        "(default: 5 3 on CPU, 50 on CUDA)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--channels-last", action="store_true",
-                   help="run both models in channels-last memory format")
+                   help="timed forwards per row and process, one value or one per size "
+                        "(default 7 3)")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes timing all rows")
+    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime CPU threads")
     p.add_argument("--no-peer", action="store_true", help="skip Mask2Former")
+    p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler top operators of the first student, eager and folded")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the exported files go (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    p.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+def prepare(configs: list[str], sizes: list[tuple[int, int]], workdir: Path, int8: bool,
+            peer: bool) -> dict[str, Any]:
+    """Build, export and count every model once; the child processes load these files."""
+    from pipeline.deploy.export import export_onnx, export_torch, quantize_onnx_dynamic
+
+    students = []
+    for i, config in enumerate(configs):
+        student = build_student_from(config)
+        state = workdir / f"student{i}.pth"
+        torch.save(student.state_dict(), state)
+        print(f"[bench_model] exporting {config} (ONNX, torch.export)", file=sys.stderr,
+              flush=True)
+        onnx = export_onnx(student, workdir / f"student{i}.onnx", sizes[0], dynamic=True)
+        pt2 = export_torch(student, workdir / f"student{i}.pt2", sizes[0], dynamic=True)
+        int8_path = quantize_onnx_dynamic(onnx, workdir / f"student{i}.int8.onnx") if int8 else None
+        eager = _Eager(student=student)
+        flops = {f"{h}x{w}": count_flops(eager, (1, 3, h, w)).gmacs for h, w in sizes}
+        students.append({"config": config, "label": student_label(config), "state": str(state),
+                         "onnx": str(onnx), "pt2": str(pt2),
+                         "int8": str(int8_path) if int8_path else None,
+                         "params": count_params(student), "gmacs": flops})
+    out: dict[str, Any] = {"students": students}
+    if peer:
+        model = PeerAdapter(model=build_mask2former_r50().eval())
+        out["peer"] = {"params": count_params(model),
+                       "gmacs": {f"{h}x{w}": count_flops(model, (1, 3, h, w)).gmacs
+                                 for h, w in sizes}}
+    return out
+
+
+# ----------------------------------------------------------------------------- child
+def _ort_session(path: str, threads: int, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def build_rows(spec: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(row key, callable on uint8 ``[1, 3, H, W]``) for every row of the spec."""
+    rows: list[tuple[str, Any]] = []
+    threads = spec["threads"]
+    for i, s in enumerate(spec["students"]):
+        student = build_student_from(s["config"])
+        student.load_state_dict(torch.load(s["state"], weights_only=True))
+        rows.append((f"{i}|eager", student.forward_pixels))
+        program = torch.export.load(s["pt2"]).module()
+        rows.append((f"{i}|torch.export", program))
+        fp32 = _ort_session(s["onnx"], threads)
+        rows.append((f"{i}|onnxruntime fp32",
+                     lambda x, sess=fp32: sess.run(None, {"images": x.numpy()})))
+        if s["int8"]:
+            int8 = _ort_session(s["int8"], threads)
+            rows.append((f"{i}|onnxruntime int8",
+                         lambda x, sess=int8: sess.run(None, {"images": x.numpy()})))
+    if spec["peer"]:
+        torch.manual_seed(0)
+        peer = PeerAdapter(model=build_mask2former_r50().eval())
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+        rows.append(("peer|eager", lambda x: peer((x.float() - mean) / std)))
+    return rows
+
+
+def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """All rows in this process, forwards alternating round-robin; per size and row the median
+    of the timed forwards (ms)."""
+    torch.set_num_threads(spec["threads"])
+    rows = build_rows(spec)
+    result: dict[str, Any] = {"load_before": load_average(), "ms": {},
+                              "torch_threads": torch.get_num_threads()}
+    for (h, w), warmup, iters in zip(spec["sizes"], spec["warmup"], spec["iters"]):
+        image = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8,
+                              generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {key: [] for key, _ in rows}
+        with torch.inference_mode():
+            for it in range(warmup + iters):
+                for j in range(len(rows)):
+                    key, fn = rows[(it + j) % len(rows)]
+                    start = time.perf_counter()
+                    fn(image)
+                    if it >= warmup:
+                        times[key].append(time.perf_counter() - start)
+        result["ms"][f"{h}x{w}"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        print(f"[bench_model] {h}x{w}: " + ", ".join(
+            f"{k} {v:.0f} ms" for k, v in result["ms"][f"{h}x{w}"].items()), file=sys.stderr,
+            flush=True)
+    result["load_after"] = load_average()
+    return result
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                               str(spec_path), str(out_path)])
+        if proc.returncode != 0 or not out_path.is_file():
+            raise RuntimeError(f"a benchmark process failed (exit code {proc.returncode}); its "
+                               "traceback is on stderr above")
+        return json.loads(out_path.read_text())
+
+
+# --------------------------------------------------------------------------- profile
+def profile_student(config: str, size: tuple[int, int], threads: int, iters: int = 3) -> str:
+    """torch.profiler's top operators (self CPU time) of the eager and the BatchNorm-folded
+    student at ``size``, as Markdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.deploy.export import fold_batchnorm
+
+    torch.set_num_threads(threads)
+    student = build_student_from(config)
+    image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
+    text = []
+    for name in ("eager", "BatchNorm folded"):
+        if name != "eager":
+            fold_batchnorm(student, student.normalize(image))
+        with torch.inference_mode():
+            student.forward_pixels(image)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(iters):
+                    student.forward_pixels(image)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        rows = [{"operator": e.key, "self CPU %": 100 * e.self_cpu_time_total / total,
+                 "ms per forward": e.self_cpu_time_total / 1e3 / iters, "calls": e.count // iters}
+                for e in events[:8]]
+        text.append(f"**{name}** ({total / 1e3 / iters:.0f} ms per forward under the "
+                    f"profiler)\n\n" + complexity_table(rows, float_format=".1f"))
+    return "\n".join(text)
+
+
+def cuda_rows(prepared: dict[str, Any], size: tuple[int, int], warmup: int = 10,
+              iters: int = 50) -> str:
+    """fp16-autocast FPS of the eager students and Mask2Former on CUDA at ``size``."""
+    from pipeline.evaluation.complexity import measure_latency
+
+    rows = []
+    models = [(s["label"], lambda s=s: _Eager(student=build_student_from(s["config"])))
+              for s in prepared["students"]]
+    if "peer" in prepared:
+        models.append((PEER, lambda: PeerAdapter(model=build_mask2former_r50())))
+    for label, build in models:
+        res = measure_latency(build(), (1, 3, *size), "cuda", warmup, iters, dtype=torch.float16)
+        rows.append({"model": label, "runtime": "eager fp16 (autocast)",
+                     f"ms {size[0]}x{size[1]}": res["median_ms"], "FPS": res["fps"]})
+        torch.cuda.empty_cache()
+    return complexity_table(rows, float_format=".2f")
+
+
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> str:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    on_cuda = device.type == "cuda"
-    sizes: list[tuple[int, int]] = args.sizes
-    warmups = per_size(args.warmup, len(sizes), [10] if on_cuda else [3, 1], "--warmup")
-    iters = per_size(args.iters, len(sizes), [50] if on_cuda else [5, 3], "--iters")
-    torch.manual_seed(0)
-
-    models: list[tuple[str, nn.Module, bool]] = []  # (label, model, is_peer)
-    for path in args.config:
-        # weights do not change complexity or speed: never load a pretrained file here
-        cfg = load_config(path, [*args.set, "model.backbone.pretrained_path=null"])
-        student = build_student(cfg.model, NUM_CLASSES).eval()
-        models.append((student_label(path, cfg.model), student, False))
-    if not args.no_peer:
-        models.append((PEER_NAME, build_mask2former_r50().eval(), True))
-
-    load_before = load_average()
-    results: dict[str, dict[str, Any]] = {}
-    for label, model, is_peer in models:
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        net = InferenceAdapter(model, "pixel_values" if is_peer else None, args.channels_last)
-        res: dict[str, Any] = {"params": count_params(model)}
-        for (h, w), n_warm, n_iter in zip(sizes, warmups, iters):
-            shape = (1, 3, h, w)
-            print(f"[bench] {label} @ {h}x{w}: FLOPs, {n_warm} warm-up + {n_iter} timed",
-                  file=sys.stderr, flush=True)
-            res[(h, w, "flops")] = count_flops(net, shape, device)
-            res[(h, w, "fp32")] = measure_latency(net, shape, device, n_warm, n_iter)
-        if on_cuda:
-            h, w = sizes[0]
-            res["fp16"] = measure_latency(net, (1, 3, h, w), device, warmups[0], iters[0],
-                                          dtype=torch.float16)
-        results[label] = res
-        model.cpu()
-        if on_cuda:
-            torch.cuda.empty_cache()
-
-    peer = results.get(PEER_NAME)
-    comp_rows, speed_rows = [], []
-    for label, _, _ in models:
-        res = results[label]
-        comp = {"Model": label, "Params (M)": res["params"] / 1e6}
-        speed: dict[str, Any] = {"Model": label}
+def table(prepared: dict[str, Any], runs: list[dict[str, Any]],
+          sizes: list[tuple[int, int]]) -> str:
+    rows = []
+    entries = [(f"{i}|{r}", s["label"], r, s) for i, s in enumerate(prepared["students"])
+               for r in STUDENT_ROWS]
+    if "peer" in prepared:
+        entries.append(("peer|eager", PEER, "", prepared["peer"]))
+    for key, label, kind, info in entries:
+        if not all(key in run["ms"][f"{h}x{w}"] for run in runs for h, w in sizes):
+            continue
+        row: dict[str, Any] = {"model": label, "runtime": kind or "eager",
+                               "params (M)": info["params"] / 1e6}
         for h, w in sizes:
-            fc = res[(h, w, "flops")]
-            comp[f"GMACs {h}x{w}"] = fc.gmacs
-            comp[f"GFLOPs {h}x{w}"] = fc.gflops
-            ms = res[(h, w, "fp32")]["median_ms"]
-            speed[f"ms {h}x{w}"] = ms
-            speed[f"p90 ms {h}x{w}"] = res[(h, w, "fp32")]["p90_ms"]
-            speed[f"peer/student {h}x{w}"] = (
-                peer[(h, w, "fp32")]["median_ms"] / ms if peer and res is not peer else None)
-        if on_cuda:
-            speed[f"fp16 FPS {sizes[0][0]}x{sizes[0][1]}"] = res["fp16"]["fps"]
-        comp_rows.append(comp)
-        speed_rows.append(speed)
+            s = f"{h}x{w}"
+            ms = statistics.median(run["ms"][s][key] for run in runs)
+            peer_ms = (statistics.median(run["ms"][s]["peer|eager"] for run in runs)
+                       if "peer" in prepared else None)
+            row[f"GMACs {s}"] = info["gmacs"][s]
+            row[f"ms {s}"] = ms
+            row[f"M2F / row {s}"] = peer_ms / ms if peer_ms else None
+            row[f"GMAC/s {s}"] = info["gmacs"][s] / (ms / 1e3)
+        rows.append(row)
+    return complexity_table(rows, float_format=".2f")
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    args = parse_args(argv)
+    if args.child:
+        spec = json.loads(Path(args.child[0]).read_text())
+        Path(args.child[1]).write_text(json.dumps(measure_interleaved(spec)))
+        return None
+    torch.set_num_threads(args.threads)
+    sizes: list[tuple[int, int]] = args.sizes
+    warmups = per_size(args.warmup, len(sizes), [2, 1], "--warmup")
+    iters = per_size(args.iters, len(sizes), [7, 3], "--iters")
+    load_start = load_average()
+    with tempfile.TemporaryDirectory(prefix="bench_model_files_") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepared = prepare(args.config, sizes, workdir, not args.no_int8, not args.no_peer)
+        spec = {"students": prepared["students"], "peer": "peer" in prepared,
+                "sizes": sizes, "warmup": warmups, "iters": iters, "threads": args.threads}
+        runs = []
+        for k in range(args.rounds):
+            print(f"[bench_model] process {k + 1}/{args.rounds}: all rows side by side",
+                  file=sys.stderr, flush=True)
+            runs.append(run_child(spec))
+    profile = profile_student(args.config[0], sizes[0], args.threads) if args.profile else None
+    cuda = torch.cuda.is_available()
+    gpu = cuda_rows(prepared, sizes[0]) if cuda else None
 
     timing = ", ".join(f"{h}x{w}: {a} warm-up + {b} timed" for (h, w), a, b in
                        zip(sizes, warmups, iters))
     header = [
-        "# RegSAM student vs Mask2Former R50: complexity and speed",
+        "# RegSAM student (eager / torch.export / onnxruntime) vs Mask2Former R50",
         "",
-        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}",
-        f"- device: {device_description(device)}; torch {torch.__version__}; "
-        f"threads {torch.get_num_threads()}; channels_last {args.channels_last}",
-        f"- load average (1/5/15 min) before: {load_before}; after: {load_average()}",
-        f"- batch 1, random weights, {NUM_CLASSES} classes; {timing}; "
-        "latency = median of the timed forwards, inference_mode, no pre/post-processing",
-        "- GMACs = multiply-adds (the \"GFLOPs\" of Mask2Former/MaskConver papers); "
-        "GFLOPs = FlopCounterMode's count, 2 per multiply-add; convolutions and matrix "
-        "products only",
-        "- peer/student = peer latency / student latency at equal input size "
-        "(issue goal: >= 5)" + ("; fp16 FPS = autocast float16, goal >= 100" if on_cuda else ""),
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
+        f"onnxruntime {_ort_version()}",
+        f"- device: {device_description(torch.device('cpu'))}; {args.threads} threads "
+        f"(torch.set_num_threads and onnxruntime intra-op; children reported "
+        f"{sorted({r['torch_threads'] for r in runs})} torch threads)",
+        f"- load average (1/5/15 min): at start {load_start}; per process before/after: "
+        + "; ".join(f"{r['load_before']} → {r['load_after']}" for r in runs),
+        f"- batch 1, random weights, {NUM_CLASSES} classes, fp32; {args.rounds} fresh processes, "
+        f"rows interleaved round-robin ({timing}); ms = median over processes of each "
+        "process's median; uint8 input, normalisation inside every row, no panoptic merge",
+        "- GMACs = multiply-adds of the eager model (FlopCounterMode; the papers' \"GFLOPs\"); "
+        "GMAC/s = GMACs / seconds; M2F / row = Mask2Former's ms / the row's ms",
+        "- torch.export and onnxruntime rows run the exported graph: BatchNorm folded into the "
+        "convolutions at export, dynamic H/W (one file for every size)",
+        "- GPU rows: " + (f"eager fp16 FPS on {device_description(torch.device('cuda'))} "
+                          "below (onnxruntime-gpu / TensorRT rows are not implemented)"
+                          if cuda else "not measured (no CUDA device on this machine)"),
     ]
-    report = "\n".join(header) + "\n\n## Complexity\n\n" + complexity_table(comp_rows) \
-        + "\n## Latency (fp32" + (", fp16 FPS" if on_cuda else "") + ")\n\n" \
-        + complexity_table(speed_rows)
+    report = "\n".join(header) + "\n\n" + table(prepared, runs, sizes)
+    if gpu:
+        report += "\n## CUDA\n\n" + gpu
+    if profile:
+        report += (f"\n## torch.profiler: {args.config[0]} at {sizes[0][0]}x{sizes[0][1]} "
+                   "(top operators by self CPU time)\n\n" + profile)
     print(report)
     write_report(report, args.out, "bench_model")
     return report
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+        return onnxruntime.__version__
+    except ImportError:
+        return "not installed"
 
 
 if __name__ == "__main__":

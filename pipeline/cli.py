@@ -158,23 +158,53 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.run import evaluate_checkpoint
-
     cfg = _config(args)
     require([check_split(cfg, "val")])
-    metrics = evaluate_checkpoint(cfg, Path(args.checkpoint), Path(args.out),
-                                  max_images=args.max_images)
+    if args.backend == "torch":
+        from pipeline.evaluation.run import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(cfg, Path(_model_arg(args, "checkpoint")), Path(args.out),
+                                      max_images=args.max_images)
+    else:
+        from pipeline.deploy.runner import evaluate_exported
+
+        metrics = evaluate_exported(cfg, Path(_model_arg(args, "model")), Path(args.out),
+                                    max_images=args.max_images)
     print(json.dumps({k: metrics[k] for k in ("All", "Things", "Stuff") if k in metrics}
                      | {"AP": (metrics.get("instance") or {}).get("AP"),
                         "mIoU": (metrics.get("semantic") or {}).get("mIoU")}))
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.run import predict_checkpoint
+def _model_arg(args: argparse.Namespace, which: str) -> str:
+    """``--checkpoint`` (PyTorch backend) or ``--model`` (exported file), whichever is needed."""
+    value = getattr(args, which)
+    if not value:
+        need = "--checkpoint final.pth" if which == "checkpoint" else "--model student.onnx/.pt2"
+        raise ConfigError(f"--backend {args.backend} needs {need}")
+    return value
 
-    predict_checkpoint(Path(args.checkpoint), Path(args.input), Path(args.out),
-                       device=args.device, test_size=args.test_size)
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.backend == "torch":
+        from pipeline.evaluation.run import predict_checkpoint
+
+        predict_checkpoint(Path(_model_arg(args, "checkpoint")), Path(args.input), Path(args.out),
+                           device=args.device, test_size=args.test_size)
+    else:  # the exported file alone: no timm, no student, no trainer imported
+        from pipeline.deploy.runner import predict_exported
+
+        predict_exported(Path(_model_arg(args, "model")), Path(args.input), Path(args.out),
+                         test_size=args.test_size)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.deploy.export import export_checkpoint
+
+    result = export_checkpoint(Path(args.checkpoint), Path(args.out), fmt=args.format,
+                               size=args.size, dynamic=args.dynamic, quantize=args.quantize)
+    print(json.dumps(result))
     return 0
 
 
@@ -250,16 +280,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint and exit after this iteration (rerun to resume)")
     sp = with_config("evaluate", cmd_evaluate,
                      "PQ/SQ/RQ, instance AP and mIoU of a trained student on data.val")
-    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--checkpoint", default=None, help="final.pth of a run (--backend torch)")
+    sp.add_argument("--backend", choices=["torch", "onnxruntime", "torch-export"],
+                    default="torch")
+    sp.add_argument("--model", default=None, help="exported .onnx / .pt2 (other backends)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--max-images", type=int, default=None)
     sp = sub.add_parser("predict", help="panoptic PNG + JSON + overlays for a folder of images")
-    sp.add_argument("--checkpoint", required=True, help="final.pth of a run")
+    sp.add_argument("--checkpoint", default=None, help="final.pth of a run (--backend torch)")
+    sp.add_argument("--backend", choices=["torch", "onnxruntime", "torch-export"],
+                    default="torch", help="torch: final.pth; others: an exported --model")
+    sp.add_argument("--model", default=None,
+                    help="student.onnx (onnxruntime) or student.pt2 (torch-export)")
     sp.add_argument("--input", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--device", default="auto")
     sp.add_argument("--test-size", type=int, default=None)
     sp.set_defaults(fn=cmd_predict)
+    sp = sub.add_parser("export", help="export a student to ONNX or torch.export")
+    sp.add_argument("--checkpoint", required=True, help="final.pth of a run")
+    sp.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    sp.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
+                    help="input size (multiples of the stride, 32); with --dynamic an example")
+    sp.add_argument("--dynamic", action="store_true", help="free H and W (multiples of 32)")
+    sp.add_argument("--quantize", choices=["dynamic"], default=None,
+                    help="also write <out>.int8.onnx (onnxruntime dynamic INT8)")
+    sp.add_argument("--out", required=True, help="student.onnx or student.pt2")
+    sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("report", help="ablation report (Markdown + PNG figures)")
     sp.add_argument("--runs", nargs="+", required=True, help="run directories")
     sp.add_argument("--out", required=True)
@@ -278,6 +325,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (MissingInputError, FileNotFoundError, CheckpointError, FingerprintMismatchError,
             CheckpointReadError)
+
+
+def _deploy_errors() -> tuple[type[Exception], ...]:
+    """Export/runner errors (imported only if their module already is: keeps --help fast)."""
+    errors = []
+    for module, name in (("pipeline.deploy.export", "ExportError"),
+                         ("pipeline.deploy.runner", "RunnerError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+    except _deploy_errors() as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

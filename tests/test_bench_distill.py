@@ -183,8 +183,9 @@ def test_partial_distiller_runs_only_its_part():
 
     torch.manual_seed(0)
     student = Student()
-    distiller = ResolutionDistiller(4, 4, sr_loss_weight=0.5, fa_loss_weight=0.5,
-                                    fa_subscale=0.5, lr_scale=0.5, mask_stride=4)
+    distiller = ResolutionDistiller(in_channels=4, feat_channels=4, sr_loss_weight=0.5,
+                                    fa_loss_weight=0.5, fa_subscale=0.5, lr_scale=0.5,
+                                    mask_stride=4)
     images = torch.randn(2, 3, 32, 32)
     lr_only = bench._partial_resolution_distill(distiller, "lr_path")(student, images, {})
     assert student.calls == [(16, 16)] and lr_only["loss_resolution_distill"].item() == 0.0

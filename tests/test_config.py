@@ -76,7 +76,7 @@ def test_unknown_nested_key_suggests_sibling(tmp_path):
      "greater than or equal to 0"),
     ("training: {max_iters: many}", "training.max_iters", "integer"),
     ("data: {scale_range: [2.0, 1.0]}", "data.scale_range", "min <= max"),
-    ("model: {backbone: {name: resnet50}}", "model.backbone.name", "RegNet"),
+    ("model: {backbone: {name: resnet_51}}", "model.backbone.name", "timm model name"),
     ("cache: {dtype: float64}", "cache.dtype", "float16"),
 ])
 def test_bad_values_name_field_and_range(tmp_path, text, field, hint):

@@ -73,7 +73,7 @@ def test_sr_decoder_shapes():
     expected = 8 * 4 * 9 + 2 * 4 + 4 * 4 * 9 + 2 * 4 + 4 * 3 * 64 + 3 * 64
     assert sum(p.numel() for p in dec.parameters()) == expected
     with pytest.raises(ValueError, match="upscale"):
-        SRDecoder(8, 4, 0)
+        SRDecoder(in_channels=8, feat_channels=4, upscale=0)
 
 
 def test_resolution_losses_follow_their_definitions():
@@ -203,7 +203,9 @@ def _sam_setup(num_points=10_000):
 
 
 def test_sam_level_pairing_and_sizes():
-    d = SamDistiller([16] * 4, [4] * 6, [0, 2, 5], 1.0, 1.0, 4.0, 16)
+    d = SamDistiller(student_channels=[16] * 4, teacher_channels=[4] * 6,
+                     distill_feat_layers=[0, 2, 5], feat_distill_weight=1.0,
+                     output_distill_weight=1.0, temperature=4.0, num_points=16)
     assert [d.student_level(i) for i in (0, 2, 5)] == [0, 2, 3]  # min(i, L - 1)
     sizes = [(32, 32), (16, 16), (8, 8), (4, 4)]
     assert d.level_sizes(sizes) == [(32, 32), None, (8, 8), None, None, (4, 4)]
@@ -266,7 +268,9 @@ def test_sam_without_cached_segments_distils_features_only():
 
 def test_sam_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="distill_feat_layers"):
-        SamDistiller([16] * 4, [6, 10], [0, 1, 2], 1.0, 1.0, 4.0, 16)
+        SamDistiller(student_channels=[16] * 4, teacher_channels=[6, 10],
+                     distill_feat_layers=[0, 1, 2], feat_distill_weight=1.0,
+                     output_distill_weight=1.0, temperature=4.0, num_points=16)
     student, distiller, feats, outputs, indices, targets, teacher = _sam_setup()
     with pytest.raises(TypeError, match="batch_warp_teacher_targets"):
         distiller(feats, outputs, indices, targets, [teacher])

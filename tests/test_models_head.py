@@ -20,7 +20,7 @@ def test_mask_pool_hand_computed() -> None:
 def test_dynamic_separable_conv_matches_explicit_loops() -> None:
     torch.manual_seed(0)
     batch, queries, dim, k = 2, 3, 5, 3
-    conv = DynamicSeparableConv(dim, queries, kernel_size=k)
+    conv = DynamicSeparableConv(dim=dim, num_queries=queries, kernel_size=k)
     query, value = torch.randn(batch, queries, dim), torch.randn(batch, queries, dim)
     out = conv(query, value)
 
@@ -41,7 +41,7 @@ def test_dynamic_separable_conv_matches_explicit_loops() -> None:
 
 
 def test_dynamic_separable_conv_query_count_checked() -> None:
-    conv = DynamicSeparableConv(8, 4)
+    conv = DynamicSeparableConv(dim=8, num_queries=4)
     with pytest.raises(ValueError, match="built for 4 queries, got 5"):
         conv(torch.randn(1, 5, 8), torch.randn(1, 5, 8))
 

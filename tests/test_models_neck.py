@@ -18,7 +18,7 @@ def _features(batch: int = 2, height: int = 64, width: int = 96) -> list[torch.T
 @pytest.mark.parametrize("mask_stride", [4, 8])
 @pytest.mark.parametrize("use_coord", [True, False])
 def test_shapes(mask_stride: int, use_coord: bool) -> None:
-    neck = FPNNeck(IN_CHANNELS, STRIDES, channels=32, mask_stride=mask_stride, use_coord=use_coord)
+    neck = FPNNeck(in_channels=IN_CHANNELS, strides=STRIDES, channels=32, mask_stride=mask_stride, use_coord=use_coord)
     levels, mask_features = neck(_features())
     assert [tuple(x.shape) for x in levels] == [(2, 32, 64 // s, 96 // s) for s in STRIDES]
     assert tuple(mask_features.shape) == (2, 32, 64 // mask_stride, 96 // mask_stride)
@@ -26,8 +26,8 @@ def test_shapes(mask_stride: int, use_coord: bool) -> None:
 
 def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="mask_stride must be 4 or 8"):
-        FPNNeck(IN_CHANNELS, STRIDES, mask_stride=16)
-    neck = FPNNeck(IN_CHANNELS, STRIDES, channels=16)
+        FPNNeck(in_channels=IN_CHANNELS, strides=STRIDES, mask_stride=16)
+    neck = FPNNeck(in_channels=IN_CHANNELS, strides=STRIDES, channels=16)
     feats = _features()
     feats[2] = torch.randn(2, 10, 4, 6)
     with pytest.raises(ValueError, match="level 2: expected 152 channels, got 10"):
@@ -56,7 +56,7 @@ def test_coord_channels_pixel_centres() -> None:
 
 
 def test_learnable_fusion_weights_normalised_and_trained() -> None:
-    fusion = LevelFusion(4, learnable=True)
+    fusion = LevelFusion(num_levels=4, learnable=True)
     with torch.no_grad():
         fusion.raw_weights.copy_(torch.tensor([2.0, -1.0, 1.0, 1.0]))
     w = fusion.weights()
@@ -70,7 +70,7 @@ def test_learnable_fusion_weights_normalised_and_trained() -> None:
 
 
 def test_neck_fusion_weights_receive_gradients() -> None:
-    neck = FPNNeck(IN_CHANNELS, STRIDES, channels=16, use_learnable_fusion=True)
+    neck = FPNNeck(in_channels=IN_CHANNELS, strides=STRIDES, channels=16, use_learnable_fusion=True)
     w = neck.fusion_weights()
     assert w.shape == (4,) and (w >= 0).all()
     assert torch.allclose(w.sum(), torch.tensor(1.0), atol=1e-3)
@@ -82,7 +82,7 @@ def test_neck_fusion_weights_receive_gradients() -> None:
 
 @pytest.mark.parametrize("mask_stride", [4, 8])
 def test_plain_average_is_mean_of_resized_levels(mask_stride: int) -> None:
-    neck = FPNNeck(IN_CHANNELS, STRIDES, channels=16, mask_stride=mask_stride,
+    neck = FPNNeck(in_channels=IN_CHANNELS, strides=STRIDES, channels=16, mask_stride=mask_stride,
                    use_learnable_fusion=False).eval()
     assert neck.fusion_weights() is None
     captured = {}

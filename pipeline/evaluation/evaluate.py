@@ -253,8 +253,10 @@ def evaluate_model(
     """Run ``model`` over ``dataset`` and compute panoptic quality, instance AP and mIoU.
 
     Arguments:
-        model: ``model(images [B, 3, H, W] normalised) -> dict`` with ``pred_logits``,
-            ``pred_masks`` and optionally ``pred_iou``; put in eval mode (and restored after).
+        model: the student or an exported one, called through
+            :func:`~pipeline.evaluation.inference.forward_pixels` (uint8 ``[B, 3, H, W]`` ->
+            ``pred_logits``, ``pred_masks``, optionally ``pred_iou``); put in eval mode (and
+            restored after).
         dataset: a :class:`PanopticDataset` whose transform is an :class:`EvalTransform`
             (or None: full resolution). Skip records (``on_bad_sample="skip"``) are counted and
             left out of the metric.

@@ -42,6 +42,7 @@ __all__ = [
     "panoptic_from_outputs",
     "thing_queries_at_original",
     "run_panoptic_inference",
+    "forward_pixels",
 ]
 
 OUTSIDE_LOGIT = -1e4  # mask logit for original pixels outside the network input (none if exact)
@@ -222,21 +223,33 @@ def _drop_unused_queries(outputs: dict[str, Tensor | None], object_mask_threshol
     return {k: None if v is None else v[keep] for k, v in outputs.items()}
 
 
+def forward_pixels(model: torch.nn.Module, images: Tensor) -> dict[str, Any]:
+    """Outputs of ``model`` on uint8 RGB ``[B, 3, H, W]``.
+
+    A model with its own ``forward_pixels`` (the student, which normalises with its backbone's
+    mean/std, and :class:`pipeline.deploy.runner.ExportedStudent`) is called through it; any
+    other module gets ImageNet-normalised images (:func:`normalize_images`).
+    """
+    own = getattr(model, "forward_pixels", None)
+    return own(images) if callable(own) else model(normalize_images(images))
+
+
 @torch.no_grad()
 def forward_samples(model: torch.nn.Module, samples: Sequence[Mapping[str, Any]],
                     device: torch.device | str
                     ) -> tuple[list[dict[str, Tensor | None]], tuple[int, int]]:
     """Model forward on a list of eval-transformed samples.
 
-    The views are zero-padded to a common size, ImageNet-normalised and run through ``model``
-    (which must return ``pred_logits`` / ``pred_masks`` / optionally ``pred_iou``). The caller
-    sets ``model.eval()``.
+    The views are zero-padded to a common size and run through ``model`` by
+    :func:`forward_pixels` (the student, or an exported one, normalises inside; ``model`` must
+    return ``pred_logits`` / ``pred_masks`` / optionally ``pred_iou``). The caller sets
+    ``model.eval()``.
 
     Returns:
         per sample its outputs (:func:`unbatch_outputs`), and the ``(H, W)`` of the network input.
     """
     images = pad_images([s["image"] for s in samples]).to(device)
-    outputs = model(normalize_images(images))
+    outputs = forward_pixels(model, images)
     return unbatch_outputs(outputs), (int(images.shape[-2]), int(images.shape[-1]))
 
 

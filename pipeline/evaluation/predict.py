@@ -100,8 +100,9 @@ def predict_folder(
     """Predict every ``.jpg`` / ``.jpeg`` / ``.png`` in ``image_dir`` (not recursive).
 
     Arguments:
-        model: the student (``model(images [B, 3, H, W] normalised) -> dict`` with
-            ``pred_logits``, ``pred_masks``, ``pred_iou``); it is put in eval mode.
+        model: the student, or an exported one (:class:`pipeline.deploy.runner.ExportedStudent`),
+            called through :func:`~pipeline.evaluation.inference.forward_pixels` (uint8 RGB in,
+            ``pred_logits``, ``pred_masks``, ``pred_iou`` out); it is put in eval mode.
         categories: dataset categories ordered by train id (output uses their ``id``).
         test_size: longest side of the network input (``None``: original size), as in
             :class:`~pipeline.data.transforms.EvalTransform`.

@@ -55,7 +55,7 @@ class DynamicSeparableConv(nn.Module):
     softmax: nothing normalises over tokens.
     """
 
-    def __init__(self, dim: int, num_queries: int, kernel_size: int = 3) -> None:
+    def __init__(self, *, dim: int, num_queries: int, kernel_size: int = 3) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
@@ -91,7 +91,7 @@ class DynamicSeparableConv(nn.Module):
 class FFN(nn.Module):
     """Two-layer MLP ``dim -> hidden_dim -> dim`` with ReLU."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, *, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True),
                                     nn.Linear(hidden_dim, dim))
@@ -104,7 +104,7 @@ class FFN(nn.Module):
 class MaskEmbedding(nn.Module):
     """Kernel -> mask kernel: ``num_layers`` (Linear, LayerNorm, ReLU) blocks then a Linear."""
 
-    def __init__(self, dim: int, num_layers: int = 1) -> None:
+    def __init__(self, *, dim: int, num_layers: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for _ in range(num_layers):
@@ -121,7 +121,7 @@ class ClassIoUPredictor(nn.Module):
     """Kernel -> class logits ``[B, Q, K + 1]`` (last = no object) and IoU score ``[B, Q]``
     in (0, 1)."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, *, dim: int, num_classes: int) -> None:
         super().__init__()
         self.cls_branch = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim),
                                         nn.ReLU(inplace=True), nn.Linear(dim, num_classes + 1))
@@ -141,18 +141,20 @@ class KernelUpdateStage(nn.Module):
     mask kernel, whose dot product with the features gives the new mask logits.
     """
 
-    def __init__(self, dim: int, num_queries: int, num_classes: int, ffn_dim: int,
+    def __init__(self, *, dim: int, num_queries: int, num_classes: int, ffn_dim: int,
                  num_mask_fcs: int = 1, kernel_size: int = 3) -> None:
         super().__init__()
         self.pool_norm = nn.LayerNorm(dim)
-        self.feature_conv = DynamicSeparableConv(dim, num_queries, kernel_size)
+        self.feature_conv = DynamicSeparableConv(dim=dim, num_queries=num_queries,
+                                                 kernel_size=kernel_size)
         self.norm1 = nn.LayerNorm(dim)
-        self.query_conv = DynamicSeparableConv(dim, num_queries, kernel_size)
+        self.query_conv = DynamicSeparableConv(dim=dim, num_queries=num_queries,
+                                                 kernel_size=kernel_size)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = FFN(dim, ffn_dim)
+        self.ffn = FFN(dim=dim, hidden_dim=ffn_dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.predictor = ClassIoUPredictor(dim, num_classes)
-        self.mask_embed = MaskEmbedding(dim, num_mask_fcs)
+        self.predictor = ClassIoUPredictor(dim=dim, num_classes=num_classes)
+        self.mask_embed = MaskEmbedding(dim=dim, num_layers=num_mask_fcs)
 
     def forward(self, kernels: Tensor, mask_logits: Tensor,
                 features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -180,7 +182,7 @@ class KernelHead(nn.Module):
     ``LayerNorm(kernels + mask_pool(masks, features))``, which also seeds stage 1.
     """
 
-    def __init__(self, num_classes: int, dim: int = 128, num_queries: int = 100,
+    def __init__(self, *, num_classes: int, dim: int = 128, num_queries: int = 100,
                  num_stages: int = 3, ffn_dim: int = 512, num_mask_fcs: int = 1,
                  kernel_size: int = 3) -> None:
         super().__init__()
@@ -193,9 +195,10 @@ class KernelHead(nn.Module):
         self.dim = dim
         self.kernels = nn.Embedding(num_queries, dim)
         self.proposal_norm = nn.LayerNorm(dim)
-        self.proposal_predictor = ClassIoUPredictor(dim, num_classes)
+        self.proposal_predictor = ClassIoUPredictor(dim=dim, num_classes=num_classes)
         self.stages = nn.ModuleList(
-            KernelUpdateStage(dim, num_queries, num_classes, ffn_dim, num_mask_fcs, kernel_size)
+            KernelUpdateStage(dim=dim, num_queries=num_queries, num_classes=num_classes,
+                              ffn_dim=ffn_dim, num_mask_fcs=num_mask_fcs, kernel_size=kernel_size)
             for _ in range(num_stages))
         nn.init.normal_(self.kernels.weight, std=dim ** -0.5)
 

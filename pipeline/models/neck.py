@@ -20,7 +20,7 @@ __all__ = ["ConvNormAct", "LevelFusion", "FPNNeck", "resize_to_stride", "coord_c
 class ConvNormAct(nn.Sequential):
     """Conv2d (no bias) -> GroupNorm -> optional ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+    def __init__(self, *, in_channels: int, out_channels: int, kernel_size: int = 3,
                  activation: bool = True) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
@@ -66,7 +66,7 @@ class LevelFusion(nn.Module):
     with ``v`` initialised to ones. ``learnable=False``: the plain average (RAP-SAM).
     """
 
-    def __init__(self, num_levels: int, learnable: bool = True, eps: float = 1e-4) -> None:
+    def __init__(self, *, num_levels: int, learnable: bool = True, eps: float = 1e-4) -> None:
         super().__init__()
         self.num_levels = num_levels
         self.learnable = learnable
@@ -102,6 +102,7 @@ class FPNNeck(nn.Module):
 
     def __init__(
         self,
+        *,
         in_channels: Sequence[int],
         strides: Sequence[int] = (4, 8, 16, 32),
         channels: int = 128,
@@ -125,9 +126,11 @@ class FPNNeck(nn.Module):
         self.lateral = nn.ModuleList(
             nn.Conv2d(c, channels, kernel_size=1) for c in in_channels)
         self.output = nn.ModuleList(
-            ConvNormAct(channels, channels, 3) for _ in in_channels)
-        self.fusion = LevelFusion(len(in_channels), learnable=use_learnable_fusion)
-        self.mask_conv = ConvNormAct(channels + (2 if use_coord else 0), channels, 3)
+            ConvNormAct(in_channels=channels, out_channels=channels, kernel_size=3)
+            for _ in in_channels)
+        self.fusion = LevelFusion(num_levels=len(in_channels), learnable=use_learnable_fusion)
+        self.mask_conv = ConvNormAct(in_channels=channels + (2 if use_coord else 0),
+                                     out_channels=channels, kernel_size=3)
         self.mask_proj = nn.Conv2d(channels, channels, kernel_size=1)
 
     def fusion_weights(self) -> Tensor | None:

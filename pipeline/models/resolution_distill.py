@@ -38,7 +38,7 @@ class SRDecoder(nn.Module):
     cores) while the two 3x3 layers before it already give each output pixel a 5x5-cell context.
     """
 
-    def __init__(self, in_channels: int, feat_channels: int, upscale: int) -> None:
+    def __init__(self, *, in_channels: int, feat_channels: int, upscale: int) -> None:
         """
         Arguments:
             in_channels: channels of the input features.
@@ -76,6 +76,7 @@ class ResolutionDistiller(nn.Module):
 
     def __init__(
         self,
+        *,
         in_channels: int,
         feat_channels: int,
         sr_loss_weight: float,
@@ -111,7 +112,7 @@ class ResolutionDistiller(nn.Module):
         self.mask_stride = int(mask_stride)
         self.size_divisibility = int(size_divisibility)
         # low-resolution mask grid -> full-resolution image
-        self.sr_decoder = SRDecoder(in_channels, feat_channels,
+        self.sr_decoder = SRDecoder(in_channels=in_channels, feat_channels=feat_channels,
                                     upscale=max(1, round(mask_stride / lr_scale)))
 
     def low_resolution(self, images_hr: Tensor) -> tuple[Tensor, tuple[int, int]]:

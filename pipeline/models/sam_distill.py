@@ -37,6 +37,7 @@ class SamDistiller(nn.Module):
 
     def __init__(
         self,
+        *,
         student_channels: Sequence[int],
         teacher_channels: Sequence[int],
         distill_feat_layers: Sequence[int],

@@ -1,4 +1,9 @@
-"""The RegSAM student: RegNet backbone -> FPN neck -> kernel head. Pure convolution.
+"""The RegSAM student: timm backbone (RegNet by default) -> FPN neck -> kernel head.
+
+Pure convolution. The student carries its input normalisation (the backbone's timm pretrained
+mean/std, as non-persistent buffers ``pixel_mean`` / ``pixel_std`` in 0-255 units):
+:meth:`RegSAMStudent.normalize` maps uint8 (or float 0-255) RGB to the backbone's input, so
+trainer, evaluation and the exported graph share one normalisation.
 
 The distillation modules (``resolution_distill``, ``sam_distill``) are training-only and live
 outside the student, so a student state dict is exactly what inference needs.
@@ -9,20 +14,19 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from pipeline.models.backbone import RegNetBackbone
+from pipeline.models.backbone import TimmBackbone
 from pipeline.models.head import KernelHead
 from pipeline.models.neck import FPNNeck
 
 __all__ = ["RegSAMStudent", "build_student"]
 
-
-
 class RegSAMStudent(nn.Module):
     """Backbone + neck + head with the output contract of ``docs/architecture.md``."""
 
-    def __init__(self, backbone: RegNetBackbone, neck: FPNNeck, head: KernelHead) -> None:
+    def __init__(self, *, backbone: TimmBackbone, neck: FPNNeck, head: KernelHead) -> None:
         super().__init__()
         if list(backbone.out_channels) != list(neck.in_channels):
             raise ValueError(f"neck in_channels {neck.in_channels} differ from backbone "
@@ -32,6 +36,23 @@ class RegSAMStudent(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.head = head
+        # Same float32 ops as ``data.transforms.normalize_images`` (tuple -> tensor, * 255.0), so
+        # an ImageNet-configured backbone sees bit-identical inputs.
+        self.register_buffer("pixel_mean", torch.tensor(backbone.pixel_mean).view(1, 3, 1, 1)
+                             * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(backbone.pixel_std).view(1, 3, 1, 1)
+                             * 255.0, persistent=False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (or float 0-255) RGB ``[B, 3, H, W]`` -> float ``[B, 3, H, W]`` backbone input:
+        ``(images - mean) / std`` with the backbone's pretrained mean/std."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be RGB [B, 3, H, W], got {tuple(images.shape)}")
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def forward_pixels(self, images: Tensor) -> dict[str, Any]:
+        """:meth:`forward` on uint8 (or float 0-255) RGB ``[B, 3, H, W]``, normalised here."""
+        return self(self.normalize(images))
 
     @property
     def neck_channels(self) -> list[int]:
@@ -58,7 +79,7 @@ class RegSAMStudent(nn.Module):
     def forward_features(self, images: Tensor) -> dict[str, Any]:
         """
         Arguments:
-            images: float ``[B, 3, H, W]``, ImageNet-normalised. H and W should be multiples of
+            images: float ``[B, 3, H, W]``, normalised (:meth:`normalize`). H and W should be multiples of
                 32 (then every level's grid is exactly aligned; training and inference pad to
                 that); other sizes work with ceil-rounded level sizes (the resolution
                 distillation's low-resolution path uses that to avoid padding).
@@ -101,11 +122,12 @@ def build_student(model_cfg: Any, num_classes: int) -> RegSAMStudent:
     kernel_size}``. The kernel dimension is the neck width.
     """
     bb, nk, hd = model_cfg.backbone, model_cfg.neck, model_cfg.head
-    backbone = RegNetBackbone(bb.name, pretrained_path=bb.pretrained_path, freeze_bn=bb.freeze_bn)
-    neck = FPNNeck(backbone.out_channels, strides=backbone.strides, channels=nk.channels,
+    backbone = TimmBackbone(name=bb.name, pretrained_path=bb.pretrained_path,
+                            freeze_bn=bb.freeze_bn)
+    neck = FPNNeck(in_channels=backbone.out_channels, strides=backbone.strides, channels=nk.channels,
                    mask_stride=nk.mask_stride, use_coord=nk.use_coord,
                    use_learnable_fusion=model_cfg.use_learnable_fusion)
-    head = KernelHead(num_classes, dim=nk.channels, num_queries=hd.num_queries,
+    head = KernelHead(num_classes=num_classes, dim=nk.channels, num_queries=hd.num_queries,
                       num_stages=hd.num_stages, ffn_dim=hd.ffn_dim,
                       num_mask_fcs=hd.num_mask_fcs, kernel_size=hd.kernel_size)
-    return RegSAMStudent(backbone, neck, head)
+    return RegSAMStudent(backbone=backbone, neck=neck, head=head)

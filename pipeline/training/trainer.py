@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data.coco_panoptic import PanopticDataset, SkipSummary, collate_panoptic
-from pipeline.data.transforms import TrainTransform, normalize_images
+from pipeline.data.transforms import TrainTransform
 from pipeline.device import resolve_device
 from pipeline.export import export_blob, load_student_weights
 from pipeline.losses.criterion import SetCriterion
@@ -588,7 +588,8 @@ class Trainer:
         if not targets:
             self.scheduler.step()
             return None
-        images = normalize_images(batch["images"].to(self.device, non_blocking=True))
+        images = self.step_module.student.normalize(
+            batch["images"].to(self.device, non_blocking=True))
         teacher = batch.get("teacher") if self.teacher is not None else None
         if teacher is not None:
             teacher = to_device(teacher, self.device)

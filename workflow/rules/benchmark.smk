@@ -40,7 +40,7 @@ rule bench_model:
     benchmark:
         "logs/benchmarks/benchmark/model.tsv"
     shell:
-        "python benchmarks/bench_model.py --config {params.configs} --threads {threads} --out {output} > {log} 2>&1"
+        "python benchmarks/bench_model.py --config {params.configs} --threads {threads} --profile --out {output} > {log} 2>&1"
 
 
 rule bench_distill:

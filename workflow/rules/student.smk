@@ -88,3 +88,69 @@ rule evaluate:
 rule predict:
     input:
         run_dir("main") / "predict" / "predictions.json",
+
+
+# Deployment (`snakemake export`): the main student as ONNX (dynamic H/W, plus onnxruntime's
+# dynamic INT8) and as a torch.export program, each evaluated on the val split through the
+# exported file alone (`evaluate --backend ...`), so PQ of every format sits beside eval/.
+rule export_onnx_run:
+    input:
+        weights=OUTPUT_ROOT / "{run}" / "final.pth",
+    output:
+        onnx=OUTPUT_ROOT / "{run}" / "export" / "student.onnx",
+        int8=OUTPUT_ROOT / "{run}" / "export" / "student.int8.onnx",
+    params:
+        size=lambda wc: f"{CONFIGS[wc.run].data.test_size} {CONFIGS[wc.run].data.test_size}",
+    threads: config["threads"]
+    log:
+        "logs/export/{run}_onnx.log",
+    benchmark:
+        "logs/benchmarks/export/{run}_onnx.tsv"
+    shell:
+        "{PY} export --checkpoint {input.weights} --format onnx --size {params.size} --dynamic "
+        "--quantize dynamic --out {output.onnx} > {log} 2>&1"
+
+
+rule export_torch_run:
+    input:
+        weights=OUTPUT_ROOT / "{run}" / "final.pth",
+    output:
+        OUTPUT_ROOT / "{run}" / "export" / "student.pt2",
+    params:
+        size=lambda wc: f"{CONFIGS[wc.run].data.test_size} {CONFIGS[wc.run].data.test_size}",
+    threads: config["threads"]
+    log:
+        "logs/export/{run}_torch.log",
+    benchmark:
+        "logs/benchmarks/export/{run}_torch.tsv"
+    shell:
+        "{PY} export --checkpoint {input.weights} --format torch-export --size {params.size} "
+        "--dynamic --out {output} > {log} 2>&1"
+
+
+rule evaluate_exported_run:
+    input:
+        VAL_JSON,
+        model=OUTPUT_ROOT / "{run}" / "export" / "{name}",
+    output:
+        OUTPUT_ROOT / "{run}" / "export" / "eval_{name}" / "metrics.json",
+    wildcard_constraints:
+        name=r"student(\.int8)?\.(onnx|pt2)",
+    params:
+        args=run_args,
+        backend=lambda wc: "onnxruntime" if wc.name.endswith(".onnx") else "torch-export",
+        out=lambda wc: run_dir(wc.run) / "export" / f"eval_{wc.name}",
+    threads: config["threads"]
+    log:
+        "logs/export/{run}_eval_{name}.log",
+    benchmark:
+        "logs/benchmarks/export/{run}_eval_{name}.tsv"
+    shell:
+        "{PY} evaluate {params.args} --backend {params.backend} --model {input.model} "
+        "--out {params.out} > {log} 2>&1"
+
+
+rule export:
+    input:
+        [run_dir("main") / "export" / f"eval_{name}" / "metrics.json"
+         for name in ("student.onnx", "student.int8.onnx", "student.pt2")],
