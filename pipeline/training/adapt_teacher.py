@@ -7,7 +7,8 @@ SAM paper's training recipe:
 * prompts come from the ground-truth segments (``pipeline.teacher.prompts``): a thing is prompted
   by its box with Gaussian corner noise (``box_prob``) or by 1..``max_points`` positive points,
   stuff by points;
-* the first round asks for SAM's three candidate masks and takes the mask loss on the best one
+* a single point is ambiguous: SAM's three candidate masks, the mask loss on the best one; a box
+  or several points ask for the fourth, single-mask output (the one the cache uses), as in SAM
   (``pipeline.losses.promptable``: focal x 20 + dice, IoU head regressed with an MSE);
 * ``corrective_rounds`` further rounds add one point drawn from the error region of the previous
   best mask (positive on a miss, negative on a false alarm) and feed that mask's logits back as
@@ -213,50 +214,63 @@ class AdaptStep(nn.Module):
             embeddings = self.sam.image_encoder(images)
         g = _generator(corrective_seed)
         # one group per image and prompt kind (segment-anything's decoder repeats one image's
-        # embedding over the prompts of a call): box prompts (things) and point prompts (padded
-        # to the most points with label -1)
+        # embedding over the prompts of a call): boxes, single points, several points (padded
+        # with label -1). As in SAM's training, only a single point is ambiguous: it gets the
+        # three-mask output with the loss on the best; a box or several points get the fourth,
+        # single-mask output, which is what the cache asks for.
         groups = []
         for b, s in enumerate(samples):
-            for box_group in (True, False):
-                m = s["is_box"] if box_group else ~s["is_box"]
+            npts = (s["labels"] >= 0).sum(dim=1)
+            for kind in ("box", "point", "points"):
+                m = (s["is_box"] if kind == "box" else
+                     ~s["is_box"] & ((npts == 1) if kind == "point" else (npts > 1)))
                 if not bool(m.any()):
                     continue
                 gr = {"emb": embeddings[b:b + 1], "boxes": None, "points": None, "labels": None,
-                      "target": s["targets"][m],
+                      "multimask": kind == "point", "target": s["targets"][m],
                       "valid": s["valid"][None].expand(int(m.sum()), -1, -1)}
-                if box_group:
+                if kind == "box":
                     gr["boxes"] = s["boxes"][m]
                 else:
-                    n = int((s["labels"][m] >= 0).sum(dim=1).max())
+                    n = int(npts[m].max())
                     gr["points"], gr["labels"] = s["points"][m][:, :n], s["labels"][m][:, :n]
                 groups.append(gr)
-        target = torch.cat([gr["target"] for gr in groups])
-        valid = torch.cat([gr["valid"] for gr in groups])
+        total = sum(gr["target"].shape[0] for gr in groups)
 
         rounds: list[dict[str, torch.Tensor]] = []
-        multimask, miou = True, None
+        ious = []
         for round_index in range(1 + a.corrective_rounds):
-            logits, ious = [], []
+            losses = {k: 0.0 for k in PROMPTABLE_TERMS}
             for gr in groups:
                 low, iou = self._decode(gr["emb"], gr["points"], gr["labels"], gr["boxes"],
-                                        gr.get("mask_input"), multimask=multimask)
-                gr["low"] = low
-                logits.append(self._to_loss_grid(low))
-                ious.append(iou)
-            losses, true_iou, best = promptable_loss(
-                torch.cat(logits), torch.cat(ious), target, valid, a.focal_weight,
-                a.dice_weight, a.iou_weight, a.focal_alpha)
+                                        gr.get("mask_input"), multimask=gr["multimask"])
+                part, true_iou, best = promptable_loss(
+                    self._to_loss_grid(low), iou, gr["target"], gr["valid"], a.focal_weight,
+                    a.dice_weight, a.iou_weight, a.focal_alpha)
+                if round_index == 0 and not gr["multimask"]:
+                    # the three-mask output is trained on every first-round prompt as well (its
+                    # best-of-three loss makes the shared decoder learn fast from scratch); the
+                    # single-mask output above is the one the cache uses
+                    low3, iou3 = self._decode(gr["emb"], gr["points"], gr["labels"], gr["boxes"],
+                                              None, multimask=True)
+                    part3, _, _ = promptable_loss(
+                        self._to_loss_grid(low3), iou3, gr["target"], gr["valid"],
+                        a.focal_weight, a.dice_weight, a.iou_weight, a.focal_alpha)
+                    part = {k: (part[k] + part3[k]) / 2 for k in PROMPTABLE_TERMS}
+                share = gr["target"].shape[0] / total  # every prompt weighs the same
+                for k in PROMPTABLE_TERMS:
+                    losses[k] = losses[k] + share * part[k]
+                gr["low"], gr["best"] = low, best
+                if round_index == 0:
+                    ious.append(true_iou.gather(1, best[:, None])[:, 0])
             rounds.append(losses)
-            if miou is None:
-                miou = true_iou.gather(1, best[:, None]).mean().detach()
             if round_index == a.corrective_rounds:
                 break
             # next round: one point in the error region of the best mask, which is also fed
             # back as the dense (mask) prompt; single-mask output from now on
-            start = 0
             for gr in groups:
                 k = gr["low"].shape[0]
-                prev_low = gr["low"].detach()[torch.arange(k), best[start:start + k]][:, None]
+                prev_low = gr["low"].detach()[torch.arange(k), gr["best"]][:, None]
                 prev = self._to_loss_grid(prev_low)[:, 0] > 0
                 cp, cl = corrective_points(prev, gr["target"], gr["valid"], g)
                 cp = (cp.to(prev.device) + 0.5) * (self.sam.image_encoder.img_size
@@ -265,8 +279,8 @@ class AdaptStep(nn.Module):
                 gr["points"] = cp if gr["points"] is None else torch.cat([gr["points"], cp], 1)
                 gr["labels"] = cl if gr["labels"] is None else torch.cat([gr["labels"], cl], 1)
                 gr["mask_input"] = prev_low
-                start += k
-            multimask = False
+                gr["multimask"] = False
+        miou = torch.cat(ious).mean().detach()
         out = {k: sum(r[k] for r in rounds) / len(rounds) for k in PROMPTABLE_TERMS}
         out["_miou"] = miou
         return out
