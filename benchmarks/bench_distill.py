@@ -203,7 +203,7 @@ def setup_overrides(workdir: Path, teacher: str, images: int, image_size: int, b
         f"data.synthetic.num_train={images}", "data.synthetic.num_val=1",
         f"data.synthetic.image_size=[{image_size}, {image_size}]",
         f"data.crop_size=[{crop}, {crop}]", "data.num_workers=0",
-        f"teacher.type={teacher}", "teacher.checkpoint=null",
+        f"teacher.type={teacher}", "teacher.checkpoint=null", "teacher_adapt.enabled=false",
         "model.backbone.pretrained_path=null", f"cache.root={workdir / 'cache'}",
         f"cache.pca_samples={images}", f"training.batch_size={batch_size}",
     ]

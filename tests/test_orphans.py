@@ -62,6 +62,7 @@ def test_killing_snakemake_stops_the_cache_teacher_job(tmp_path):
         "data": {"root": str(tmp_path / "data"),
                  "synthetic": {"num_train": 600, "num_val": 2, "image_size": [64, 64]}},
         "cache": {"root": str(tmp_path / "cache"), "pca_samples": 4, "n_workers": 1},
+        "teacher_adapt": {"enabled": False},
     }))
     spec = tmp_path / "ablation.yaml"
     spec.write_text(yaml.safe_dump({"base": str(main)}))

@@ -23,6 +23,7 @@ DISTILL_TERMS = ("loss_sr", "loss_fa", "loss_resolution_distill", "loss_feat_dis
 def overrides(tmp: Path, **extra) -> list[str]:
     ov = {
         "data.root": str(tmp / "data"), "cache.root": str(tmp / "cache"),
+        "teacher_adapt.enabled": "false",
         "data.synthetic.num_train": 4, "data.synthetic.num_val": 1,
         "data.synthetic.image_size": "[64, 96]", "data.crop_size": "[64, 64]",
         "data.num_workers": 0, "model.neck.channels": 16, "model.head.num_queries": 6,
