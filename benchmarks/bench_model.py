@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -119,7 +118,8 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: expected HxW such as 640x640, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--sizes: expected HxW such as 640x640, got {text!r}") from None
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise argparse.ArgumentTypeError(f"--sizes: {text!r} must be positive multiples of 32")
     return h, w

@@ -60,7 +60,7 @@ def watch_parent(pid: int, interval: float = 1.0) -> threading.Thread:
         started = proc.create_time()
     except psutil.Error:
         _stop(pid)
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable") from None  # pragma: no cover
     stop = threading.Event()
 
     def watch() -> None:

@@ -120,7 +120,7 @@ def test_backbone_pretrained_path_refuses_a_malicious_file(tmp_path):
     marker = tmp_path / "pwned"
     path = malicious_file(tmp_path / "regnet.pth", marker, wrap="stem.conv.weight")
     with pytest.raises(ValueError) as info:
-        RegNetBackbone("regnetx_002", pretrained_path=path)
+        RegNetBackbone(name="regnetx_002", pretrained_path=path)
     _refused(info.value, path, marker)
 
 

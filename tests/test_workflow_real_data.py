@@ -20,7 +20,10 @@ from tests.workflow_helpers import (ROOT, env, job_counts, readme_commands, run_
 
 # Aggregation rules (no shell) are not counted.
 TARGET_RULES = {"all", "ablation", "sweep", "progressive", "train_student", "evaluate", "predict"}
-CHAIN = {"cache_teacher": 1, "train_run": 1, "evaluate_run": 1, "predict_run": 1}
+# the main chain; real-data configs cache the official checkpoint as it is (no adaptation), and
+# the teacher's prompted-mask quality is evaluated once
+CHAIN = {"cache_teacher": 1, "train_run": 1, "evaluate_run": 1, "predict_run": 1,
+         "evaluate_teacher": 1}
 
 
 def expected_jobs(target: str | None, dataset: str) -> dict[str, int]:
@@ -33,7 +36,8 @@ def expected_jobs(target: str | None, dataset: str) -> dict[str, int]:
     elif target in runs:
         n = runs[target]
         jobs = dict(CHAIN) if n is None else {"cache_teacher": 1, "train_run": n,
-                                             "evaluate_run": n, "report_runs": 1}
+                                             "evaluate_run": n, "report_runs": 1,
+                                             "evaluate_teacher": 1}
     else:
         raise AssertionError(f"README command with target {target!r} has no expectation here")
     if dataset == "cityscapes" and target != "cache_teacher" or target == "convert_cityscapes":
@@ -46,7 +50,7 @@ def parse(command: str) -> tuple[str | None, str]:
     words = command.split()
     head = words[:words.index("--config")] if "--config" in words else words
     targets = [w for i, w in enumerate(head[1:], 1)
-               if not w.startswith("-") and not head[i - 1] in ("--cores", "--profile", "-c")]
+               if not w.startswith("-") and head[i - 1] not in ("--cores", "--profile", "-c")]
     main = next(w.split("=", 1)[1] for w in words if w.startswith("main="))
     assert len(targets) <= 1, command
     return (targets[0] if targets else None), main.split("/")[1]
@@ -97,7 +101,9 @@ def test_readme_profile_commands_plan_the_main_chain(real_data_workspace, comman
     res = run_snakemake(command, real_data_workspace, "-n", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     counts = {k: v for k, v in job_counts(res.stdout).items() if k not in TARGET_RULES}
-    expected = dict(CHAIN) if "main=configs/coco" in command else {**CHAIN, "synthetic_data": 1}
+    # the embedded default adapts its teacher first and evaluates it before and after
+    expected = dict(CHAIN) if "main=configs/coco" in command else {
+        **CHAIN, "synthetic_data": 1, "adapt_teacher": 1, "evaluate_teacher": 2}
     assert counts == expected, command
 
 

@@ -158,8 +158,9 @@ def check_input_size(size: Sequence[int], stride: int) -> tuple[int, int]:
 
 
 def load_student_for_export(path: Path) -> tuple[RegSAMStudent, Any, list]:
-    """(eval student, config, categories) from a run's ``final.pth``, or :class:`ExportError`
-    naming the file when it is not an exported RegSAM student."""
+    """(eval student, config, categories) from a run's ``final.pth`` (or the student part of
+    its ``checkpoints/last.pth``), or :class:`ExportError` naming the file when it is not a
+    RegSAM student."""
     from pipeline.evaluation.run import load_student
 
     path = Path(path)
@@ -169,9 +170,8 @@ def load_student_for_export(path: Path) -> tuple[RegSAMStudent, Any, list]:
         return load_student(path, "cpu")
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise ExportError(
-            f"--checkpoint {path} is not a RegSAM student (a run's final.pth written by "
-            f"`python -m pipeline train`; training checkpoints/last.pth and other models are "
-            f"not): {exc}") from exc
+            f"--checkpoint {path} is not a RegSAM student (pass a run's final.pth written by "
+            f"`python -m pipeline train`, or its checkpoints/last.pth): {exc}") from exc
 
 
 def _deploy_module(student: RegSAMStudent, example: Tensor, fold: bool) -> DeployStudent:

@@ -100,15 +100,18 @@ rule export_onnx_run:
         onnx=OUTPUT_ROOT / "{run}" / "export" / "student.onnx",
         int8=OUTPUT_ROOT / "{run}" / "export" / "student.int8.onnx",
     params:
+        cli=PY,
         size=lambda wc: f"{CONFIGS[wc.run].data.test_size} {CONFIGS[wc.run].data.test_size}",
     threads: config["threads"]
+    conda:
+        "../../environment.yml"
     log:
         "logs/export/{run}_onnx.log",
     benchmark:
         "logs/benchmarks/export/{run}_onnx.tsv"
     shell:
-        "{PY} export --checkpoint {input.weights} --format onnx --size {params.size} --dynamic "
-        "--quantize dynamic --out {output.onnx} > {log} 2>&1"
+        "{params.cli} export --checkpoint {input.weights:q} --format onnx --size {params.size} "
+        "--dynamic --quantize dynamic --out {output.onnx:q} > {log:q} 2>&1"
 
 
 rule export_torch_run:
@@ -117,15 +120,18 @@ rule export_torch_run:
     output:
         OUTPUT_ROOT / "{run}" / "export" / "student.pt2",
     params:
+        cli=PY,
         size=lambda wc: f"{CONFIGS[wc.run].data.test_size} {CONFIGS[wc.run].data.test_size}",
     threads: config["threads"]
+    conda:
+        "../../environment.yml"
     log:
         "logs/export/{run}_torch.log",
     benchmark:
         "logs/benchmarks/export/{run}_torch.tsv"
     shell:
-        "{PY} export --checkpoint {input.weights} --format torch-export --size {params.size} "
-        "--dynamic --out {output} > {log} 2>&1"
+        "{params.cli} export --checkpoint {input.weights:q} --format torch-export "
+        "--size {params.size} --dynamic --out {output:q} > {log:q} 2>&1"
 
 
 rule evaluate_exported_run:
@@ -137,17 +143,20 @@ rule evaluate_exported_run:
     wildcard_constraints:
         name=r"student(\.int8)?\.(onnx|pt2)",
     params:
+        cli=PY,
         args=run_args,
         backend=lambda wc: "onnxruntime" if wc.name.endswith(".onnx") else "torch-export",
         out=lambda wc: run_dir(wc.run) / "export" / f"eval_{wc.name}",
     threads: config["threads"]
+    conda:
+        "../../environment.yml"
     log:
         "logs/export/{run}_eval_{name}.log",
     benchmark:
         "logs/benchmarks/export/{run}_eval_{name}.tsv"
     shell:
-        "{PY} evaluate {params.args} --backend {params.backend} --model {input.model} "
-        "--out {params.out} > {log} 2>&1"
+        "{params.cli} evaluate {params.args} --backend {params.backend} --model {input.model:q} "
+        "--out {params.out:q} > {log:q} 2>&1"
 
 
 rule export:
