@@ -11,21 +11,12 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.synthetic import generate_synthetic_coco_panoptic
 from pipeline.data.transforms import normalize_images
 from pipeline.evaluation.run import evaluate_checkpoint, load_student
 from pipeline.models.student import build_student
 from pipeline.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_coco_panoptic(root, num_train=4, num_val=2, image_size=(64, 64), seed=3,
-                                     progress=False)
-    return root
 
 
 def test_default_config_normalisation_is_bit_identical_to_normalize_images():

@@ -10,19 +10,10 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.synthetic import generate_synthetic_coco_panoptic
 from pipeline.training.checkpoint import CheckpointReadError, load_checkpoint
 from pipeline.training.trainer import NonFiniteParameterError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_coco_panoptic(root, num_train=4, num_val=2, image_size=(64, 64), seed=3,
-                                     progress=False)
-    return root
 
 
 def cfg_for(data_root: Path, *extra: str):

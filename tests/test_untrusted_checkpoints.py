@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.synthetic import generate_synthetic_coco_panoptic
 from pipeline.training.checkpoint import CheckpointReadError, UntrustedCheckpointError
 from pipeline.training.trainer import Trainer
 
@@ -37,14 +36,6 @@ def malicious_file(path: Path, marker: Path, wrap: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_coco_panoptic(root, num_train=4, num_val=2, image_size=(64, 64), seed=3,
-                                     progress=False)
-    return root
 
 
 def tiny_cfg(data_root: Path, *extra: str):
