@@ -57,8 +57,9 @@ BASE = REPO / "configs" / "base.yaml"
 # ------------------------------------------------------------------------------ data
 def make_dataset(root: Path, num_images: int) -> None:
     """Synthetic 1024 x 1024 images; every second one cropped to 768 x 1024 (H x W)."""
-    paths = generate_synthetic_coco_panoptic(root, num_train=num_images, num_val=1,
-                                             image_size=(1024, 1024), progress=False)
+    paths = generate_synthetic_coco_panoptic(
+        root, num_train=num_images, num_val=1, image_size=(1024, 1024), progress=False
+    )
     image_dir, json_path, png_dir = paths["train"]
     doc = json.loads(json_path.read_text())
     for k in range(1, num_images, 2):
@@ -74,10 +75,20 @@ def make_dataset(root: Path, num_images: int) -> None:
 
 
 def config(root: Path, teacher: str, dtype: str, threads: int, num_images: int):
-    return load_config(BASE, [
-        f"teacher.type={teacher}", "data.dataset=coco_panoptic", f"data.root={root / 'data'}",
-        f"cache.root={root / 'cache'}", f"cache.dtype={dtype}", f"cache.pca_samples={num_images}",
-        "cache.channels=64", "cache.mask_size=64", f"cache.threads_per_worker={threads}"])
+    return load_config(
+        BASE,
+        [
+            f"teacher.type={teacher}",
+            "data.dataset=coco_panoptic",
+            f"data.root={root / 'data'}",
+            f"cache.root={root / 'cache'}",
+            f"cache.dtype={dtype}",
+            f"cache.pca_samples={num_images}",
+            "cache.channels=64",
+            "cache.mask_size=64",
+            f"cache.threads_per_worker={threads}",
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -100,8 +111,9 @@ class _Fetch(Dataset):
 def read_throughput(cache: TeacherCache, ids: list[str], workers: int, repeats: int) -> float:
     """Images per second over a DataLoader pass, timed from the first item (worker start-up
     excluded)."""
-    loader = DataLoader(_Fetch(cache, ids, repeats), batch_size=None, num_workers=workers,
-                        shuffle=False)
+    loader = DataLoader(
+        _Fetch(cache, ids, repeats), batch_size=None, num_workers=workers, shuffle=False
+    )
     it = iter(loader)
     next(it)
     start = time.perf_counter()
@@ -110,11 +122,20 @@ def read_throughput(cache: TeacherCache, ids: list[str], workers: int, repeats: 
 
 
 def default_vit_h_layout() -> CacheLayout:
-    return CacheLayout(image_ids=["x"], level_names=["block7", "block15", "block23", "neck"],
-                       teacher_channels=[1280, 1280, 1280, 256], level_channels=[64] * 4,
-                       grid_sizes=[(64, 64)] * 4, input_size=1024, mask_size=64,
-                       max_segments=200, embed_dim=256, dtype="float16", compressor="zstd",
-                       clevel=5)
+    return CacheLayout(
+        image_ids=["x"],
+        level_names=["block7", "block15", "block23", "neck"],
+        teacher_channels=[1280, 1280, 1280, 256],
+        level_channels=[64] * 4,
+        grid_sizes=[(64, 64)] * 4,
+        input_size=1024,
+        mask_size=64,
+        max_segments=200,
+        embed_dim=256,
+        dtype="float16",
+        compressor="zstd",
+        clevel=5,
+    )
 
 
 # ------------------------------------------------------------------------------ main
@@ -178,14 +199,18 @@ def main() -> None:
             info = inspect_cache(path)
             rows[dtype].update(
                 fetch_ms=1e3 * statistics.median(fetch),
-                bytes_mean=info["bytes_per_image"]["mean"], bytes_max=info["bytes_per_image"]["max"],
+                bytes_mean=info["bytes_per_image"]["mean"],
+                bytes_max=info["bytes_per_image"]["max"],
                 cos_min=min(min(v) for v in cos.values()),
                 cos_mean=statistics.mean(x for v in cos.values() for x in v),
                 cos_levels={k: min(v) for k, v in cos.items()},
                 mask_cos=min(mask_cos),
                 segments=statistics.mean(len(r["segment_ids"]) for r in references),
-                throughput={w: read_throughput(cache, ids, w, args.loader_repeats)
-                            for w in args.loader_workers})
+                throughput={
+                    w: read_throughput(cache, ids, w, args.loader_repeats)
+                    for w in args.loader_workers
+                },
+            )
         live_s = statistics.median(live_times)
         layout = CacheStore.open(caches["float16"]).layout
     finally:
@@ -213,8 +238,10 @@ def main() -> None:
     ]
     for dtype in ("float16", "int8"):
         r = rows[dtype]
-        lines.append(f"| cached `TeacherCache.get` ({dtype}) | {r['fetch_ms']:.2f} ms | "
-                     f"{live_s * 1e3 / r['fetch_ms']:,.0f}x |")
+        lines.append(
+            f"| cached `TeacherCache.get` ({dtype}) | {r['fetch_ms']:.2f} ms | "
+            f"{live_s * 1e3 / r['fetch_ms']:,.0f}x |"
+        )
     lines += [
         "",
         "## (b) size and fidelity",
@@ -225,32 +252,47 @@ def main() -> None:
     for dtype in ("float16", "int8"):
         r = rows[dtype]
         lay = dataclasses.replace(layout, dtype=dtype)
-        lines.append(f"| {dtype} | {r['bytes_mean'] / 1e6:.3f} MB / {r['bytes_max'] / 1e6:.3f} MB | "
-                     f"{raw_bytes_per_image(lay, round(segs)) / 1e6:.3f} MB | "
-                     f"{r['cos_min']:.6f} / {r['cos_mean']:.6f} | {r['mask_cos']:.6f} | "
-                     f"{r['build_s']:.0f} s |")
-    lines += ["", "Per-level minimum feature cosine: "
-              + "; ".join(f"{d}: " + ", ".join(f"{k} {v:.6f}" for k, v in rows[d]["cos_levels"].items())
-                          for d in ("float16", "int8")),
-              "",
-              "PCA explained variance (fitted on the same images): "
-              + ", ".join(f"{k} {100 * v['explained_variance_ratio']:.1f}%"
-                          for k, v in pca16["levels"].items()) + ".",
-              "",
-              "Default settings, vit_h widths (4 levels of 64 channels at 64x64, 64x64 masks), "
-              "uncompressed per image: "
-              + ", ".join(f"{m} segments {raw_bytes_per_image(default, m) / 1e6:.3f} MB"
-                          for m in (11, 50, default.max_segments))
-              + f" (float16; the padded capacity is max_segments = {default.max_segments}). "
-              "Budget: 4 MB.",
-              "",
-              "## (c) read throughput (`TeacherCache.get` through a DataLoader)",
-              "",
-              "| DataLoader workers | " + " | ".join(str(w) for w in args.loader_workers) + " |",
-              "|---|" + "---:|" * len(args.loader_workers)]
+        lines.append(
+            f"| {dtype} | {r['bytes_mean'] / 1e6:.3f} MB / {r['bytes_max'] / 1e6:.3f} MB | "
+            f"{raw_bytes_per_image(lay, round(segs)) / 1e6:.3f} MB | "
+            f"{r['cos_min']:.6f} / {r['cos_mean']:.6f} | {r['mask_cos']:.6f} | "
+            f"{r['build_s']:.0f} s |"
+        )
+    lines += [
+        "",
+        "Per-level minimum feature cosine: "
+        + "; ".join(
+            f"{d}: " + ", ".join(f"{k} {v:.6f}" for k, v in rows[d]["cos_levels"].items())
+            for d in ("float16", "int8")
+        ),
+        "",
+        "PCA explained variance (fitted on the same images): "
+        + ", ".join(
+            f"{k} {100 * v['explained_variance_ratio']:.1f}%" for k, v in pca16["levels"].items()
+        )
+        + ".",
+        "",
+        "Default settings, vit_h widths (4 levels of 64 channels at 64x64, 64x64 masks), "
+        "uncompressed per image: "
+        + ", ".join(
+            f"{m} segments {raw_bytes_per_image(default, m) / 1e6:.3f} MB"
+            for m in (11, 50, default.max_segments)
+        )
+        + f" (float16; the padded capacity is max_segments = {default.max_segments}). "
+        "Budget: 4 MB.",
+        "",
+        "## (c) read throughput (`TeacherCache.get` through a DataLoader)",
+        "",
+        "| DataLoader workers | " + " | ".join(str(w) for w in args.loader_workers) + " |",
+        "|---|" + "---:|" * len(args.loader_workers),
+    ]
     for dtype in ("float16", "int8"):
         tp = rows[dtype]["throughput"]
-        lines.append(f"| {dtype} images/s | " + " | ".join(f"{tp[w]:.0f}" for w in args.loader_workers) + " |")
+        lines.append(
+            f"| {dtype} images/s | "
+            + " | ".join(f"{tp[w]:.0f}" for w in args.loader_workers)
+            + " |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     write_report(text, args.out, "bench_cache")

@@ -79,8 +79,12 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.config import Config, load_config
-from pipeline.evaluation.complexity import (complexity_table, device_description, load_average,
-                                            write_report)
+from pipeline.evaluation.complexity import (
+    complexity_table,
+    device_description,
+    load_average,
+    write_report,
+)
 from pipeline.device import resolve_device
 
 DEFAULT_CONFIG = "configs/reg_sam/regnet_distill.yaml"
@@ -120,11 +124,13 @@ class RowSpec:
 
 
 def _switches(fusion: bool, resolution: bool, sam: bool) -> tuple[str, ...]:
-    return (f"model.use_learnable_fusion={str(fusion).lower()}",
-            f"model.use_resolution_distill={str(resolution).lower()}",
-            f"model.use_sam_distill={str(sam).lower()}",
-            # the live row swaps the teacher in after building (on the benchmark's device)
-            "model.sam_distill.teacher_mode=cache")
+    return (
+        f"model.use_learnable_fusion={str(fusion).lower()}",
+        f"model.use_resolution_distill={str(resolution).lower()}",
+        f"model.use_sam_distill={str(sam).lower()}",
+        # the live row swaps the teacher in after building (on the benchmark's device)
+        "model.sam_distill.teacher_mode=cache",
+    )
 
 
 ROWS: tuple[RowSpec, ...] = (
@@ -138,10 +144,15 @@ ROWS: tuple[RowSpec, ...] = (
 
 # --decompose: what the resolution distillation row is made of, between the fusion row and it
 PARTS: tuple[RowSpec, ...] = (
-    RowSpec("rd_lr_path", "  (low-resolution pass only)", _switches(True, True, False),
-            part="lr_path"),
-    RowSpec("rd_lr_path_sr", "  (low-resolution pass + loss_sr)", _switches(True, True, False),
-            part="lr_path_sr"),
+    RowSpec(
+        "rd_lr_path", "  (low-resolution pass only)", _switches(True, True, False), part="lr_path"
+    ),
+    RowSpec(
+        "rd_lr_path_sr",
+        "  (low-resolution pass + loss_sr)",
+        _switches(True, True, False),
+        part="lr_path_sr",
+    ),
 )
 
 
@@ -161,16 +172,18 @@ def _partial_resolution_distill(distiller: Any, part: str) -> Any:
     """
     import torch.nn.functional as F
 
-    def forward(student: Any, images_hr: torch.Tensor, feats_hr: dict[str, Any]
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        student: Any, images_hr: torch.Tensor, feats_hr: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
         images_lr, _ = distiller.low_resolution(images_hr)
         feat_lr = student.forward_features(images_lr)["mask_features"]
         total = 0.0 * feat_lr.float().mean()
         if part == "lr_path_sr":
             recon = distiller.sr_decoder(feat_lr)
             if recon.shape[-2:] != images_hr.shape[-2:]:
-                recon = F.interpolate(recon, size=images_hr.shape[-2:], mode="bilinear",
-                                      align_corners=False)
+                recon = F.interpolate(
+                    recon, size=images_hr.shape[-2:], mode="bilinear", align_corners=False
+                )
             total = total + distiller.sr_loss_weight * F.mse_loss(recon.float(), images_hr.float())
         return {"loss_resolution_distill": total}
 
@@ -187,30 +200,44 @@ def _apply_part(trainer: Any, row: RowSpec) -> None:
 
 
 # ----------------------------------------------------------------------------- setup
-def setup_overrides(workdir: Path, teacher: str, images: int, image_size: int, batch_size: int,
-                    crop: int) -> list[str]:
+def setup_overrides(
+    workdir: Path, teacher: str, images: int, image_size: int, batch_size: int, crop: int
+) -> list[str]:
     """Overrides that point a config at the benchmark's own data and cache under ``workdir``.
 
     Any student config works (e.g. ``configs/coco/regnet_distill.yaml``): the dataset becomes the
     synthetic one at the synthetic layout's split paths, and the teacher and backbone get random
     weights (no checkpoint files are read).
     """
-    splits = [f"data.{split}.{key}={value}" for split in ("train", "val")
-              for key, value in (("images", split), ("json", f"annotations/panoptic_{split}.json"),
-                                 ("png_dir", f"annotations/panoptic_{split}"))]
+    splits = [
+        f"data.{split}.{key}={value}"
+        for split in ("train", "val")
+        for key, value in (
+            ("images", split),
+            ("json", f"annotations/panoptic_{split}.json"),
+            ("png_dir", f"annotations/panoptic_{split}"),
+        )
+    ]
     return [
-        "data.dataset=synthetic", f"data.root={workdir / 'data'}", *splits,
-        f"data.synthetic.num_train={images}", "data.synthetic.num_val=1",
+        "data.dataset=synthetic",
+        f"data.root={workdir / 'data'}",
+        *splits,
+        f"data.synthetic.num_train={images}",
+        "data.synthetic.num_val=1",
         f"data.synthetic.image_size=[{image_size}, {image_size}]",
-        f"data.crop_size=[{crop}, {crop}]", "data.num_workers=0",
-        f"teacher.type={teacher}", "teacher.checkpoint=null", "teacher_adapt.enabled=false",
-        "model.backbone.pretrained_path=null", f"cache.root={workdir / 'cache'}",
-        f"cache.pca_samples={images}", f"training.batch_size={batch_size}",
+        f"data.crop_size=[{crop}, {crop}]",
+        "data.num_workers=0",
+        f"teacher.type={teacher}",
+        "teacher.checkpoint=null",
+        "teacher_adapt.enabled=false",
+        "model.backbone.pretrained_path=null",
+        f"cache.root={workdir / 'cache'}",
+        f"cache.pca_samples={images}",
+        f"training.batch_size={batch_size}",
     ]
 
 
-def prepare(config: str | Path, overrides: Sequence[str], progress: bool = False
-            ) -> dict[str, Any]:
+def prepare(config: str | Path, overrides: Sequence[str], progress: bool = False) -> dict[str, Any]:
     """Write the synthetic dataset and build (or reuse) the teacher cache of its train split.
 
     Returns:
@@ -223,9 +250,16 @@ def prepare(config: str | Path, overrides: Sequence[str], progress: bool = False
 
     cfg = load_config(config, list(overrides))
     s = cfg.data.synthetic
-    generate_synthetic_coco_panoptic(cfg.data.root, s.num_train, s.num_val, tuple(s.image_size),
-                                     s.num_thing_classes, s.num_stuff_classes, s.seed,
-                                     progress=progress)
+    generate_synthetic_coco_panoptic(
+        cfg.data.root,
+        s.num_train,
+        s.num_val,
+        tuple(s.image_size),
+        s.num_thing_classes,
+        s.num_stuff_classes,
+        s.seed,
+        progress=progress,
+    )
     start = time.perf_counter()
     path = build_cache(cfg, "train", n_workers=1, progress=progress)
     cache = TeacherCache(path)
@@ -233,10 +267,14 @@ def prepare(config: str | Path, overrides: Sequence[str], progress: bool = False
     return {
         "cache": str(path),
         "build_s": time.perf_counter() - start,
-        "layout": {"teacher": cfg.teacher.type, "input_size": cache.input_size,
-                   "levels": cache.level_names, "channels": cache.level_channels,
-                   "grid": list(first["features"][0].shape[-2:]),
-                   "mask_size": int(first["mask_logits"].shape[-1])},
+        "layout": {
+            "teacher": cfg.teacher.type,
+            "input_size": cache.input_size,
+            "levels": cache.level_names,
+            "channels": cache.level_channels,
+            "grid": list(first["features"][0].shape[-2:]),
+            "mask_size": int(first["mask_logits"].shape[-1]),
+        },
     }
 
 
@@ -309,8 +347,9 @@ def batch_digest(batch: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def first_batch(cfg: Config, with_teacher: bool, keep_float16: bool = False
-                ) -> tuple[Any, list[int], dict[str, Any], float | None]:
+def first_batch(
+    cfg: Config, with_teacher: bool, keep_float16: bool = False
+) -> tuple[Any, list[int], dict[str, Any], float | None]:
     """The first batch a training run of ``cfg`` sees, built as its DataLoader builds it.
 
     Arguments:
@@ -325,8 +364,12 @@ def first_batch(cfg: Config, with_teacher: bool, keep_float16: bool = False
         teacher lookups of the whole batch in ms (None without teacher).
     """
     from pipeline.training.teacher_source import TeacherSource
-    from pipeline.training.trainer import (EpochIndexed, ResumableBatchSampler, build_datasets,
-                                           collate_training_batch)
+    from pipeline.training.trainer import (
+        EpochIndexed,
+        ResumableBatchSampler,
+        build_datasets,
+        collate_training_batch,
+    )
 
     dataset = build_datasets(cfg)
     n = len(dataset)
@@ -354,9 +397,11 @@ def _row_config(spec: dict[str, Any], row: RowSpec, steps: int) -> Config:
     """The row's config; refuses one whose schedule ends before ``steps`` steps."""
     cfg = load_config(spec["config"], [*spec["overrides"], *row.overrides])
     if cfg.training.max_iters < steps:
-        raise ValueError(f"training.max_iters={cfg.training.max_iters} is below the {steps} steps "
-                         f"row {row.key!r} takes (warm-up + timed + counted): the schedule "
-                         "would end")
+        raise ValueError(
+            f"training.max_iters={cfg.training.max_iters} is below the {steps} steps "
+            f"row {row.key!r} takes (warm-up + timed + counted): the schedule "
+            "would end"
+        )
     return cfg
 
 
@@ -402,8 +447,9 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     memory = PeakMemory(device)
     memory.start()
     # the live row warms up on cached targets (same shapes as the live ones)
-    dataset, keys, batch, teacher_ms = first_batch(cfg, with_teacher=row.teacher is not None,
-                                                   keep_float16=device.type == "cuda")
+    dataset, keys, batch, teacher_ms = first_batch(
+        cfg, with_teacher=row.teacher is not None, keep_float16=device.type == "cuda"
+    )
     n = len(dataset)
     digest = batch_digest(batch)
 
@@ -412,8 +458,9 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         from pipeline.cache.live import LiveTeacher
 
         live = LiveTeacher(cfg, trainer.teacher.path, device=str(device))
-        trainer.teacher = TeacherSource(trainer.teacher.cache, live,
-                                        keep_float16=trainer.teacher.keep_float16)
+        trainer.teacher = TeacherSource(
+            trainer.teacher.cache, live, keep_float16=trainer.teacher.keep_float16
+        )
     trainer.step_module.train()
 
     for it in range(warmup):
@@ -427,8 +474,9 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         if row.teacher == "live":
             # the teacher inline on the batch's original images; TrainStep warps its outputs
-            items = [trainer.teacher.lookup(dataset, k % n, t)
-                     for k, t in zip(keys, batch["targets"])]
+            items = [
+                trainer.teacher.lookup(dataset, k % n, t) for k, t in zip(keys, batch["targets"])
+            ]
             batch["teacher"] = stack_teacher_items(items)
             _sync(device)
             live_times.append(time.perf_counter() - start)
@@ -457,8 +505,8 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_mb": peak_mb,
         "peak_before_row": peak_before_row,
         "step_gflop": step_gflop,
-        "params_m": sum(p.numel() for p in trainer.step_module.parameters()
-                        if p.requires_grad) / 1e6,
+        "params_m": sum(p.numel() for p in trainer.step_module.parameters() if p.requires_grad)
+        / 1e6,
         "teacher_ms": teacher_ms,
         "terms": sorted((record or {}).keys()),
         "digest": digest,
@@ -492,8 +540,9 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     built = []
     for row in rows:
         cfg = _row_config(spec, row, warmup + iters)
-        _, _, batch, _ = first_batch(cfg, with_teacher=row.teacher is not None,
-                                     keep_float16=device.type == "cuda")
+        _, _, batch, _ = first_batch(
+            cfg, with_teacher=row.teacher is not None, keep_float16=device.type == "cuda"
+        )
         trainer = _row_trainer(cfg, spec, row, f"{row.key}_interleaved")
         trainer.step_module.train()
         built.append((row, trainer, batch))
@@ -507,8 +556,10 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
             _sync(device)
             if it >= warmup:
                 times[row.key].append(time.perf_counter() - start)
-    return {"step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-            "digests": {row.key: batch_digest(batch) for row, _, batch in built}}
+    return {
+        "step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "digests": {row.key: batch_digest(batch) for row, _, batch in built},
+    }
 
 
 def run_row_isolated(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -525,19 +576,38 @@ def run_row_isolated(spec: dict[str, Any], env: dict[str, str] | None = None) ->
         env = dict(os.environ if env is None else env)
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
-                               str(spec_path), str(out_path)], env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                str(spec_path),
+                str(out_path),
+            ],
+            env=env,
+        )
         if proc.returncode != 0 or not out_path.is_file():
-            raise RuntimeError(f"row {what!r} failed in its subprocess (exit code "
-                               f"{proc.returncode}); its traceback is on stderr above")
+            raise RuntimeError(
+                f"row {what!r} failed in its subprocess (exit code "
+                f"{proc.returncode}); its traceback is on stderr above"
+            )
         return json.loads(out_path.read_text())
 
 
-def measure_rows(config: str | Path, overrides: Sequence[str], rows: Sequence[RowSpec],
-                 workdir: str | Path, device: str = "auto", threads: int | None = None,
-                 warmup: int = 1, iters: int = 3, live_iters: int = 1, rounds: int = 1,
-                 env: dict[str, str] | None = None, progress: bool = True
-                 ) -> list[dict[str, Any]]:
+def measure_rows(
+    config: str | Path,
+    overrides: Sequence[str],
+    rows: Sequence[RowSpec],
+    workdir: str | Path,
+    device: str = "auto",
+    threads: int | None = None,
+    warmup: int = 1,
+    iters: int = 3,
+    live_iters: int = 1,
+    rounds: int = 1,
+    env: dict[str, str] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Measure every row and add the ratios (see :func:`add_ratios`).
 
     Two kinds of fresh processes:
@@ -568,36 +638,63 @@ def measure_rows(config: str | Path, overrides: Sequence[str], rows: Sequence[Ro
     if not rows:
         raise ValueError("measure_rows: no rows to measure")
     if iters < 1 or live_iters < 1 or warmup < 0 or rounds < 1:
-        raise ValueError(f"need iters >= 1, live_iters >= 1, warmup >= 0 and rounds >= 1, got "
-                         f"{iters}, {live_iters}, {warmup}, {rounds}")
-    common = {"config": str(config), "overrides": list(overrides), "device": device,
-              "threads": threads, "warmup": warmup, "iters": iters, "live_iters": live_iters,
-              "workdir": str(workdir)}
+        raise ValueError(
+            f"need iters >= 1, live_iters >= 1, warmup >= 0 and rounds >= 1, got "
+            f"{iters}, {live_iters}, {warmup}, {rounds}"
+        )
+    common = {
+        "config": str(config),
+        "overrides": list(overrides),
+        "device": device,
+        "threads": threads,
+        "warmup": warmup,
+        "iters": iters,
+        "live_iters": live_iters,
+        "workdir": str(workdir),
+    }
     side_by_side = [r for r in rows if r.teacher != "live"]
     total = len(rows) + (rounds if side_by_side else 0)
     alone: dict[str, dict[str, Any]] = {}
     for n, row in enumerate(rows, 1):
         if progress:
-            print(f"[bench_distill] {n}/{total} row {row.key} alone: {warmup} warm-up + "
-                  f"{live_iters if row.teacher == 'live' else iters} timed steps",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[bench_distill] {n}/{total} row {row.key} alone: {warmup} warm-up + "
+                f"{live_iters if row.teacher == 'live' else iters} timed steps",
+                file=sys.stderr,
+                flush=True,
+            )
         alone[row.key] = run_row_isolated({**common, "row": dataclasses.asdict(row)}, env)
     interleaved = []
     for k in range(rounds if side_by_side else 0):
         if progress:
-            print(f"[bench_distill] {len(rows) + k + 1}/{total} rows side by side: "
-                  f"{len(side_by_side)} x ({warmup} warm-up + {iters} timed steps)",
-                  file=sys.stderr, flush=True)
-        interleaved.append(run_row_isolated(
-            {**common, "rows": [dataclasses.asdict(r) for r in side_by_side]}, env))
+            print(
+                f"[bench_distill] {len(rows) + k + 1}/{total} rows side by side: "
+                f"{len(side_by_side)} x ({warmup} warm-up + {iters} timed steps)",
+                file=sys.stderr,
+                flush=True,
+            )
+        interleaved.append(
+            run_row_isolated({**common, "rows": [dataclasses.asdict(r) for r in side_by_side]}, env)
+        )
     digests = {f"{key}#alone": r["digest"][:12] for key, r in alone.items()}
-    digests.update({f"{key}#{i}": d[:12] for i, run in enumerate(interleaved)
-                    for key, d in run["digests"].items()})
+    digests.update(
+        {
+            f"{key}#{i}": d[:12]
+            for i, run in enumerate(interleaved)
+            for key, d in run["digests"].items()
+        }
+    )
     if len(set(digests.values())) != 1:
         raise RuntimeError(f"the rows did not train on the same batch (sha256 per run: {digests})")
-    return add_ratios([combine_runs(alone[r.key], [run["step_ms"][r.key] for run in interleaved
-                                                   if r.key in run["step_ms"]])
-                       for r in rows])
+    return add_ratios(
+        [
+            combine_runs(
+                alone[r.key],
+                [run["step_ms"][r.key] for run in interleaved if r.key in run["step_ms"]],
+            )
+            for r in rows
+        ]
+    )
 
 
 def combine_runs(alone: dict[str, Any], round_ms: Sequence[float]) -> dict[str, Any]:
@@ -631,27 +728,33 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One Markdown-table row per result (column name -> value)."""
     out = []
     for r in results:
-        teacher = {None: "–", "cache": "cache fetch, in DataLoader workers (overlapped; not "
-                   "in the step time)", "live": "live teacher, inline (in the step time)"
-                   }[r["teacher"]]
-        out.append({
-            "row": r["label"],
-            "step ms": r["step_ms"],
-            "step ms per process": " / ".join(f"{v:.0f}" for v in r["round_ms"]) or "–",
-            "step ms alone": r["alone_ms"],
-            "time x baseline": r["time_ratio"],
-            "added time (x baseline)": r["time_added"],
-            "peak memory MB": r["peak_mb"],
-            "memory x baseline": r["mem_ratio"],
-            "added memory (x baseline)": r["mem_added"],
-            "step GFLOP": r.get("step_gflop"),
-            "GFLOP x baseline": (r["step_gflop"] / results[0]["step_gflop"]
-                                 if r.get("step_gflop") and results[0].get("step_gflop")
-                                 else None),
-            "trainable params M": r["params_m"],
-            "teacher fetch ms/batch": r["teacher_ms"],
-            "teacher targets": teacher,
-        })
+        teacher = {
+            None: "–",
+            "cache": "cache fetch, in DataLoader workers (overlapped; not in the step time)",
+            "live": "live teacher, inline (in the step time)",
+        }[r["teacher"]]
+        out.append(
+            {
+                "row": r["label"],
+                "step ms": r["step_ms"],
+                "step ms per process": " / ".join(f"{v:.0f}" for v in r["round_ms"]) or "–",
+                "step ms alone": r["alone_ms"],
+                "time x baseline": r["time_ratio"],
+                "added time (x baseline)": r["time_added"],
+                "peak memory MB": r["peak_mb"],
+                "memory x baseline": r["mem_ratio"],
+                "added memory (x baseline)": r["mem_added"],
+                "step GFLOP": r.get("step_gflop"),
+                "GFLOP x baseline": (
+                    r["step_gflop"] / results[0]["step_gflop"]
+                    if r.get("step_gflop") and results[0].get("step_gflop")
+                    else None
+                ),
+                "trainable params M": r["params_m"],
+                "teacher fetch ms/batch": r["teacher_ms"],
+                "teacher targets": teacher,
+            }
+        )
     return out
 
 
@@ -665,30 +768,40 @@ def goal_lines(results: Sequence[dict[str, Any]]) -> list[str]:
         ratio = "time_ratio" if quantity == "time" else "mem_ratio"
         added = r[ratio] - b[ratio]
         verdict = "met" if added <= limit else "NOT met"
-        lines.append(f"- {r['label']}: adds {100 * added:+.1f} % {quantity} of the baseline "
-                     f"to '{b['label']}' (goal <= +{100 * limit:.0f} %): **{verdict}**")
+        lines.append(
+            f"- {r['label']}: adds {100 * added:+.1f} % {quantity} of the baseline "
+            f"to '{b['label']}' (goal <= +{100 * limit:.0f} %): **{verdict}**"
+        )
     parts = [by_key.get(p.key) for p in PARTS]
     fusion, full = by_key.get("fusion"), by_key.get("resolution_distill")
     if all(parts) and fusion and full:
         lr, sr = (p["time_ratio"] for p in parts)
-        lines.append(f"- resolution distillation, time by part (x baseline): low-resolution pass "
-                     f"{100 * (lr - fusion['time_ratio']):+.1f} %, SR decoder + loss_sr "
-                     f"{100 * (sr - lr):+.1f} %, loss_fa {100 * (full['time_ratio'] - sr):+.1f} %")
+        lines.append(
+            f"- resolution distillation, time by part (x baseline): low-resolution pass "
+            f"{100 * (lr - fusion['time_ratio']):+.1f} %, SR decoder + loss_sr "
+            f"{100 * (sr - lr):+.1f} %, loss_fa {100 * (full['time_ratio'] - sr):+.1f} %"
+        )
         base = results[0].get("step_gflop")
         if base and parts[0].get("step_gflop") and fusion.get("step_gflop"):
-            lines.append(f"- the low-resolution pass alone adds "
-                         f"{100 * (parts[0]['step_gflop'] - fusion['step_gflop']) / base:+.1f} % "
-                         "of the baseline's FLOPs")
+            lines.append(
+                f"- the low-resolution pass alone adds "
+                f"{100 * (parts[0]['step_gflop'] - fusion['step_gflop']) / base:+.1f} % "
+                "of the baseline's FLOPs"
+            )
     live, cached = by_key.get("sam_live"), by_key.get("sam_cache")
     if live and cached and cached["teacher_ms"]:
-        lines.append(f"- teacher targets per batch: live {live['teacher_ms']:,.0f} ms vs cached "
-                     f"fetch {cached['teacher_ms']:,.1f} ms ({live['teacher_ms'] / cached['teacher_ms']:,.0f}x); "
-                     f"live step / cached step = {live['step_ms'] / cached['step_ms']:,.1f}x, "
-                     f"memory {live['peak_mb'] / cached['peak_mb']:,.2f}x")
+        lines.append(
+            f"- teacher targets per batch: live {live['teacher_ms']:,.0f} ms vs cached "
+            f"fetch {cached['teacher_ms']:,.1f} ms ({live['teacher_ms'] / cached['teacher_ms']:,.0f}x); "
+            f"live step / cached step = {live['step_ms'] / cached['step_ms']:,.1f}x, "
+            f"memory {live['peak_mb'] / cached['peak_mb']:,.2f}x"
+        )
     if cached and cached["teacher_ms"]:
-        lines.append(f"- the cached fetch is {100 * cached['teacher_ms'] / cached['step_ms']:.1f} % "
-                     "of the cached row's step time: DataLoader workers hide it completely as long "
-                     "as it stays below the step time times the number of workers")
+        lines.append(
+            f"- the cached fetch is {100 * cached['teacher_ms'] / cached['step_ms']:.1f} % "
+            "of the cached row's step time: DataLoader workers hide it completely as long "
+            "as it stays below the step time times the number of workers"
+        )
     return lines
 
 
@@ -697,11 +810,14 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
     device = info["device"]
     r0 = results[0]
     lay = info["layout"]
-    memory = ("torch.cuda.max_memory_allocated during the row minus what was allocated before "
-              "its batch was loaded (reset per row)" if device.type == "cuda" else
-              "peak RSS delta: getrusage(RUSAGE_SELF).ru_maxrss after the timed steps minus the "
-              "resident size before the batch was loaded, in a fresh process per row (batch with "
-              "its teacher targets, model, optimizer state, activations, live teacher)")
+    memory = (
+        "torch.cuda.max_memory_allocated during the row minus what was allocated before "
+        "its batch was loaded (reset per row)"
+        if device.type == "cuda"
+        else "peak RSS delta: getrusage(RUSAGE_SELF).ru_maxrss after the timed steps minus the "
+        "resident size before the batch was loaded, in a fresh process per row (batch with "
+        "its teacher targets, model, optimizer state, activations, live teacher)"
+    )
     header = [
         "# Training step with and without distillation",
         "",
@@ -717,8 +833,11 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
         "timed steps per row), so a slow stretch of the machine hits all rows alike; step ms = "
         "median over the processes of each one's median step. 'step ms alone' = the row in a "
         "process of its own (the one that measures its memory"
-        + (f"; the live row's only timing, {info['live_iters']} step" if any(
-            r["teacher"] == "live" for r in results) else "")
+        + (
+            f"; the live row's only timing, {info['live_iters']} step"
+            if any(r["teacher"] == "live" for r in results)
+            else ""
+        )
         + "). A step = Trainer.step: TrainStep forward, backward, grad clip, AdamW + schedule "
         "step",
         f"- teacher `{lay['teacher']}` (random weights), input {lay['input_size']}, cached levels "
@@ -733,44 +852,81 @@ def render_report(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> st
     ]
     flagged = [r["label"] for r in results if r.get("peak_before_row")]
     if flagged:
-        header.append(f"- note: in {flagged} the process peak had been reached before the batch "
-                      "was loaded; their memory is an upper bound")
-    return ("\n".join(header) + "\n\n" + complexity_table(table_rows(results))
-            + "\n## Goals\n\n" + "\n".join(goal_lines(results)) + "\n")
+        header.append(
+            f"- note: in {flagged} the process peak had been reached before the batch "
+            "was loaded; their memory is an upper bound"
+        )
+    return (
+        "\n".join(header)
+        + "\n\n"
+        + complexity_table(table_rows(results))
+        + "\n## Goals\n\n"
+        + "\n".join(goal_lines(results))
+        + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="student config (rows override the "
-                   "fusion/distillation switches)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="student config (rows override the fusion/distillation switches)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=160, help="square training crop side")
     p.add_argument("--iters", type=int, default=10, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="fresh processes that time the rows side by side (all but the live one)")
-    p.add_argument("--live-iters", type=int, default=1,
-                   help="timed steps of the live-teacher row (each runs the teacher per image)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="fresh processes that time the rows side by side (all but the live one)",
+    )
+    p.add_argument(
+        "--live-iters",
+        type=int,
+        default=1,
+        help="timed steps of the live-teacher row (each runs the teacher per image)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per row (default: torch's default at start-up)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per row (default: torch's default at start-up)",
+    )
     p.add_argument("--skip-live", action="store_true", help="leave out the live-teacher row")
-    p.add_argument("--decompose", action="store_true",
-                   help="add diagnostic rows that split the resolution distillation's time into "
-                        "its low-resolution pass, SR decoder and FA loss")
-    p.add_argument("--teacher", default="vit_b", choices=["sam_tiny", "vit_b", "vit_l", "vit_h"],
-                   help="teacher of the cache and of the live row")
+    p.add_argument(
+        "--decompose",
+        action="store_true",
+        help="add diagnostic rows that split the resolution distillation's time into "
+        "its low-resolution pass, SR decoder and FA loss",
+    )
+    p.add_argument(
+        "--teacher",
+        default="vit_b",
+        choices=["sam_tiny", "vit_b", "vit_l", "vit_h"],
+        help="teacher of the cache and of the live row",
+    )
     p.add_argument("--images", type=int, default=4, help="synthetic training images")
     p.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep data and cache here and reuse them (default: a temp dir)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep data and cache here and reuse them (default: a temp dir)",
+    )
     p.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child is None and min(args.batch_size, args.iters, args.live_iters, args.images,
-                                  args.rounds) < 1:
+    if (
+        args.child is None
+        and min(args.batch_size, args.iters, args.live_iters, args.images, args.rounds) < 1
+    ):
         p.error("--batch-size, --iters, --live-iters, --rounds and --images must be >= 1")
     return args
 
@@ -790,25 +946,52 @@ def main(argv: list[str] | None = None) -> str | None:
     device = resolve_device(args.device)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_distill_"))
     try:
-        overrides = setup_overrides(workdir.resolve(), args.teacher, args.images, args.image_size,
-                                    args.batch_size, args.crop)
-        print(f"[bench_distill] data and {args.teacher} cache in {workdir}", file=sys.stderr,
-              flush=True)
+        overrides = setup_overrides(
+            workdir.resolve(),
+            args.teacher,
+            args.images,
+            args.image_size,
+            args.batch_size,
+            args.crop,
+        )
+        print(
+            f"[bench_distill] data and {args.teacher} cache in {workdir}",
+            file=sys.stderr,
+            flush=True,
+        )
         prep = prepare(args.config, overrides, progress=True)
         load_before = load_average()
         rows = select_rows(args.skip_live, args.decompose)
-        results = measure_rows(args.config, overrides, rows, workdir,
-                               device=str(device), threads=threads, warmup=args.warmup,
-                               iters=args.iters, live_iters=args.live_iters,
-                               rounds=args.rounds, env=env)
+        results = measure_rows(
+            args.config,
+            overrides,
+            rows,
+            workdir,
+            device=str(device),
+            threads=threads,
+            warmup=args.warmup,
+            iters=args.iters,
+            live_iters=args.live_iters,
+            rounds=args.rounds,
+            env=env,
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    info = {"device": device, "config": args.config, "batch_size": args.batch_size,
-            "crop": args.crop, "images": args.images, "image_size": args.image_size,
-            "warmup": args.warmup, "iters": args.iters, "live_iters": args.live_iters,
-            "rounds": args.rounds,
-            "layout": prep["layout"], "load_before": load_before}
+    info = {
+        "device": device,
+        "config": args.config,
+        "batch_size": args.batch_size,
+        "crop": args.crop,
+        "images": args.images,
+        "image_size": args.image_size,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "live_iters": args.live_iters,
+        "rounds": args.rounds,
+        "layout": prep["layout"],
+        "load_before": load_before,
+    }
     report = render_report(results, info)
     print(report)
     write_report(report, args.out, "bench_distill")

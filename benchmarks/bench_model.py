@@ -51,8 +51,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: this checkout's pipeline
     sys.path.insert(0, str(ROOT))
 
-from pipeline.evaluation.complexity import (complexity_table, count_flops, count_params,  # noqa: E402
-                                            device_description, load_average, write_report)
+from pipeline.evaluation.complexity import (  # noqa: E402
+    complexity_table,
+    count_flops,
+    count_params,  # noqa: E402
+    device_description,
+    load_average,
+    write_report,
+)
 
 NUM_CLASSES = 133  # COCO panoptic: 80 things + 53 stuff
 PEER = "Mask2Former R50 (transformers), eager"
@@ -78,11 +84,20 @@ def build_mask2former_r50(num_labels: int = NUM_CLASSES) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "resnet is not a supported backbone" is informational
-    backbone = ResNetConfig(num_channels=3, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048],
-                            depths=[3, 4, 6, 3], layer_type="bottleneck",
-                            out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, use_timm_backbone=False,
-                               use_pretrained_backbone=False, num_labels=num_labels)
+    backbone = ResNetConfig(
+        num_channels=3,
+        embedding_size=64,
+        hidden_sizes=[256, 512, 1024, 2048],
+        depths=[3, 4, 6, 3],
+        layer_type="bottleneck",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        num_labels=num_labels,
+    )
     return Mask2FormerForUniversalSegmentation(config)
 
 
@@ -100,8 +115,10 @@ def student_label(config: str) -> str:
     from pipeline.config import load_config
 
     m = load_config(config).model
-    return (f"student {m.backbone.name}, neck {m.neck.channels}, {m.head.num_queries} q × "
-            f"{m.head.num_stages} st")
+    return (
+        f"student {m.backbone.name}, neck {m.neck.channels}, {m.head.num_queries} q × "
+        f"{m.head.num_stages} st"
+    )
 
 
 class _Eager(nn.Module):
@@ -119,7 +136,8 @@ def parse_size(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--sizes: expected HxW such as 640x640, got {text!r}") from None
+            f"--sizes: expected HxW such as 640x640, got {text!r}"
+        ) from None
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise argparse.ArgumentTypeError(f"--sizes: {text!r} must be positive multiples of 32")
     return h, w
@@ -136,33 +154,53 @@ def per_size(values: list[int] | None, n: int, default: list[int], name: str) ->
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", nargs="+",
-                   default=["configs/reg_sam/regnet_distill.yaml", "configs/coco/regnet_distill.yaml"],
-                   help="student config(s); four rows each")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        nargs="+",
+        default=["configs/reg_sam/regnet_distill.yaml", "configs/coco/regnet_distill.yaml"],
+        help="student config(s); four rows each",
+    )
     p.add_argument("--sizes", nargs="+", type=parse_size, default=[(640, 640), (1024, 2048)])
-    p.add_argument("--warmup", nargs="+", type=int, default=None,
-                   help="untimed forwards per row and process, one value or one per size "
-                        "(default 2 1)")
-    p.add_argument("--iters", nargs="+", type=int, default=None,
-                   help="timed forwards per row and process, one value or one per size "
-                        "(default 7 3)")
+    p.add_argument(
+        "--warmup",
+        nargs="+",
+        type=int,
+        default=None,
+        help="untimed forwards per row and process, one value or one per size (default 2 1)",
+    )
+    p.add_argument(
+        "--iters",
+        nargs="+",
+        type=int,
+        default=None,
+        help="timed forwards per row and process, one value or one per size (default 7 3)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="fresh processes timing all rows")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime CPU threads")
     p.add_argument("--no-peer", action="store_true", help="skip Mask2Former")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
-    p.add_argument("--profile", action="store_true",
-                   help="torch.profiler top operators of the first student, eager and folded")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="where the exported files go (default: a temporary folder)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler top operators of the first student, eager and folded",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the exported files go (default: a temporary folder)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     p.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def prepare(configs: list[str], sizes: list[tuple[int, int]], workdir: Path, int8: bool,
-            peer: bool) -> dict[str, Any]:
+def prepare(
+    configs: list[str], sizes: list[tuple[int, int]], workdir: Path, int8: bool, peer: bool
+) -> dict[str, Any]:
     """Build, export and count every model once; the child processes load these files."""
     from pipeline.deploy.export import export_onnx, export_torch, quantize_onnx_dynamic
 
@@ -171,23 +209,31 @@ def prepare(configs: list[str], sizes: list[tuple[int, int]], workdir: Path, int
         student = build_student_from(config)
         state = workdir / f"student{i}.pth"
         torch.save(student.state_dict(), state)
-        print(f"[bench_model] exporting {config} (ONNX, torch.export)", file=sys.stderr,
-              flush=True)
+        print(f"[bench_model] exporting {config} (ONNX, torch.export)", file=sys.stderr, flush=True)
         onnx = export_onnx(student, workdir / f"student{i}.onnx", sizes[0], dynamic=True)
         pt2 = export_torch(student, workdir / f"student{i}.pt2", sizes[0], dynamic=True)
         int8_path = quantize_onnx_dynamic(onnx, workdir / f"student{i}.int8.onnx") if int8 else None
         eager = _Eager(student=student)
         flops = {f"{h}x{w}": count_flops(eager, (1, 3, h, w)).gmacs for h, w in sizes}
-        students.append({"config": config, "label": student_label(config), "state": str(state),
-                         "onnx": str(onnx), "pt2": str(pt2),
-                         "int8": str(int8_path) if int8_path else None,
-                         "params": count_params(student), "gmacs": flops})
+        students.append(
+            {
+                "config": config,
+                "label": student_label(config),
+                "state": str(state),
+                "onnx": str(onnx),
+                "pt2": str(pt2),
+                "int8": str(int8_path) if int8_path else None,
+                "params": count_params(student),
+                "gmacs": flops,
+            }
+        )
     out: dict[str, Any] = {"students": students}
     if peer:
         model = PeerAdapter(model=build_mask2former_r50().eval())
-        out["peer"] = {"params": count_params(model),
-                       "gmacs": {f"{h}x{w}": count_flops(model, (1, 3, h, w)).gmacs
-                                 for h, w in sizes}}
+        out["peer"] = {
+            "params": count_params(model),
+            "gmacs": {f"{h}x{w}": count_flops(model, (1, 3, h, w)).gmacs for h, w in sizes},
+        }
     return out
 
 
@@ -212,12 +258,17 @@ def build_rows(spec: dict[str, Any]) -> list[tuple[str, Any]]:
         program = torch.export.load(s["pt2"]).module()
         rows.append((f"{i}|torch.export", program))
         fp32 = _ort_session(s["onnx"], threads)
-        rows.append((f"{i}|onnxruntime fp32",
-                     lambda x, sess=fp32: sess.run(None, {"images": x.numpy()})))
+        rows.append(
+            (f"{i}|onnxruntime fp32", lambda x, sess=fp32: sess.run(None, {"images": x.numpy()}))
+        )
         if s["int8"]:
             int8 = _ort_session(s["int8"], threads)
-            rows.append((f"{i}|onnxruntime int8",
-                         lambda x, sess=int8: sess.run(None, {"images": x.numpy()})))
+            rows.append(
+                (
+                    f"{i}|onnxruntime int8",
+                    lambda x, sess=int8: sess.run(None, {"images": x.numpy()}),
+                )
+            )
     if spec["peer"]:
         torch.manual_seed(0)
         peer = PeerAdapter(model=build_mask2former_r50().eval())
@@ -232,11 +283,15 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     of the timed forwards (ms)."""
     torch.set_num_threads(spec["threads"])
     rows = build_rows(spec)
-    result: dict[str, Any] = {"load_before": load_average(), "ms": {},
-                              "torch_threads": torch.get_num_threads()}
+    result: dict[str, Any] = {
+        "load_before": load_average(),
+        "ms": {},
+        "torch_threads": torch.get_num_threads(),
+    }
     for (h, w), warmup, iters in zip(spec["sizes"], spec["warmup"], spec["iters"]):
-        image = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8,
-                              generator=torch.Generator().manual_seed(0))
+        image = torch.randint(
+            0, 256, (1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
         times: dict[str, list[float]] = {key: [] for key, _ in rows}
         with torch.inference_mode():
             for it in range(warmup + iters):
@@ -247,9 +302,12 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
                     if it >= warmup:
                         times[key].append(time.perf_counter() - start)
         result["ms"][f"{h}x{w}"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        print(f"[bench_model] {h}x{w}: " + ", ".join(
-            f"{k} {v:.0f} ms" for k, v in result["ms"][f"{h}x{w}"].items()), file=sys.stderr,
-            flush=True)
+        print(
+            f"[bench_model] {h}x{w}: "
+            + ", ".join(f"{k} {v:.0f} ms" for k, v in result["ms"][f"{h}x{w}"].items()),
+            file=sys.stderr,
+            flush=True,
+        )
     result["load_after"] = load_average()
     return result
 
@@ -258,11 +316,20 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
-                               str(spec_path), str(out_path)])
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                str(spec_path),
+                str(out_path),
+            ]
+        )
         if proc.returncode != 0 or not out_path.is_file():
-            raise RuntimeError(f"a benchmark process failed (exit code {proc.returncode}); its "
-                               "traceback is on stderr above")
+            raise RuntimeError(
+                f"a benchmark process failed (exit code {proc.returncode}); its "
+                "traceback is on stderr above"
+            )
         return json.loads(out_path.read_text())
 
 
@@ -288,50 +355,77 @@ def profile_student(config: str, size: tuple[int, int], threads: int, iters: int
                     student.forward_pixels(image)
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in events)
-        rows = [{"operator": e.key, "self CPU %": 100 * e.self_cpu_time_total / total,
-                 "ms per forward": e.self_cpu_time_total / 1e3 / iters, "calls": e.count // iters}
-                for e in events[:8]]
-        text.append(f"**{name}** ({total / 1e3 / iters:.0f} ms per forward under the "
-                    f"profiler)\n\n" + complexity_table(rows, float_format=".1f"))
+        rows = [
+            {
+                "operator": e.key,
+                "self CPU %": 100 * e.self_cpu_time_total / total,
+                "ms per forward": e.self_cpu_time_total / 1e3 / iters,
+                "calls": e.count // iters,
+            }
+            for e in events[:8]
+        ]
+        text.append(
+            f"**{name}** ({total / 1e3 / iters:.0f} ms per forward under the "
+            f"profiler)\n\n" + complexity_table(rows, float_format=".1f")
+        )
     return "\n".join(text)
 
 
-def cuda_rows(prepared: dict[str, Any], size: tuple[int, int], warmup: int = 10,
-              iters: int = 50) -> str:
+def cuda_rows(
+    prepared: dict[str, Any], size: tuple[int, int], warmup: int = 10, iters: int = 50
+) -> str:
     """fp16-autocast FPS of the eager students and Mask2Former on CUDA at ``size``."""
     from pipeline.evaluation.complexity import measure_latency
 
     rows = []
-    models = [(s["label"], lambda s=s: _Eager(student=build_student_from(s["config"])))
-              for s in prepared["students"]]
+    models = [
+        (s["label"], lambda s=s: _Eager(student=build_student_from(s["config"])))
+        for s in prepared["students"]
+    ]
     if "peer" in prepared:
         models.append((PEER, lambda: PeerAdapter(model=build_mask2former_r50())))
     for label, build in models:
         res = measure_latency(build(), (1, 3, *size), "cuda", warmup, iters, dtype=torch.float16)
-        rows.append({"model": label, "runtime": "eager fp16 (autocast)",
-                     f"ms {size[0]}x{size[1]}": res["median_ms"], "FPS": res["fps"]})
+        rows.append(
+            {
+                "model": label,
+                "runtime": "eager fp16 (autocast)",
+                f"ms {size[0]}x{size[1]}": res["median_ms"],
+                "FPS": res["fps"],
+            }
+        )
         torch.cuda.empty_cache()
     return complexity_table(rows, float_format=".2f")
 
 
 # ----------------------------------------------------------------------------- main
-def table(prepared: dict[str, Any], runs: list[dict[str, Any]],
-          sizes: list[tuple[int, int]]) -> str:
+def table(
+    prepared: dict[str, Any], runs: list[dict[str, Any]], sizes: list[tuple[int, int]]
+) -> str:
     rows = []
-    entries = [(f"{i}|{r}", s["label"], r, s) for i, s in enumerate(prepared["students"])
-               for r in STUDENT_ROWS]
+    entries = [
+        (f"{i}|{r}", s["label"], r, s)
+        for i, s in enumerate(prepared["students"])
+        for r in STUDENT_ROWS
+    ]
     if "peer" in prepared:
         entries.append(("peer|eager", PEER, "", prepared["peer"]))
     for key, label, kind, info in entries:
         if not all(key in run["ms"][f"{h}x{w}"] for run in runs for h, w in sizes):
             continue
-        row: dict[str, Any] = {"model": label, "runtime": kind or "eager",
-                               "params (M)": info["params"] / 1e6}
+        row: dict[str, Any] = {
+            "model": label,
+            "runtime": kind or "eager",
+            "params (M)": info["params"] / 1e6,
+        }
         for h, w in sizes:
             s = f"{h}x{w}"
             ms = statistics.median(run["ms"][s][key] for run in runs)
-            peer_ms = (statistics.median(run["ms"][s]["peer|eager"] for run in runs)
-                       if "peer" in prepared else None)
+            peer_ms = (
+                statistics.median(run["ms"][s]["peer|eager"] for run in runs)
+                if "peer" in prepared
+                else None
+            )
             row[f"GMACs {s}"] = info["gmacs"][s]
             row[f"ms {s}"] = ms
             row[f"M2F / row {s}"] = peer_ms / ms if peer_ms else None
@@ -355,19 +449,29 @@ def main(argv: list[str] | None = None) -> str | None:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         prepared = prepare(args.config, sizes, workdir, not args.no_int8, not args.no_peer)
-        spec = {"students": prepared["students"], "peer": "peer" in prepared,
-                "sizes": sizes, "warmup": warmups, "iters": iters, "threads": args.threads}
+        spec = {
+            "students": prepared["students"],
+            "peer": "peer" in prepared,
+            "sizes": sizes,
+            "warmup": warmups,
+            "iters": iters,
+            "threads": args.threads,
+        }
         runs = []
         for k in range(args.rounds):
-            print(f"[bench_model] process {k + 1}/{args.rounds}: all rows side by side",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[bench_model] process {k + 1}/{args.rounds}: all rows side by side",
+                file=sys.stderr,
+                flush=True,
+            )
             runs.append(run_child(spec))
     profile = profile_student(args.config[0], sizes[0], args.threads) if args.profile else None
     cuda = torch.cuda.is_available()
     gpu = cuda_rows(prepared, sizes[0]) if cuda else None
 
-    timing = ", ".join(f"{h}x{w}: {a} warm-up + {b} timed" for (h, w), a, b in
-                       zip(sizes, warmups, iters))
+    timing = ", ".join(
+        f"{h}x{w}: {a} warm-up + {b} timed" for (h, w), a, b in zip(sizes, warmups, iters)
+    )
     header = [
         "# RegSAM student (eager / torch.export / onnxruntime) vs Mask2Former R50",
         "",
@@ -381,20 +485,26 @@ def main(argv: list[str] | None = None) -> str | None:
         f"- batch 1, random weights, {NUM_CLASSES} classes, fp32; {args.rounds} fresh processes, "
         f"rows interleaved round-robin ({timing}); ms = median over processes of each "
         "process's median; uint8 input, normalisation inside every row, no panoptic merge",
-        "- GMACs = multiply-adds of the eager model (FlopCounterMode; the papers' \"GFLOPs\"); "
+        '- GMACs = multiply-adds of the eager model (FlopCounterMode; the papers\' "GFLOPs"); '
         "GMAC/s = GMACs / seconds; M2F / row = Mask2Former's ms / the row's ms",
         "- torch.export and onnxruntime rows run the exported graph: BatchNorm folded into the "
         "convolutions at export, dynamic H/W (one file for every size)",
-        "- GPU rows: " + (f"eager fp16 FPS on {device_description(torch.device('cuda'))} "
-                          "below (onnxruntime-gpu / TensorRT rows are not implemented)"
-                          if cuda else "not measured (no CUDA device on this machine)"),
+        "- GPU rows: "
+        + (
+            f"eager fp16 FPS on {device_description(torch.device('cuda'))} "
+            "below (onnxruntime-gpu / TensorRT rows are not implemented)"
+            if cuda
+            else "not measured (no CUDA device on this machine)"
+        ),
     ]
     report = "\n".join(header) + "\n\n" + table(prepared, runs, sizes)
     if gpu:
         report += "\n## CUDA\n\n" + gpu
     if profile:
-        report += (f"\n## torch.profiler: {args.config[0]} at {sizes[0][0]}x{sizes[0][1]} "
-                   "(top operators by self CPU time)\n\n" + profile)
+        report += (
+            f"\n## torch.profiler: {args.config[0]} at {sizes[0][0]}x{sizes[0][1]} "
+            "(top operators by self CPU time)\n\n" + profile
+        )
     print(report)
     write_report(report, args.out, "bench_model")
     return report
@@ -403,6 +513,7 @@ def main(argv: list[str] | None = None) -> str | None:
 def _ort_version() -> str:
     try:
         import onnxruntime
+
         return onnxruntime.__version__
     except ImportError:
         return "not installed"

@@ -1,3 +1,4 @@
 from pipeline.cli import main
 import sys
+
 sys.exit(main())

@@ -21,8 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "Config",
@@ -54,10 +61,11 @@ class _Section(BaseModel):
     @classmethod
     def _finite_float32(cls, v: Any) -> Any:
         """Every number must be finite and fit float32 (the tensors it ends up in)."""
-        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        for x in v if isinstance(v, (tuple, list)) else (v,):
             if isinstance(x, float) and not (math.isfinite(x) and abs(x) <= FLOAT32_MAX):
-                raise ValueError(f"must be a finite number of magnitude at most {FLOAT32_MAX:.3g} "
-                                 "(float32)")
+                raise ValueError(
+                    f"must be a finite number of magnitude at most {FLOAT32_MAX:.3g} (float32)"
+                )
         return v
 
 
@@ -85,12 +93,15 @@ class SyntheticConfig(_Section):
 class DataConfig(_Section):
     dataset: Literal["synthetic", "coco_panoptic", "cityscapes"] = "synthetic"
     root: str = "data/synthetic"
-    train: SplitPaths = SplitPaths(images="train", json="annotations/panoptic_train.json",
-                                   png_dir="annotations/panoptic_train")
-    val: SplitPaths = SplitPaths(images="val", json="annotations/panoptic_val.json",
-                                 png_dir="annotations/panoptic_val")
-    tune: SplitPaths = SplitPaths(images="tune", json="annotations/panoptic_tune.json",
-                                  png_dir="annotations/panoptic_tune")
+    train: SplitPaths = SplitPaths(
+        images="train", json="annotations/panoptic_train.json", png_dir="annotations/panoptic_train"
+    )
+    val: SplitPaths = SplitPaths(
+        images="val", json="annotations/panoptic_val.json", png_dir="annotations/panoptic_val"
+    )
+    tune: SplitPaths = SplitPaths(
+        images="tune", json="annotations/panoptic_tune.json", png_dir="annotations/panoptic_tune"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
     cityscapes_root: str | None = None
     crop_size: tuple[int, int] = (256, 256)
@@ -138,21 +149,27 @@ class TeacherConfig(_Section):
     checkpoint: str | None = None
     tiny: SamTinyConfig = SamTinyConfig()
     layers: list[int | Literal["neck"]] | None = Field(
-        None, description="ViT block indices to cache; 'neck' = SAM's 256-d image embedding; "
-        "null = the global-attention blocks, the last one through the neck")
+        None,
+        description="ViT block indices to cache; 'neck' = SAM's 256-d image embedding; "
+        "null = the global-attention blocks, the last one through the neck",
+    )
     points_per_stuff: int = Field(3, ge=1)
     device: str = "auto"
 
     @field_validator("layers")
     @classmethod
-    def _layers_in_range(cls, v: list[int | str] | None, info: ValidationInfo) -> list[int | str] | None:
+    def _layers_in_range(
+        cls, v: list[int | str] | None, info: ValidationInfo
+    ) -> list[int | str] | None:
         if v is None or "type" not in info.data or "tiny" not in info.data:
             return v
         depth = teacher_depth(info.data["type"], info.data["tiny"])
         bad = [x for x in v if x != "neck" and not 0 <= x < depth]
         if bad or len(set(map(str, v))) != len(v):
-            raise ValueError(f"expected distinct block indices in [0, {depth}) (teacher.type="
-                             f"{info.data['type']!r} has {depth} blocks) and/or 'neck'")
+            raise ValueError(
+                f"expected distinct block indices in [0, {depth}) (teacher.type="
+                f"{info.data['type']!r} has {depth} blocks) and/or 'neck'"
+            )
         return v
 
     def num_levels(self) -> int:
@@ -193,23 +210,35 @@ class TeacherAdaptConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0)
     train_image_encoder: bool = True
     image_encoder_last_blocks: int | None = Field(
-        None, ge=0, description="with train_image_encoder: train only the last N ViT blocks and "
-        "the neck (null = the whole encoder)")
+        None,
+        ge=0,
+        description="with train_image_encoder: train only the last N ViT blocks and "
+        "the neck (null = the whole encoder)",
+    )
     train_prompt_encoder: bool = True
     train_mask_decoder: bool = True
-    box_prob: float = Field(0.5, ge=0, le=1, description="chance that a thing is prompted by its box")
+    box_prob: float = Field(
+        0.5, ge=0, le=1, description="chance that a thing is prompted by its box"
+    )
     box_noise: float = Field(0.1, ge=0, description="box corner noise std, fraction of the side")
     box_noise_max: float = Field(20.0, ge=0, description="cap of that std, in frame pixels")
     max_points: int = Field(3, ge=1, description="point prompts are 1..max_points positives")
     corrective_rounds: int = Field(1, ge=0)
     focal_weight: float = Field(20.0, ge=0)
-    focal_alpha: float = Field(0.25, ge=0, le=1, description="focal loss alpha (weight of the "
-                               "foreground term; 0.25 as in DETR/torchvision)")
+    focal_alpha: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="focal loss alpha (weight of the foreground term; 0.25 as in DETR/torchvision)",
+    )
     dice_weight: float = Field(1.0, ge=0)
     iou_weight: float = Field(1.0, ge=0)
     loss_size: int | None = Field(
-        None, ge=16, description="side of the square frame the mask loss is computed on "
-        "(null = the teacher's input size S; 256 = SAM's low-res logits for the ViT types)")
+        None,
+        ge=16,
+        description="side of the square frame the mask loss is computed on "
+        "(null = the teacher's input size S; 256 = SAM's low-res logits for the ViT types)",
+    )
     amp: bool = True
     seed: int = 0
     checkpoint_interval: int = Field(100, ge=1)
@@ -218,10 +247,13 @@ class TeacherAdaptConfig(_Section):
 
     @model_validator(mode="after")
     def _something_trains(self) -> "TeacherAdaptConfig":
-        if self.enabled and not (self.train_image_encoder or self.train_prompt_encoder
-                                 or self.train_mask_decoder):
-            raise ValueError("teacher_adapt.enabled is true but train_image_encoder, "
-                             "train_prompt_encoder and train_mask_decoder are all false")
+        if self.enabled and not (
+            self.train_image_encoder or self.train_prompt_encoder or self.train_mask_decoder
+        ):
+            raise ValueError(
+                "teacher_adapt.enabled is true but train_image_encoder, "
+                "train_prompt_encoder and train_mask_decoder are all false"
+            )
         return self
 
 
@@ -256,8 +288,10 @@ class BackboneConfig(_Section):
         import timm  # the model's own check (strides 4-32) runs when the student is built
 
         if not timm.is_model(v):
-            raise ValueError(f"must be a timm model name with features_only support (e.g. "
-                             f"regnetx_002, resnet18, mobilenetv3_large_100), got {v!r}")
+            raise ValueError(
+                f"must be a timm model name with features_only support (e.g. "
+                f"regnetx_002, resnet18, mobilenetv3_large_100), got {v!r}"
+            )
         return v
 
 
@@ -271,10 +305,15 @@ class HeadConfig(_Section):
     num_queries: int = Field(100, ge=1)
     num_stages: int = Field(3, ge=1)
     ffn_dim: int = Field(512, ge=8)
-    num_mask_fcs: int = Field(1, ge=0, description="(Linear, LayerNorm, ReLU) blocks of the "
-                              "kernel -> mask-kernel embedding, before its last Linear")
-    kernel_size: int = Field(3, ge=1, description="taps of the separable dynamic convolution "
-                             "across queries (odd)")
+    num_mask_fcs: int = Field(
+        1,
+        ge=0,
+        description="(Linear, LayerNorm, ReLU) blocks of the "
+        "kernel -> mask-kernel embedding, before its last Linear",
+    )
+    kernel_size: int = Field(
+        3, ge=1, description="taps of the separable dynamic convolution across queries (odd)"
+    )
 
     @field_validator("kernel_size")
     @classmethod
@@ -313,9 +352,11 @@ class ResolutionDistillConfig(_Section):
 
 class SamDistillConfig(_Section):
     teacher_model: TeacherType | None = Field(
-        None, description="null = teacher.type; if set it must equal teacher.type")
+        None, description="null = teacher.type; if set it must equal teacher.type"
+    )
     teacher_checkpoint: str | None = Field(
-        None, description="null = teacher.checkpoint; if set it must equal teacher.checkpoint")
+        None, description="null = teacher.checkpoint; if set it must equal teacher.checkpoint"
+    )
     feat_distill_weight: float = Field(1.0, ge=0)
     output_distill_weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0)
@@ -356,12 +397,19 @@ class TrainingConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0)
     amp: bool = True
     checkpoint_interval: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; resume falls "
-                                  "back to an older one when the newest is unreadable")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="newest checkpoints kept; resume falls "
+        "back to an older one when the newest is unreadable",
+    )
     log_interval: int = Field(10, ge=1)
     eval_interval: int | None = Field(
-        None, ge=0, description="evaluate on the val split every N iterations and keep best.pth "
-        "(by PQ); 0 or null = off")
+        None,
+        ge=0,
+        description="evaluate on the val split every N iterations and keep best.pth "
+        "(by PQ); 0 or null = off",
+    )
     tensorboard: bool = Field(True, description="TensorBoard event files in <run>/tensorboard")
     init_from: str | None = Field(None, description="weights to start from (progressive training)")
     device: str = "auto"
@@ -394,11 +442,13 @@ class Config(_Section):
         if sd.teacher_model is not None and sd.teacher_model != self.teacher.type:
             raise ValueError(
                 f"model.sam_distill.teacher_model={sd.teacher_model!r} differs from "
-                f"teacher.type={self.teacher.type!r}; the cache is built by the teacher section")
+                f"teacher.type={self.teacher.type!r}; the cache is built by the teacher section"
+            )
         if sd.teacher_checkpoint is not None and sd.teacher_checkpoint != self.teacher.checkpoint:
             raise ValueError(
                 f"model.sam_distill.teacher_checkpoint={sd.teacher_checkpoint!r} differs from "
-                f"teacher.checkpoint={self.teacher.checkpoint!r}")
+                f"teacher.checkpoint={self.teacher.checkpoint!r}"
+            )
         if self.model.use_sam_distill:
             levels = self.teacher.num_levels()
             bad = [i for i in sd.distill_feat_layers if i >= levels]
@@ -407,7 +457,8 @@ class Config(_Section):
                     f"model.sam_distill.distill_feat_layers={sd.distill_feat_layers}: levels {bad} "
                     f"do not exist; the teacher cache of teacher.type={self.teacher.type!r} with "
                     f"teacher.layers={self.teacher.layers} stores {levels} levels (allowed: "
-                    f"indices in [0, {levels}))")
+                    f"indices in [0, {levels}))"
+                )
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -430,8 +481,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
-        raise ConfigError(f"{path}: the config file is empty (no keys); give at least "
-                          "`_base_: <file>` or the keys to set")
+        raise ConfigError(
+            f"{path}: the config file is empty (no keys); give at least "
+            "`_base_: <file>` or the keys to set"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -533,25 +586,30 @@ def _format_errors(exc: ValidationError, origin: dict[str, str], default_src: st
             close = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
             if not close:  # compare the leaf names within the same section
                 section = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
-                same = [k for k in valid if k.startswith(section) and "." not in k[len(section):]]
+                same = [k for k in valid if k.startswith(section) and "." not in k[len(section) :]]
                 close = difflib.get_close_matches(loc, same, n=1, cutoff=0.0)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown key '{loc}' in {src}{hint}")
         elif err["type"] == "value_error" and (named := _NAMED_KEY.match(err["msg"])):
             # a check across sections names its key and value itself
             key = named.group(1)
-            lines.append(f"invalid value for '{key}' in {origin.get(key, default_src)}: "
-                         f"{err['msg'].removeprefix('Value error, ')}")
+            lines.append(
+                f"invalid value for '{key}' in {origin.get(key, default_src)}: "
+                f"{err['msg'].removeprefix('Value error, ')}"
+            )
         else:
             bad = err.get("input")
             allowed = _allowed_range(err["loc"])
-            lines.append(f"invalid value for '{loc or 'config'}' in {src}: {err['msg']} "
-                         f"(got {bad!r}{'; allowed: ' + allowed if allowed else ''})")
+            lines.append(
+                f"invalid value for '{loc or 'config'}' in {src}: {err['msg']} "
+                f"(got {bad!r}{'; allowed: ' + allowed if allowed else ''})"
+            )
     return "\n".join(lines)
 
 
-def load_config_dict(raw: dict, origin: dict[str, str] | None = None,
-                     source: str = "<dict>") -> Config:
+def load_config_dict(
+    raw: dict, origin: dict[str, str] | None = None, source: str = "<dict>"
+) -> Config:
     """Validate a raw (already merged) dict; errors name keys and their source files."""
     origin = origin if origin is not None else {}
     try:
@@ -568,8 +626,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return load_config_dict(raw, origin, str(Path(path).resolve()))
 
 
-INPUT_KEYS = ("teacher.checkpoint", "model.backbone.pretrained_path", "training.init_from",
-              "data.root", "data.cityscapes_root")
+INPUT_KEYS = (
+    "teacher.checkpoint",
+    "model.backbone.pretrained_path",
+    "training.init_from",
+    "data.root",
+    "data.cityscapes_root",
+)
 
 
 def missing_input_files(cfg: Config, keys: tuple[str, ...] = INPUT_KEYS) -> list[str]:
@@ -580,13 +643,18 @@ def missing_input_files(cfg: Config, keys: tuple[str, ...] = INPUT_KEYS) -> list
     progressive stage's ``final.pth``), so the commands (``check-config``, ``train``,
     ``cache-teacher``, ``evaluate``) run this before any work, not the Snakefile at parse time.
     """
-    kinds = {"teacher.checkpoint": (cfg.teacher.checkpoint, "file"),
-             "model.backbone.pretrained_path": (cfg.model.backbone.pretrained_path, "file"),
-             "training.init_from": (cfg.training.init_from, "file"),
-             "data.root": (cfg.data.root, "folder"),
-             "data.cityscapes_root": (cfg.data.cityscapes_root, "folder")}
-    checks = [(k, *kinds[k]) for k in keys
-              if k != "data.cityscapes_root" or cfg.data.dataset == "cityscapes"]
+    kinds = {
+        "teacher.checkpoint": (cfg.teacher.checkpoint, "file"),
+        "model.backbone.pretrained_path": (cfg.model.backbone.pretrained_path, "file"),
+        "training.init_from": (cfg.training.init_from, "file"),
+        "data.root": (cfg.data.root, "folder"),
+        "data.cityscapes_root": (cfg.data.cityscapes_root, "folder"),
+    }
+    checks = [
+        (k, *kinds[k])
+        for k in keys
+        if k != "data.cityscapes_root" or cfg.data.dataset == "cityscapes"
+    ]
     out = []
     for key, value, kind in checks:
         if value is None:

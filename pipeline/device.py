@@ -26,9 +26,11 @@ def resolve_device(spec: str | torch.device = "auto", index: int | None = None) 
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {spec!r} is not a device: use 'auto', 'cpu', 'cuda' or "
-                         f"'cuda:N' ({exc})") from None
+        raise ValueError(
+            f"device {spec!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({exc})"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(spec)!r} requested but CUDA is not available "
-                         "(use 'auto' or 'cpu')")
+        raise ValueError(
+            f"device={str(spec)!r} requested but CUDA is not available (use 'auto' or 'cpu')"
+        )
     return device

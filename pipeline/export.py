@@ -25,8 +25,16 @@ from pipeline.device import resolve_device
 from pipeline.models.student import RegSAMStudent, build_student
 from pipeline.safe_load import CheckpointReadError, UntrustedCheckpointError, safe_torch_load
 
-__all__ = ["EXPORT_KEYS", "ExportedStudent", "ExportError", "StudentFileError", "export_blob",
-           "load_exported_student", "load_student_weights", "student_from_training_checkpoint"]
+__all__ = [
+    "EXPORT_KEYS",
+    "ExportedStudent",
+    "ExportError",
+    "StudentFileError",
+    "export_blob",
+    "load_exported_student",
+    "load_student_weights",
+    "student_from_training_checkpoint",
+]
 
 EXPORT_KEYS = ("student", "config", "categories")
 
@@ -77,13 +85,18 @@ def student_from_training_checkpoint(blob: dict[str, Any], path: Path) -> dict[s
     """The exported entries (student, config, categories) of a training checkpoint
     (``checkpoints/last.pth``: ``model`` holds the student under ``student.``)."""
     if "categories" not in blob:
-        raise ExportError(f"{path} is a training checkpoint without the categories (written "
-                          "by an older version); pass the run's final.pth, or resume the run "
-                          "once to rewrite its checkpoint")
+        raise ExportError(
+            f"{path} is a training checkpoint without the categories (written "
+            "by an older version); pass the run's final.pth, or resume the run "
+            "once to rewrite its checkpoint"
+        )
     prefix = "student."
-    student = {k[len(prefix):]: v for k, v in blob["model"].items() if k.startswith(prefix)}
-    return {"student": student, "config": json.dumps(blob["config"]),
-            "categories": json.dumps(blob["categories"])}
+    student = {k[len(prefix) :]: v for k, v in blob["model"].items() if k.startswith(prefix)}
+    return {
+        "student": student,
+        "config": json.dumps(blob["config"]),
+        "categories": json.dumps(blob["categories"]),
+    }
 
 
 def load_exported_student(path: str | Path, device: str | torch.device = "cpu") -> ExportedStudent:
@@ -107,8 +120,10 @@ def load_exported_student(path: str | Path, device: str | torch.device = "cpu") 
         blob = student_from_training_checkpoint(blob, path)
     for key in EXPORT_KEYS:
         if key not in blob:
-            raise ExportError(f"{path}: missing key '{key}': not an exported RegSAM student "
-                              "(pass the run's final.pth)")
+            raise ExportError(
+                f"{path}: missing key '{key}': not an exported RegSAM student "
+                "(pass the run's final.pth)"
+            )
     try:
         raw_cfg = json.loads(blob["config"])
         categories = [SimpleNamespace(**c) for c in json.loads(blob["categories"])]
@@ -124,6 +139,7 @@ def load_exported_student(path: str | Path, device: str | torch.device = "cpu") 
     try:
         student.load_state_dict(blob["student"])
     except RuntimeError as exc:
-        raise ExportError(f"{path}: weights do not fit the student of its config: "
-                          f"{str(exc)[:600]}") from None
+        raise ExportError(
+            f"{path}: weights do not fit the student of its config: {str(exc)[:600]}"
+        ) from None
     return ExportedStudent(student.to(resolve_device(device)).eval(), cfg, categories, path)

@@ -27,15 +27,21 @@ PARENT_GONE_EXIT_CODE = 3
 
 def _alive(proc: psutil.Process, started: float) -> bool:
     try:
-        return proc.is_running() and proc.create_time() == started and \
-            proc.status() != psutil.STATUS_ZOMBIE
+        return (
+            proc.is_running()
+            and proc.create_time() == started
+            and proc.status() != psutil.STATUS_ZOMBIE
+        )
     except psutil.Error:
         return False
 
 
 def _stop(pid: int) -> None:
-    log.error("parent process %d is gone: stopping this command and its workers so that no "
-              "orphan keeps writing (finished work is kept; rerun to resume)", pid)
+    log.error(
+        "parent process %d is gone: stopping this command and its workers so that no "
+        "orphan keeps writing (finished work is kept; rerun to resume)",
+        pid,
+    )
     me = psutil.Process()
     for child in me.children(recursive=True):
         try:

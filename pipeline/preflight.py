@@ -57,12 +57,16 @@ def check_teacher_checkpoint(cfg: Config) -> str | None:
     t = cfg.teacher.type
     if t in SAM_CHECKPOINT_URLS:
         url = SAM_CHECKPOINT_URLS[t]
-        todo = (f"download SAM's official {t} weights ({url}; every type is listed under "
-                "'Model Checkpoints' in https://github.com/facebookresearch/segment-anything) "
-                f"to that path, or point teacher.checkpoint in the config at your copy")
+        todo = (
+            f"download SAM's official {t} weights ({url}; every type is listed under "
+            "'Model Checkpoints' in https://github.com/facebookresearch/segment-anything) "
+            f"to that path, or point teacher.checkpoint in the config at your copy"
+        )
     else:
-        todo = ("save the state dict of a sam_tiny model there, or set teacher.checkpoint: null "
-                "for a randomly initialised teacher (plumbing only)")
+        todo = (
+            "save the state dict of a sam_tiny model there, or set teacher.checkpoint: null "
+            "for a randomly initialised teacher (plumbing only)"
+        )
     return f"teacher.checkpoint = {path}: file not found ({t} teacher). To fix: {todo}."
 
 
@@ -72,12 +76,14 @@ def check_backbone_weights(cfg: Config) -> str | None:
     if path is None or Path(path).is_file():
         return None
     name = cfg.model.backbone.name
-    return (f"model.backbone.pretrained_path = {path}: file not found. The backbone's ImageNet "
-            "weights are read from a local file in timm's layout (nothing is downloaded): on a "
-            "machine with internet run python -c \"import timm, torch; torch.save(timm."
-            f"create_model('{name}', pretrained=True).state_dict(), '{Path(path).name}')\" and "
-            f"copy the file to {path}, or set model.backbone.pretrained_path: null to start from "
-            "random weights.")
+    return (
+        f"model.backbone.pretrained_path = {path}: file not found. The backbone's ImageNet "
+        "weights are read from a local file in timm's layout (nothing is downloaded): on a "
+        'machine with internet run python -c "import timm, torch; torch.save(timm.'
+        f"create_model('{name}', pretrained=True).state_dict(), '{Path(path).name}')\" and "
+        f"copy the file to {path}, or set model.backbone.pretrained_path: null to start from "
+        "random weights."
+    )
 
 
 def check_split(cfg: Config, *splits: str) -> str | None:
@@ -88,17 +94,21 @@ def check_split(cfg: Config, *splits: str) -> str | None:
     missing = []
     for split in splits:
         paths = getattr(cfg.data, split)
-        for key, rel, is_dir in ((f"data.{split}.images", paths.images, True),
-                                 (f"data.{split}.json", paths.json_file, False),
-                                 (f"data.{split}.png_dir", paths.png_dir, True)):
+        for key, rel, is_dir in (
+            (f"data.{split}.images", paths.images, True),
+            (f"data.{split}.json", paths.json_file, False),
+            (f"data.{split}.png_dir", paths.png_dir, True),
+        ):
             if not ((root / rel).is_dir() if is_dir else (root / rel).is_file()):
                 missing.append(f"{key} = {rel}")
     if not missing:
         return None
     where = "does not exist" if not root.is_dir() else f"lacks {', '.join(missing)}"
     if cfg.data.dataset == "cityscapes":
-        todo = ("run `snakemake convert_cityscapes` (or `python -m pipeline convert-cityscapes "
-                "--config ...`) first; it writes the panoptic JSON and PNG folders under gtFine/")
+        todo = (
+            "run `snakemake convert_cityscapes` (or `python -m pipeline convert-cityscapes "
+            "--config ...`) first; it writes the panoptic JSON and PNG folders under gtFine/"
+        )
     else:
         todo = f"{COCO_LAYOUT} Set data.root to the folder that holds them"
     return f"data.root = {root} {where}. {todo}."
@@ -110,15 +120,19 @@ def check_cityscapes_root(cfg: Config) -> str | None:
         return None
     root = cfg.data.cityscapes_root
     if root is None:
-        return ("data.cityscapes_root is not set. Point it at the Cityscapes folder holding "
-                "gtFine/ and leftImg8bit/.")
+        return (
+            "data.cityscapes_root is not set. Point it at the Cityscapes folder holding "
+            "gtFine/ and leftImg8bit/."
+        )
     missing = [d for d in ("gtFine", "leftImg8bit") if not (Path(root) / d).is_dir()]
     if not missing:
         return None
-    return (f"data.cityscapes_root = {root}: missing {', '.join(m + '/' for m in missing)}. "
-            "Download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from "
-            "https://www.cityscapes-dataset.com/downloads/ (registration needed) and unzip both "
-            "there; `snakemake convert_cityscapes` then writes the panoptic annotations.")
+    return (
+        f"data.cityscapes_root = {root}: missing {', '.join(m + '/' for m in missing)}. "
+        "Download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from "
+        "https://www.cityscapes-dataset.com/downloads/ (registration needed) and unzip both "
+        "there; `snakemake convert_cityscapes` then writes the panoptic annotations."
+    )
 
 
 def require(problems: Iterable[str | None]) -> None:

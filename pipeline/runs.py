@@ -73,8 +73,9 @@ def expand_spec(spec_path: str | Path) -> RunTable:
     allowed = {"base", "variants", "sweeps", "progressive", "overrides", "seeds"}
     unknown = set(spec) - allowed
     if unknown:
-        raise ConfigError(f"{spec_path}: unknown top-level key(s) {sorted(unknown)}; "
-                          f"allowed: {sorted(allowed)}")
+        raise ConfigError(
+            f"{spec_path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
     if not spec.get("base"):
         raise ConfigError(f"{spec_path}: 'base' (an experiment config path) is required")
     base = str((spec_path.parent / spec["base"]).resolve())  # relative to the spec file
@@ -82,11 +83,16 @@ def expand_spec(spec_path: str | Path) -> RunTable:
         raise ConfigError(f"{spec_path}: base config not found: {base}")
     common = [f"{k}={_fmt(v)}" for k, v in (spec.get("overrides") or {}).items()]
     seeds = spec.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or not seeds or
-                              any(not isinstance(s, int) or isinstance(s, bool) or s < 0
-                                  for s in seeds) or len(set(seeds)) != len(seeds)):
-        raise ConfigError(f"{spec_path}: 'seeds' must be a non-empty list of distinct "
-                          f"non-negative integers, got {seeds!r}")
+    if seeds is not None and (
+        not isinstance(seeds, list)
+        or not seeds
+        or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(
+            f"{spec_path}: 'seeds' must be a non-empty list of distinct "
+            f"non-negative integers, got {seeds!r}"
+        )
     table = RunTable()
     variants = spec.get("variants") or {}
     variant_overrides: dict[str, tuple[str, ...]] = {}
@@ -96,13 +102,21 @@ def expand_spec(spec_path: str | Path) -> RunTable:
             table.add(Run(name, base, variant_overrides[name], group="ablation"))
             continue
         for seed in seeds:  # <variant>-s<seed>: the report pairs each variant with the baseline
-            table.add(Run(f"{name}-s{seed}", base, variant_overrides[name] + (f"seed={seed}",),
-                          group="ablation"))
+            table.add(
+                Run(
+                    f"{name}-s{seed}",
+                    base,
+                    variant_overrides[name] + (f"seed={seed}",),
+                    group="ablation",
+                )
+            )
     for sweep_name, sweep in (spec.get("sweeps") or {}).items():
         parent = sweep.get("variant")
         if parent not in variants:
-            raise ConfigError(f"{spec_path}: sweeps.{sweep_name}.variant={parent!r} is not one of "
-                              f"the variants {sorted(variants)}")
+            raise ConfigError(
+                f"{spec_path}: sweeps.{sweep_name}.variant={parent!r} is not one of "
+                f"the variants {sorted(variants)}"
+            )
         grid = sweep.get("grid") or {}
         if not grid:
             raise ConfigError(f"{spec_path}: sweeps.{sweep_name}.grid is empty")
@@ -116,7 +130,9 @@ def expand_spec(spec_path: str | Path) -> RunTable:
         prev = None
         for i, stage in enumerate(prog.get("stages") or []):
             name = f"progressive{i}-{stage['name']}"
-            ov = tuple(common + [f"{k}={_fmt(v)}" for k, v in (stage.get("overrides") or {}).items()])
+            ov = tuple(
+                common + [f"{k}={_fmt(v)}" for k, v in (stage.get("overrides") or {}).items()]
+            )
             table.add(Run(name, base, ov, init_from=prev, group="progressive"))
             prev = name
     return table
@@ -157,12 +173,17 @@ def shared_differences(main: Config, other: Config) -> list[str]:
         a, b = main, other
         for part in section.split("."):
             a, b = getattr(a, part), getattr(b, part)
-        fa = _flatten(a.model_dump(mode="json", by_alias=True) if hasattr(a, "model_dump") else a,
-                      section)
-        fb = _flatten(b.model_dump(mode="json", by_alias=True) if hasattr(b, "model_dump") else b,
-                      section)
-        out += [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
-                if fa.get(k) != fb.get(k)]
+        fa = _flatten(
+            a.model_dump(mode="json", by_alias=True) if hasattr(a, "model_dump") else a, section
+        )
+        fb = _flatten(
+            b.model_dump(mode="json", by_alias=True) if hasattr(b, "model_dump") else b, section
+        )
+        out += [
+            f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}"
+            for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k)
+        ]
     return out
 
 
@@ -173,7 +194,9 @@ def validate_runs(table: RunTable, output_root: str = "runs") -> dict[str, Confi
         try:
             out[name] = run.load(output_root)
         except ConfigError as exc:
-            raise ConfigError(f"run {name!r} ({run.config} + {list(run.overrides)}):\n{exc}") from None
+            raise ConfigError(
+                f"run {name!r} ({run.config} + {list(run.overrides)}):\n{exc}"
+            ) from None
     return out
 
 
@@ -195,8 +218,10 @@ def summarize_results(output_root: str | Path, since: float = 0.0) -> str:
         try:
             m = json.loads(metrics.read_text())
             a, th, st = m["All"], m.get("Things", {}), m.get("Stuff", {})
-            pq = (f"PQ {a['pq']:.1f}  SQ {a['sq']:.1f}  RQ {a['rq']:.1f}  "
-                  f"(PQ things {th.get('pq', 0.0):.1f}, stuff {st.get('pq', 0.0):.1f})")
+            pq = (
+                f"PQ {a['pq']:.1f}  SQ {a['sq']:.1f}  RQ {a['rq']:.1f}  "
+                f"(PQ things {th.get('pq', 0.0):.1f}, stuff {st.get('pq', 0.0):.1f})"
+            )
         except (ValueError, KeyError, TypeError) as exc:
             pq = f"(unreadable metrics: {exc})"
         lines.append(f"  {run.name}: {pq}  {metrics}")

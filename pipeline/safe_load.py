@@ -43,13 +43,16 @@ def safe_torch_load(path: Path, what: str) -> Any:
         lines = [ln.strip() for ln in str(exc).splitlines()]
         refused = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln), None)
         if refused is None:  # garbage bytes, not a forbidden object
-            raise CheckpointReadError(f"cannot read {what} {path}: not a torch file or corrupt "
-                                      f"({lines[0][:200] if lines else 'UnpicklingError'})") from None
+            raise CheckpointReadError(
+                f"cannot read {what} {path}: not a torch file or corrupt "
+                f"({lines[0][:200] if lines else 'UnpicklingError'})"
+            ) from None
         raise UntrustedCheckpointError(
             f"refusing to load {what} {path}: it holds pickled objects other than tensors and "
             f"plain data ({refused[:300]}); RegSAM loads checkpoints with weights_only=True and "
             "never runs code from them. Use a file written by RegSAM or a plain state dict."
         ) from None
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointReadError(f"cannot read {what} {path}: {type(exc).__name__}: "
-                                  f"{str(exc)[:300]}") from exc
+        raise CheckpointReadError(
+            f"cannot read {what} {path}: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc

@@ -22,6 +22,7 @@ def data_root(tmp_path_factory) -> Path:
     """A tiny synthetic split (4 train, 2 val, 64x64) shared by the small training tests; a test
     module may define its own ``data_root`` instead."""
     root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_coco_panoptic(root, num_train=4, num_val=2, image_size=(64, 64), seed=3,
-                                     progress=False)
+    generate_synthetic_coco_panoptic(
+        root, num_train=4, num_val=2, image_size=(64, 64), seed=3, progress=False
+    )
     return root

@@ -11,29 +11,48 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/reg_sam/regnet_distill.yaml"
 
-_spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks/bench_distill.py")
+_spec = importlib.util.spec_from_file_location(
+    "bench_distill", ROOT / "benchmarks/bench_distill.py"
+)
 bench = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = bench  # dataclasses look the module up
 _spec.loader.exec_module(bench)
 
 TINY = [
-    "model.neck.channels=16", "model.head.num_queries=6", "model.head.num_stages=1",
-    "model.head.ffn_dim=32", "model.loss.num_points=256",
-    "model.resolution_distill.feat_channels=8", "model.sam_distill.num_points=128",
-    "model.sam_distill.distill_feat_layers=[0, 1]", "teacher.tiny.img_size=128",
-    "teacher.tiny.embed_dim=32", "teacher.tiny.depth=2", "teacher.tiny.global_attn_indexes=[0, 1]",
+    "model.neck.channels=16",
+    "model.head.num_queries=6",
+    "model.head.num_stages=1",
+    "model.head.ffn_dim=32",
+    "model.loss.num_points=256",
+    "model.resolution_distill.feat_channels=8",
+    "model.sam_distill.num_points=128",
+    "model.sam_distill.distill_feat_layers=[0, 1]",
+    "teacher.tiny.img_size=128",
+    "teacher.tiny.embed_dim=32",
+    "teacher.tiny.depth=2",
+    "teacher.tiny.global_attn_indexes=[0, 1]",
 ]
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_distill")
-    overrides = bench.setup_overrides(tmp, "sam_tiny", images=2, image_size=64, batch_size=2,
-                                      crop=64) + TINY
+    overrides = (
+        bench.setup_overrides(tmp, "sam_tiny", images=2, image_size=64, batch_size=2, crop=64)
+        + TINY
+    )
     prep = bench.prepare(CONFIG, overrides)
-    results = bench.measure_rows(CONFIG, overrides, bench.select_rows(skip_live=True),
-                                 tmp / "runs", device="cpu", threads=1, warmup=0, iters=1,
-                                 progress=False)
+    results = bench.measure_rows(
+        CONFIG,
+        overrides,
+        bench.select_rows(skip_live=True),
+        tmp / "runs",
+        device="cpu",
+        threads=1,
+        warmup=0,
+        iters=1,
+        progress=False,
+    )
     return prep, results
 
 
@@ -46,8 +65,13 @@ def test_rows_build_what_they_claim(measured):
     assert not terms["fusion"] & {"loss_sr", "loss_fa", "loss_sam_distill"}
     assert {"loss_sr", "loss_fa", "loss_resolution_distill"} <= terms["resolution_distill"]
     assert "loss_sam_distill" not in terms["resolution_distill"]
-    assert {"loss_feat_distill", "loss_cls_distill", "loss_mask_distill",
-            "loss_sam_distill", "loss_sr"} <= terms["sam_cache"]
+    assert {
+        "loss_feat_distill",
+        "loss_cls_distill",
+        "loss_mask_distill",
+        "loss_sam_distill",
+        "loss_sr",
+    } <= terms["sam_cache"]
     # each row adds trainable parameters: fusion weights, the SR decoder, the SAM adapters
     params = [r["params_m"] for r in results]
     assert params[0] < params[1] < params[2] < params[3]
@@ -68,17 +92,37 @@ def test_table_and_report_have_one_line_per_row(measured):
     _, results = measured
     rows = bench.table_rows(results)
     assert [r["row"] for r in rows] == [r["label"] for r in results]
-    assert {"step ms", "step ms per process", "step ms alone", "time x baseline",
-            "peak memory MB", "memory x baseline", "teacher fetch ms/batch"} <= set(rows[0])
+    assert {
+        "step ms",
+        "step ms per process",
+        "step ms alone",
+        "time x baseline",
+        "peak memory MB",
+        "memory x baseline",
+        "teacher fetch ms/batch",
+    } <= set(rows[0])
     # the side-by-side process timed every non-live row; each row also ran alone
     assert all(len(r["round_ms"]) == 1 and r["alone_ms"] > 0 for r in results)
     assert rows[0]["time x baseline"] == 1.0 and rows[0]["memory x baseline"] == 1.0
-    assert rows[2]["time x baseline"] == pytest.approx(results[2]["step_ms"] / results[0]["step_ms"])
+    assert rows[2]["time x baseline"] == pytest.approx(
+        results[2]["step_ms"] / results[0]["step_ms"]
+    )
     import torch
 
-    info = {"device": torch.device("cpu"), "config": str(CONFIG), "batch_size": 2, "crop": 64,
-            "images": 2, "image_size": 64, "warmup": 0, "iters": 1, "live_iters": 1, "rounds": 1,
-            "layout": measured[0]["layout"], "load_before": "n/a"}
+    info = {
+        "device": torch.device("cpu"),
+        "config": str(CONFIG),
+        "batch_size": 2,
+        "crop": 64,
+        "images": 2,
+        "image_size": 64,
+        "warmup": 0,
+        "iters": 1,
+        "live_iters": 1,
+        "rounds": 1,
+        "layout": measured[0]["layout"],
+        "load_before": "n/a",
+    }
     report = bench.render_report(results, info)
     table = [ln for ln in report.splitlines() if ln.startswith("|") and "---" not in ln]
     assert len(table) == 1 + len(results)  # the header and one line per row
@@ -87,14 +131,27 @@ def test_table_and_report_have_one_line_per_row(measured):
 
 
 def _fake(key, step_ms, peak_mb, digest="d" * 64, teacher=None, teacher_ms=None):
-    return {"key": key, "label": key, "step_ms": step_ms, "peak_mb": peak_mb,
-            "digest": digest, "teacher": teacher, "teacher_ms": teacher_ms, "params_m": 1.0}
+    return {
+        "key": key,
+        "label": key,
+        "step_ms": step_ms,
+        "peak_mb": peak_mb,
+        "digest": digest,
+        "teacher": teacher,
+        "teacher_ms": teacher_ms,
+        "params_m": 1.0,
+    }
 
 
 def test_ratios_and_goal_verdicts_by_hand():
-    results = bench.add_ratios([_fake("baseline", 100.0, 200.0), _fake("fusion", 100.0, 200.0),
-                                _fake("resolution_distill", 130.0, 260.0),
-                                _fake("sam_cache", 138.0, 262.0, teacher="cache", teacher_ms=5.0)])
+    results = bench.add_ratios(
+        [
+            _fake("baseline", 100.0, 200.0),
+            _fake("fusion", 100.0, 200.0),
+            _fake("resolution_distill", 130.0, 260.0),
+            _fake("sam_cache", 138.0, 262.0, teacher="cache", teacher_ms=5.0),
+        ]
+    )
     assert [r["time_ratio"] for r in results] == pytest.approx([1.0, 1.0, 1.3, 1.38])
     assert results[0]["time_added"] is None
     assert [r["time_added"] for r in results[1:]] == pytest.approx([0.0, 0.3, 0.08])
@@ -107,8 +164,13 @@ def test_ratios_and_goal_verdicts_by_hand():
 
 def test_rows_run_alone_then_side_by_side_and_report_medians(monkeypatch, tmp_path):
     calls = []
-    side_by_side = iter([{"baseline": 100.0, "fusion": 200.0}, {"baseline": 90.0, "fusion": 210.0},
-                         {"baseline": 130.0, "fusion": 190.0}])
+    side_by_side = iter(
+        [
+            {"baseline": 100.0, "fusion": 200.0},
+            {"baseline": 90.0, "fusion": 210.0},
+            {"baseline": 130.0, "fusion": 190.0},
+        ]
+    )
 
     def fake(spec, env=None):
         if "rows" in spec:  # one side-by-side process
@@ -117,8 +179,13 @@ def test_rows_run_alone_then_side_by_side_and_report_medians(monkeypatch, tmp_pa
             return {"step_ms": next(side_by_side), "digests": {k: "d" * 64 for k in keys}}
         key = spec["row"]["key"]
         calls.append(key)
-        return _fake(key, {"baseline": 95.0, "fusion": 230.0, "sam_live": 5000.0}[key], 10.0,
-                     teacher=spec["row"]["teacher"], teacher_ms=7.0 if key == "sam_live" else None)
+        return _fake(
+            key,
+            {"baseline": 95.0, "fusion": 230.0, "sam_live": 5000.0}[key],
+            10.0,
+            teacher=spec["row"]["teacher"],
+            teacher_ms=7.0 if key == "sam_live" else None,
+        )
 
     monkeypatch.setattr(bench, "run_row_isolated", fake)
     rows = [bench.ROWS[0], bench.ROWS[1], bench.ROWS[4]]
@@ -136,8 +203,10 @@ def test_rows_run_alone_then_side_by_side_and_report_medians(monkeypatch, tmp_pa
 def test_rows_on_different_batches_are_refused(monkeypatch, tmp_path):
     def fake(spec, env=None):
         if "rows" in spec:
-            return {"step_ms": {r["key"]: 1.0 for r in spec["rows"]},
-                    "digests": {r["key"]: "b" * 64 for r in spec["rows"]}}
+            return {
+                "step_ms": {r["key"]: 1.0 for r in spec["rows"]},
+                "digests": {r["key"]: "b" * 64 for r in spec["rows"]},
+            }
         return _fake(spec["row"]["key"], 1.0, 1.0, digest="a" * 64)
 
     monkeypatch.setattr(bench, "run_row_isolated", fake)
@@ -149,12 +218,24 @@ def test_rows_on_different_batches_are_refused(monkeypatch, tmp_path):
 
 def test_decomposition_rows_split_the_resolution_distillation():
     rows = bench.select_rows(skip_live=True, decompose=True)
-    assert [r.key for r in rows] == ["baseline", "fusion", "rd_lr_path", "rd_lr_path_sr",
-                                     "resolution_distill", "sam_cache"]
-    results = bench.add_ratios([
-        _fake("baseline", 100.0, 200.0), _fake("fusion", 102.0, 200.0),
-        _fake("rd_lr_path", 122.0, 230.0), _fake("rd_lr_path_sr", 128.0, 240.0),
-        _fake("resolution_distill", 130.0, 244.0), _fake("sam_cache", 139.0, 250.0)])
+    assert [r.key for r in rows] == [
+        "baseline",
+        "fusion",
+        "rd_lr_path",
+        "rd_lr_path_sr",
+        "resolution_distill",
+        "sam_cache",
+    ]
+    results = bench.add_ratios(
+        [
+            _fake("baseline", 100.0, 200.0),
+            _fake("fusion", 102.0, 200.0),
+            _fake("rd_lr_path", 122.0, 230.0),
+            _fake("rd_lr_path_sr", 128.0, 240.0),
+            _fake("resolution_distill", 130.0, 244.0),
+            _fake("sam_cache", 139.0, 250.0),
+        ]
+    )
     for r, g in zip(results, [10.0, 10.0, 12.5, 12.7, 12.8, 13.0]):
         r["step_gflop"] = g
     lines = bench.goal_lines(results)
@@ -183,16 +264,24 @@ def test_partial_distiller_runs_only_its_part():
 
     torch.manual_seed(0)
     student = Student()
-    distiller = ResolutionDistiller(in_channels=4, feat_channels=4, sr_loss_weight=0.5,
-                                    fa_loss_weight=0.5, fa_subscale=0.5, lr_scale=0.5,
-                                    mask_stride=4)
+    distiller = ResolutionDistiller(
+        in_channels=4,
+        feat_channels=4,
+        sr_loss_weight=0.5,
+        fa_loss_weight=0.5,
+        fa_subscale=0.5,
+        lr_scale=0.5,
+        mask_stride=4,
+    )
     images = torch.randn(2, 3, 32, 32)
     lr_only = bench._partial_resolution_distill(distiller, "lr_path")(student, images, {})
     assert student.calls == [(16, 16)] and lr_only["loss_resolution_distill"].item() == 0.0
     lr_only["loss_resolution_distill"].backward()
     assert student.conv.weight.grad is not None and distiller.sr_decoder.body[0].weight.grad is None
     with_sr = bench._partial_resolution_distill(distiller, "lr_path_sr")(student, images, {})
-    full = distiller(student, images, {"mask_features": student.forward_features(images)["mask_features"]})
+    full = distiller(
+        student, images, {"mask_features": student.forward_features(images)["mask_features"]}
+    )
     torch.testing.assert_close(with_sr["loss_resolution_distill"], 0.5 * full["loss_sr"])
 
 
@@ -200,5 +289,9 @@ def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--iters", "0"])
     assert [r.key for r in bench.select_rows(skip_live=True)] == [
-        "baseline", "fusion", "resolution_distill", "sam_cache"]
+        "baseline",
+        "fusion",
+        "resolution_distill",
+        "sam_cache",
+    ]
     assert bench.select_rows(skip_live=False)[-1].teacher == "live"

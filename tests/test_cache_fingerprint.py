@@ -28,16 +28,28 @@ def coco_like(tmp_path):
     """A COCO-panoptic config (annotations identified by their sha256) over a tiny JSON."""
     root = tmp_path / "data"
     (root / "annotations").mkdir(parents=True)
-    doc = {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [
-        {"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 5, "category_id": 1}]}],
-        "categories": [{"id": 1, "name": "thing", "isthing": 1}]}
+    doc = {
+        "images": [{"id": 1, "file_name": "a.jpg"}],
+        "annotations": [
+            {"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 5, "category_id": 1}]}
+        ],
+        "categories": [{"id": 1, "name": "thing", "isthing": 1}],
+    }
     (root / "annotations" / "panoptic_train.json").write_text(json.dumps(doc))
     ckpt = tmp_path / "teacher.pth"
     ckpt.write_bytes(b"weights v1")
 
     def make(*overrides):
-        return load_config(BASE, ["data.dataset=coco_panoptic", f"data.root={root}",
-                                  f"cache.root={tmp_path / 'cache'}", *overrides])
+        return load_config(
+            BASE,
+            [
+                "data.dataset=coco_panoptic",
+                f"data.root={root}",
+                f"cache.root={tmp_path / 'cache'}",
+                *overrides,
+            ],
+        )
+
     return make, root, ckpt
 
 
@@ -88,10 +100,21 @@ def test_fingerprint_follows_checkpoint_layers_and_annotations(coco_like):
 def test_fingerprint_ignores_unrelated_settings(coco_like, tmp_path):
     make, root, _ = coco_like
     base = cache_dir(make(), "train")
-    for override in ("model.head.num_queries=7", "model.use_sam_distill=true", "training.lr=0.5",
-                     "training.max_iters=3", "seed=123", "experiment=other", "output_root=elsewhere",
-                     "evaluation.num_visualize=0", "data.crop_size=[64, 64]", "cache.clevel=9",
-                     "cache.compressor=lz4", "cache.n_workers=3", "teacher.device=cpu"):
+    for override in (
+        "model.head.num_queries=7",
+        "model.use_sam_distill=true",
+        "training.lr=0.5",
+        "training.max_iters=3",
+        "seed=123",
+        "experiment=other",
+        "output_root=elsewhere",
+        "evaluation.num_visualize=0",
+        "data.crop_size=[64, 64]",
+        "cache.clevel=9",
+        "cache.compressor=lz4",
+        "cache.n_workers=3",
+        "teacher.device=cpu",
+    ):
         assert cache_dir(make(override), "train") == base, override
     # the same annotations under another data.root: same content, same cache
     moved = tmp_path / "moved"
@@ -118,15 +141,28 @@ def test_missing_annotations_error_names_the_file(coco_like):
 def test_mismatch_error_lists_the_differing_fields(coco_like):
     make, _, ckpt = coco_like
     stored = teacher_fingerprint(make("teacher.layers=[1, neck]"), "train")
-    asked = teacher_fingerprint(make("teacher.layers=[0, neck]", f"teacher.checkpoint={ckpt}"), "train")
+    asked = teacher_fingerprint(
+        make("teacher.layers=[0, neck]", f"teacher.checkpoint={ckpt}"), "train"
+    )
     diffs = describe_differences(stored, asked)
     assert len(diffs) == 2
     assert diffs[0].startswith("layers: cache [1, 'neck'], asked [0, 'neck']")
     assert diffs[1].startswith("teacher.weights: cache 'random-init seed 0', asked 'sha256:")
 
-    layout = CacheLayout(image_ids=["1"], level_names=["neck"], teacher_channels=[256],
-                         level_channels=[8], grid_sizes=[(2, 2)], input_size=32, mask_size=8,
-                         max_segments=4, embed_dim=256, dtype="float16", compressor="zstd", clevel=1)
+    layout = CacheLayout(
+        image_ids=["1"],
+        level_names=["neck"],
+        teacher_channels=[256],
+        level_channels=[8],
+        grid_sizes=[(2, 2)],
+        input_size=32,
+        mask_size=8,
+        max_segments=4,
+        embed_dim=256,
+        dtype="float16",
+        compressor="zstd",
+        clevel=1,
+    )
     path = Path(make().cache.root) / "x"
     CacheStore.create_or_open(path, stored, layout)
     with pytest.raises(FingerprintMismatchError) as err:
@@ -138,7 +174,9 @@ def test_mismatch_error_lists_the_differing_fields(coco_like):
 
 def test_missing_cache_tells_to_run_snakemake(coco_like):
     make, _, _ = coco_like
-    with pytest.raises(CacheNotFoundError, match=r"missing: .*sam_tiny-train-.*snakemake cache_teacher"):
+    with pytest.raises(
+        CacheNotFoundError, match=r"missing: .*sam_tiny-train-.*snakemake cache_teacher"
+    ):
         TeacherCache.for_config(make(), "train")
     with pytest.raises(CacheNotFoundError, match="snakemake cache_teacher"):
         TeacherCache(Path(make().cache.root) / "nothing-here")

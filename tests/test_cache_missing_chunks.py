@@ -22,11 +22,20 @@ BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("chunks")
-    generate_synthetic_coco_panoptic(root / "data", num_train=4, num_val=1, image_size=(64, 96),
-                                     progress=False)
-    cfg = load_config(BASE, [f"data.root={root / 'data'}", f"cache.root={root / 'cache'}",
-                             "data.synthetic.num_train=4", "data.synthetic.num_val=1",
-                             "data.synthetic.image_size=[64, 96]", "cache.channels=16"])
+    generate_synthetic_coco_panoptic(
+        root / "data", num_train=4, num_val=1, image_size=(64, 96), progress=False
+    )
+    cfg = load_config(
+        BASE,
+        [
+            f"data.root={root / 'data'}",
+            f"cache.root={root / 'cache'}",
+            "data.synthetic.num_train=4",
+            "data.synthetic.num_val=1",
+            "data.synthetic.image_size=[64, 96]",
+            "cache.channels=16",
+        ],
+    )
     return build_cache(cfg, n_workers=1, progress=False)
 
 
@@ -45,8 +54,15 @@ def delete_chunk(cache: Path, array: str, index: int | None) -> None:
     shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-PER_IMAGE = ["features/neck/values", "features/block1/values", "segments/mask_logits/values",
-             "segments/embeddings", "images/orig_size", "segments/iou", "segments/segment_ids"]
+PER_IMAGE = [
+    "features/neck/values",
+    "features/block1/values",
+    "segments/mask_logits/values",
+    "segments/embeddings",
+    "images/orig_size",
+    "segments/iou",
+    "segments/segment_ids",
+]
 
 
 def test_healthy_cache_verifies_ok(cache):
@@ -74,8 +90,10 @@ def test_every_missing_array_of_an_image_is_listed(cache):
     for array in ("features/neck/values", "images/orig_size"):
         delete_chunk(cache, array, 2)
     problems = verify_cache(cache, progress=False)
-    assert problems == [f"image {image_id!r} (index 2): chunk of {a} is missing"
-                        for a in ("features/neck/values", "images/orig_size")]
+    assert problems == [
+        f"image {image_id!r} (index 2): chunk of {a} is missing"
+        for a in ("features/neck/values", "images/orig_size")
+    ]
 
 
 def test_missing_prototypes_are_reported_and_refused(cache):
@@ -100,17 +118,34 @@ def test_chunks_equal_to_the_fill_value_are_written(tmp_path):
 
     from pipeline.cache.store import CacheLayout, CacheStore, ImageRecord
 
-    layout = CacheLayout(image_ids=["1", "2"], level_names=["neck"], teacher_channels=[4],
-                         level_channels=[4], grid_sizes=[(2, 2)], input_size=32, mask_size=8,
-                         max_segments=2, embed_dim=256, dtype="float16", compressor="zstd", clevel=1,
-                         categories=[{"id": 1, "name": "a", "isthing": True, "train_id": 0}])
+    layout = CacheLayout(
+        image_ids=["1", "2"],
+        level_names=["neck"],
+        teacher_channels=[4],
+        level_channels=[4],
+        grid_sizes=[(2, 2)],
+        input_size=32,
+        mask_size=8,
+        max_segments=2,
+        embed_dim=256,
+        dtype="float16",
+        compressor="zstd",
+        clevel=1,
+        categories=[{"id": 1, "name": "a", "isthing": True, "train_id": 0}],
+    )
     store = CacheStore.create_or_open(tmp_path / "c", {"schema_version": 2}, layout)
-    store.write_image(0, ImageRecord(features=[np.zeros((4, 2, 2), np.float32)],
-                                     mask_logits=np.zeros((1, 8, 8), np.float32),
-                                     iou=np.zeros(1, np.float32),
-                                     embeddings=np.zeros((1, 256), np.float32),
-                                     segment_ids=np.array([5]), labels=np.array([0]),
-                                     orig_size=(20, 30)))
+    store.write_image(
+        0,
+        ImageRecord(
+            features=[np.zeros((4, 2, 2), np.float32)],
+            mask_logits=np.zeros((1, 8, 8), np.float32),
+            iou=np.zeros(1, np.float32),
+            embeddings=np.zeros((1, 256), np.float32),
+            segment_ids=np.array([5]),
+            labels=np.array([0]),
+            orig_size=(20, 30),
+        ),
+    )
     reopened = CacheStore.open(tmp_path / "c")
     assert reopened.missing_chunks(0) == []
     assert reopened.missing_chunks(1) == reopened.image_array_names()  # never written

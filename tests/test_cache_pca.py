@@ -14,7 +14,12 @@ from pipeline.cache.pca import (
     tree_reduce,
     valid_cells,
 )
-from pipeline.cache.prototypes import class_logits, class_sums, merge_class_sums, prototypes_from_sums
+from pipeline.cache.prototypes import (
+    class_logits,
+    class_sums,
+    merge_class_sums,
+    prototypes_from_sums,
+)
 
 
 def _correlated(rng, n, c):
@@ -36,7 +41,9 @@ def test_basis_matches_numpy_eigh_on_the_same_data():
     for k in range(4):  # same axes up to sign
         assert abs(abs(basis.components[:, k] @ eigvec[:, top[k]]) - 1) < 1e-9
     assert basis.total_variance == pytest.approx(eigval.sum(), rel=1e-9)
-    assert basis.explained_variance_ratio == pytest.approx(eigval[top].sum() / eigval.sum(), rel=1e-9)
+    assert basis.explained_variance_ratio == pytest.approx(
+        eigval[top].sum() / eigval.sum(), rel=1e-9
+    )
     # deterministic sign: every column's largest-magnitude entry is positive
     peak = np.abs(basis.components).argmax(axis=0)
     assert (basis.components[peak, np.arange(4)] > 0).all()
@@ -102,14 +109,17 @@ def test_basis_digest_changes_with_the_basis():
 def test_prototypes_are_normalised_means_of_unit_embeddings():
     emb_a = np.array([[3.0, 0.0], [0.0, 2.0]])  # class 0 twice -> mean of units (0.5, 0.5)
     emb_b = np.array([[0.0, -5.0]])  # class 2 -> (0, -1); class 1 absent
-    sums = merge_class_sums(class_sums(emb_a, np.array([0, 0]), 3), class_sums(emb_b, np.array([2]), 3))
+    sums = merge_class_sums(
+        class_sums(emb_a, np.array([0, 0]), 3), class_sums(emb_b, np.array([2]), 3)
+    )
     np.testing.assert_array_equal(sums.count, [2, 0, 1])
     protos = prototypes_from_sums(sums)
-    np.testing.assert_allclose(protos, [[2 ** -0.5, 2 ** -0.5], [0, 0], [0, -1]], atol=1e-7)
+    np.testing.assert_allclose(protos, [[2**-0.5, 2**-0.5], [0, 0], [0, -1]], atol=1e-7)
 
     logits = class_logits(torch.tensor([[1.0, 1.0], [0.0, 4.0]]), torch.from_numpy(protos), 10.0)
-    np.testing.assert_allclose(logits.numpy(), [[10.0, 0.0, -10 * 2 ** -0.5],
-                                                [10 * 2 ** -0.5, 0.0, -10.0]], atol=1e-5)
+    np.testing.assert_allclose(
+        logits.numpy(), [[10.0, 0.0, -10 * 2**-0.5], [10 * 2**-0.5, 0.0, -10.0]], atol=1e-5
+    )
 
 
 def test_class_sums_rejects_out_of_range_labels():

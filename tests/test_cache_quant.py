@@ -22,15 +22,19 @@ def test_int8_hand_checked_channel():
 def test_int8_round_trip_bound_per_channel():
     rng = np.random.default_rng(0)
     # channels with very different ranges: the bound is per channel
-    x = rng.normal(size=(5, 7, 9)).astype(np.float32) * np.array([1e-3, 0.1, 1, 10, 300],
-                                                                  np.float32)[:, None, None]
+    x = (
+        rng.normal(size=(5, 7, 9)).astype(np.float32)
+        * np.array([1e-3, 0.1, 1, 10, 300], np.float32)[:, None, None]
+    )
     q, scale, offset = quantize_int8(x)
     back = dequantize_int8(q, scale, offset)
     err = np.abs(back - x).reshape(5, -1).max(axis=1)
     span = x.reshape(5, -1).max(axis=1) - x.reshape(5, -1).min(axis=1)
     assert (err <= span / 255 / 2 * (1 + 1e-4) + 1e-6 * np.abs(x).max()).all()
     # extremes are hit exactly by q = -128 and q = 127
-    assert (q.reshape(5, -1).min(axis=1) == -128).all() and (q.reshape(5, -1).max(axis=1) == 127).all()
+    assert (q.reshape(5, -1).min(axis=1) == -128).all() and (
+        q.reshape(5, -1).max(axis=1) == 127
+    ).all()
 
 
 def test_int8_constant_channel_is_exact():

@@ -27,8 +27,14 @@ NO_SEGMENTS = 2
 
 
 def overrides(data_root, cache_root):
-    return [f"data.root={data_root}", f"cache.root={cache_root}", f"data.synthetic.num_train={N}",
-            "data.synthetic.num_val=1", "data.synthetic.image_size=[96, 128]", "cache.dtype=int8"]
+    return [
+        f"data.root={data_root}",
+        f"cache.root={cache_root}",
+        f"data.synthetic.num_train={N}",
+        "data.synthetic.num_val=1",
+        "data.synthetic.image_size=[96, 128]",
+        "cache.dtype=int8",
+    ]
 
 
 def wait_for_group_exit(pgid, timeout=10.0):
@@ -46,14 +52,16 @@ def wait_for_group_exit(pgid, timeout=10.0):
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    paths = generate_synthetic_coco_panoptic(root / "data", num_train=N, num_val=1,
-                                             image_size=(96, 128), progress=False)
+    paths = generate_synthetic_coco_panoptic(
+        root / "data", num_train=N, num_val=1, image_size=(96, 128), progress=False
+    )
     _, json_path, png_dir = paths["train"]
     from PIL import Image
 
     doc = json.loads(json_path.read_text())
     Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(
-        png_dir / doc["annotations"][NO_SEGMENTS]["file_name"])
+        png_dir / doc["annotations"][NO_SEGMENTS]["file_name"]
+    )
     return root
 
 
@@ -65,16 +73,23 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(split, tmp_path):
     cfg = load_config(BASE, args)
     path = cache_dir(cfg, "train")
     script = tmp_path / "run_cache.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from pipeline.cache.runner import build_cache
         from pipeline.config import load_config
         if __name__ == "__main__":
             build_cache(load_config({str(BASE)!r}, {args!r}), n_workers=1, progress=False)
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         done = 0

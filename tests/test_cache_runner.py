@@ -28,15 +28,24 @@ NO_SEGMENTS, MISSING_IMAGE = 2, 4  # dataset indices broken on purpose
 
 
 def make_config(data_root, cache_root, *extra):
-    return load_config(BASE, [f"data.root={data_root}", f"cache.root={cache_root}",
-                              "data.synthetic.num_train=6", "data.synthetic.num_val=1",
-                              "data.synthetic.image_size=[96, 128]", *extra])
+    return load_config(
+        BASE,
+        [
+            f"data.root={data_root}",
+            f"cache.root={cache_root}",
+            "data.synthetic.num_train=6",
+            "data.synthetic.num_val=1",
+            "data.synthetic.image_size=[96, 128]",
+            *extra,
+        ],
+    )
 
 
 def make_split(root):
     """6 synthetic 96x128 images; index 2 gets an all-void PNG, index 4 loses its image file."""
-    paths = generate_synthetic_coco_panoptic(root, num_train=6, num_val=1, image_size=(96, 128),
-                                             progress=False)
+    paths = generate_synthetic_coco_panoptic(
+        root, num_train=6, num_val=1, image_size=(96, 128), progress=False
+    )
     image_dir, json_path, png_dir = paths["train"]
     doc = json.loads(json_path.read_text())
     from PIL import Image
@@ -108,12 +117,15 @@ def test_get_returns_the_documented_dict(built):
     assert item["cls_logits"].abs().max() <= cfg.cache.prototype_scale + 1e-4
     # cls_logits = scale * cosine(embedding, prototype)
     emb = torch.nn.functional.normalize(item["embeddings"], dim=1)
-    torch.testing.assert_close(item["cls_logits"], cfg.cache.prototype_scale * emb @ cache.prototypes.T)
+    torch.testing.assert_close(
+        item["cls_logits"], cfg.cache.prototype_scale * emb @ cache.prototypes.T
+    )
     # keep_float16: the float16 store's maps as stored, equal to the float32 ones after a cast
     assert cfg.cache.dtype == "float16"
     half = cache.get(image_id, keep_float16=True)
-    for f16, f32 in zip(half["features"] + [half["mask_logits"]],
-                        item["features"] + [item["mask_logits"]]):
+    for f16, f32 in zip(
+        half["features"] + [half["mask_logits"]], item["features"] + [item["mask_logits"]]
+    ):
         assert f16.dtype == torch.float16
         assert torch.equal(f16.float(), f32)
     assert torch.equal(half["cls_logits"], item["cls_logits"])
@@ -175,7 +187,9 @@ def test_reader_in_a_multi_worker_dataloader(built):
 
 def test_fingerprint_mismatch_is_refused_on_open(built):
     cfg, path, root = built
-    other = teacher_fingerprint(make_config(root / "data", root / "cache1", "cache.mask_size=32"), "train")
+    other = teacher_fingerprint(
+        make_config(root / "data", root / "cache1", "cache.mask_size=32"), "train"
+    )
     with pytest.raises(FingerprintMismatchError, match="mask_size: cache 64, asked 32"):
         TeacherCache(path, expected_fingerprint=other)
 
@@ -223,8 +237,11 @@ def test_image_over_the_segment_capacity_is_named_before_any_work(built, tmp_pat
     _, _, root = built
     cfg = make_config(root / "data", tmp_path / "cache")
     cfg.cache.max_segments = 3
-    with pytest.raises(ValueError, match=r"panoptic_train\.json: \d+ image\(s\) list more non-crowd "
-                                         r"segments than the cache's max_segments=3: image_id '1' "):
+    with pytest.raises(
+        ValueError,
+        match=r"panoptic_train\.json: \d+ image\(s\) list more non-crowd "
+        r"segments than the cache's max_segments=3: image_id '1' ",
+    ):
         build_cache(cfg, n_workers=1, progress=False)
     assert not (tmp_path / "cache").exists()
 
@@ -234,11 +251,17 @@ def test_build_cache_leaves_the_callers_environment_alone(tmp_path, monkeypatch)
 
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    paths = generate_synthetic_coco_panoptic(tmp_path / "data", num_train=2, num_val=1,
-                                             image_size=(64, 64), progress=False)
+    paths = generate_synthetic_coco_panoptic(
+        tmp_path / "data", num_train=2, num_val=1, image_size=(64, 64), progress=False
+    )
     assert paths
-    cfg = make_config(tmp_path / "data", tmp_path / "cache", "data.synthetic.num_train=2",
-                      "data.synthetic.image_size=[64, 64]", "cache.pca_samples=1")
+    cfg = make_config(
+        tmp_path / "data",
+        tmp_path / "cache",
+        "data.synthetic.num_train=2",
+        "data.synthetic.image_size=[64, 64]",
+        "cache.pca_samples=1",
+    )
     build_cache(cfg, n_workers=1, progress=False)
     assert os.environ["OMP_NUM_THREADS"] == "7"
     assert "MKL_NUM_THREADS" not in os.environ

@@ -22,24 +22,39 @@ FP = {"schema_version": 1, "layers": [1, "neck"]}
 
 
 def _layout(dtype="float16", max_segments=3):
-    return CacheLayout(image_ids=["10", "11", "12"], level_names=["block1", "neck"],
-                       teacher_channels=[4, 16], level_channels=[4, 6], grid_sizes=[(5, 5), (5, 5)],
-                       input_size=80, mask_size=8, max_segments=max_segments, embed_dim=256,
-                       dtype=dtype, compressor="zstd", clevel=3,
-                       categories=[{"id": 1, "name": "a", "isthing": True, "train_id": 0},
-                                   {"id": 9, "name": "b", "isthing": False, "train_id": 1}])
+    return CacheLayout(
+        image_ids=["10", "11", "12"],
+        level_names=["block1", "neck"],
+        teacher_channels=[4, 16],
+        level_channels=[4, 6],
+        grid_sizes=[(5, 5), (5, 5)],
+        input_size=80,
+        mask_size=8,
+        max_segments=max_segments,
+        embed_dim=256,
+        dtype=dtype,
+        compressor="zstd",
+        clevel=3,
+        categories=[
+            {"id": 1, "name": "a", "isthing": True, "train_id": 0},
+            {"id": 9, "name": "b", "isthing": False, "train_id": 1},
+        ],
+    )
 
 
 def _record(rng, m=2):
     return ImageRecord(
-        features=[rng.normal(size=(4, 5, 5)).astype(np.float32),
-                  rng.normal(size=(6, 5, 5)).astype(np.float32) * 20],
+        features=[
+            rng.normal(size=(4, 5, 5)).astype(np.float32),
+            rng.normal(size=(6, 5, 5)).astype(np.float32) * 20,
+        ],
         mask_logits=rng.normal(size=(m, 8, 8)).astype(np.float32) * 5,
         iou=rng.uniform(size=m).astype(np.float32),
         embeddings=rng.normal(size=(m, 256)).astype(np.float32),
         segment_ids=np.arange(100, 100 + m, dtype=np.int64),
         labels=np.arange(m, dtype=np.int64) % 2,
-        orig_size=(40, 80))
+        orig_size=(40, 80),
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -64,8 +79,9 @@ def test_write_read_round_trip(tmp_path, dtype):
         half = (np.ptp(rec.mask_logits.reshape(2, -1), axis=1) / 255 / 2)[:, None, None]
         assert (np.abs(back["mask_logits"] - rec.mask_logits) <= half + 1e-5).all()
     else:
-        np.testing.assert_array_equal(back["mask_logits"],
-                                      rec.mask_logits.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(
+            back["mask_logits"], rec.mask_logits.astype(np.float16).astype(np.float32)
+        )
     np.testing.assert_array_equal(back["segment_ids"], rec.segment_ids)
     np.testing.assert_array_equal(back["labels"], rec.labels)
     np.testing.assert_array_equal(back["iou"], rec.iou)  # float32, exact
@@ -97,8 +113,13 @@ def test_skip_is_recorded_with_reason(tmp_path):
     store.write_skip(0, "no_segments", "x.png: no non-crowd segment", file_name="x.jpg")
     assert store.status_of(0) == STATUS_SKIPPED
     info = json.loads((tmp_path / "c" / "skips" / "00000000.json").read_text())
-    assert info == {"index": 0, "image_id": "10", "reason": "no_segments",
-                    "message": "x.png: no non-crowd segment", "file_name": "x.jpg"}
+    assert info == {
+        "index": 0,
+        "image_id": "10",
+        "reason": "no_segments",
+        "message": "x.png: no non-crowd segment",
+        "file_name": "x.jpg",
+    }
 
 
 def test_unwritable_location_names_the_path(tmp_path):

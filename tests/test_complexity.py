@@ -19,13 +19,13 @@ from pipeline.evaluation.complexity import (
 
 def _small_convnet() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 8, kernel_size=3, padding=1),           # 8*3*9 + 8
-        nn.BatchNorm2d(8),                                    # 8 + 8 (+ buffers, not params)
+        nn.Conv2d(3, 8, kernel_size=3, padding=1),  # 8*3*9 + 8
+        nn.BatchNorm2d(8),  # 8 + 8 (+ buffers, not params)
         nn.ReLU(),
         nn.Conv2d(8, 16, kernel_size=3, stride=2, bias=False),  # 16*8*9
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(16, 5),                                     # 16*5 + 5
+        nn.Linear(16, 5),  # 16*5 + 5
     )
 
 
@@ -87,20 +87,24 @@ def test_latency_keys_and_values():
 
 def test_latency_reduced_precision_half_copy_leaves_model():
     model = nn.Conv2d(3, 4, 3)
-    out = measure_latency(model, (1, 3, 8, 8), "cpu", warmup=0, iters=1,
-                          dtype=torch.bfloat16, precision_mode="half")
+    out = measure_latency(
+        model, (1, 3, 8, 8), "cpu", warmup=0, iters=1, dtype=torch.bfloat16, precision_mode="half"
+    )
     assert out["mean_ms"] > 0
     assert model.weight.dtype == torch.float32
     out = measure_latency(model, (1, 3, 8, 8), "cpu", warmup=0, iters=2, dtype=torch.bfloat16)
     assert out["median_ms"] > 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(input_shape=(1, 3, 0, 8)), "input_shape"),
-    (dict(input_shape=(1, 3, 8, 8), iters=0), "iters"),
-    (dict(input_shape=(1, 3, 8, 8), warmup=-1), "warmup"),
-    (dict(input_shape=(1, 3, 8, 8), precision_mode="int8"), "precision_mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_shape=(1, 3, 0, 8)), "input_shape"),
+        (dict(input_shape=(1, 3, 8, 8), iters=0), "iters"),
+        (dict(input_shape=(1, 3, 8, 8), warmup=-1), "warmup"),
+        (dict(input_shape=(1, 3, 8, 8), precision_mode="int8"), "precision_mode"),
+    ],
+)
 def test_latency_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         measure_latency(nn.Identity(), device="cpu", **kwargs)
@@ -124,8 +128,10 @@ def test_complexity_table_markdown():
         "| student | 3.14 | 120.00 | – |\n"
         "| peer\\|R50 | 44.00 | – | x |\n"
     )
-    assert complexity_table(rows, columns=["FPS", "Model"], float_format=".1f").splitlines()[2] \
+    assert (
+        complexity_table(rows, columns=["FPS", "Model"], float_format=".1f").splitlines()[2]
         == "| 120.0 | student |"
+    )
     with pytest.raises(ValueError, match="empty"):
         complexity_table([])
 
@@ -150,12 +156,27 @@ def test_bench_model_table_medians_ratios_and_gmac_per_second():
         "peer": {"params": 44_000_000, "gmacs": {"64x64": 100.0}},
     }
     ms = [  # three processes; the student's rows and Mask2Former, ms per forward
-        {"0|eager": 100.0, "0|torch.export": 90.0, "0|onnxruntime fp32": 50.0,
-         "0|onnxruntime int8": 80.0, "peer|eager": 2000.0},
-        {"0|eager": 120.0, "0|torch.export": 80.0, "0|onnxruntime fp32": 40.0,
-         "0|onnxruntime int8": 70.0, "peer|eager": 2400.0},
-        {"0|eager": 400.0, "0|torch.export": 85.0, "0|onnxruntime fp32": 45.0,
-         "0|onnxruntime int8": 75.0, "peer|eager": 1800.0},
+        {
+            "0|eager": 100.0,
+            "0|torch.export": 90.0,
+            "0|onnxruntime fp32": 50.0,
+            "0|onnxruntime int8": 80.0,
+            "peer|eager": 2000.0,
+        },
+        {
+            "0|eager": 120.0,
+            "0|torch.export": 80.0,
+            "0|onnxruntime fp32": 40.0,
+            "0|onnxruntime int8": 70.0,
+            "peer|eager": 2400.0,
+        },
+        {
+            "0|eager": 400.0,
+            "0|torch.export": 85.0,
+            "0|onnxruntime fp32": 45.0,
+            "0|onnxruntime int8": 75.0,
+            "peer|eager": 1800.0,
+        },
     ]
     text = bench.table(prepared, [{"ms": {"64x64": m}} for m in ms], [(64, 64)])
     rows = {}

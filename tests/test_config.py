@@ -22,18 +22,27 @@ def base_line() -> str:
 def test_shipped_configs_turn_improvements_on_and_off():
     on = load_config(ROOT / "configs/reg_sam/regnet_distill.yaml")
     off = load_config(ROOT / "configs/reg_sam/baseline.yaml")
-    assert (on.model.use_learnable_fusion, on.model.use_resolution_distill,
-            on.model.use_sam_distill) == (True, True, True)
-    assert (off.model.use_learnable_fusion, off.model.use_resolution_distill,
-            off.model.use_sam_distill) == (False, False, False)
+    assert (
+        on.model.use_learnable_fusion,
+        on.model.use_resolution_distill,
+        on.model.use_sam_distill,
+    ) == (True, True, True)
+    assert (
+        off.model.use_learnable_fusion,
+        off.model.use_resolution_distill,
+        off.model.use_sam_distill,
+    ) == (False, False, False)
     # shared values come from the one base file
     assert on.data.crop_size == off.data.crop_size
     assert on.model.resolution_distill.fa_subscale == 0.0625
     assert on.model.sam_distill.temperature == 4.0
 
 
-EXPERIMENT_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
-                            if p.name not in {"workflow.yaml", "ablation.yaml"})
+EXPERIMENT_CONFIGS = sorted(
+    p
+    for p in (ROOT / "configs").rglob("*.yaml")
+    if p.name not in {"workflow.yaml", "ablation.yaml"}
+)
 
 
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
@@ -62,23 +71,42 @@ def test_unknown_key_names_key_file_and_closest(tmp_path):
 
 
 def test_unknown_nested_key_suggests_sibling(tmp_path):
-    p = write(tmp_path, "bad.yaml", base_line() + "model:\n  resolution_distill: {fa_subscal: 0.5}\n")
+    p = write(
+        tmp_path, "bad.yaml", base_line() + "model:\n  resolution_distill: {fa_subscal: 0.5}\n"
+    )
     with pytest.raises(ConfigError, match=r"resolution_distill\.fa_subscale"):
         load_config(p)
 
 
-@pytest.mark.parametrize("text, field, hint", [
-    ("model: {sam_distill: {temperature: 0}}", "model.sam_distill.temperature", "greater than 0"),
-    ("model: {sam_distill: {feat_distill_weight: -1}}", "model.sam_distill.feat_distill_weight",
-     "greater than or equal to 0"),
-    ("model: {resolution_distill: {fa_subscale: 0.3}}", "model.resolution_distill.fa_subscale", "1/n"),
-    ("model: {resolution_distill: {sr_loss_weight: -0.5}}", "model.resolution_distill.sr_loss_weight",
-     "greater than or equal to 0"),
-    ("training: {max_iters: many}", "training.max_iters", "integer"),
-    ("data: {scale_range: [2.0, 1.0]}", "data.scale_range", "min <= max"),
-    ("model: {backbone: {name: resnet_51}}", "model.backbone.name", "timm model name"),
-    ("cache: {dtype: float64}", "cache.dtype", "float16"),
-])
+@pytest.mark.parametrize(
+    "text, field, hint",
+    [
+        (
+            "model: {sam_distill: {temperature: 0}}",
+            "model.sam_distill.temperature",
+            "greater than 0",
+        ),
+        (
+            "model: {sam_distill: {feat_distill_weight: -1}}",
+            "model.sam_distill.feat_distill_weight",
+            "greater than or equal to 0",
+        ),
+        (
+            "model: {resolution_distill: {fa_subscale: 0.3}}",
+            "model.resolution_distill.fa_subscale",
+            "1/n",
+        ),
+        (
+            "model: {resolution_distill: {sr_loss_weight: -0.5}}",
+            "model.resolution_distill.sr_loss_weight",
+            "greater than or equal to 0",
+        ),
+        ("training: {max_iters: many}", "training.max_iters", "integer"),
+        ("data: {scale_range: [2.0, 1.0]}", "data.scale_range", "min <= max"),
+        ("model: {backbone: {name: resnet_51}}", "model.backbone.name", "timm model name"),
+        ("cache: {dtype: float64}", "cache.dtype", "float16"),
+    ],
+)
 def test_bad_values_name_field_and_range(tmp_path, text, field, hint):
     p = write(tmp_path, "bad.yaml", base_line() + text + "\n")
     with pytest.raises(ConfigError) as err:
@@ -89,13 +117,19 @@ def test_bad_values_name_field_and_range(tmp_path, text, field, hint):
 
 def test_fa_subscale_accepts_inverse_integers(tmp_path):
     for v in (1.0, 0.5, 0.25, 0.125, 0.0625):
-        p = write(tmp_path, "ok.yaml", base_line() + f"model: {{resolution_distill: {{fa_subscale: {v}}}}}\n")
+        p = write(
+            tmp_path,
+            "ok.yaml",
+            base_line() + f"model: {{resolution_distill: {{fa_subscale: {v}}}}}\n",
+        )
         assert load_config(p).model.resolution_distill.fa_subscale == v
 
 
 def test_teacher_model_must_match_teacher_section(tmp_path):
     p = write(tmp_path, "bad.yaml", base_line() + "model: {sam_distill: {teacher_model: vit_h}}\n")
-    with pytest.raises(ConfigError, match="teacher_model='vit_h' differs from teacher.type='sam_tiny'"):
+    with pytest.raises(
+        ConfigError, match="teacher_model='vit_h' differs from teacher.type='sam_tiny'"
+    ):
         load_config(p)
 
 
@@ -123,12 +157,16 @@ def test_every_head_option_the_builder_reads_is_settable_from_yaml():
 
     from pipeline.models.student import build_student
 
-    cfg = load_config(ROOT / "configs/base.yaml",
-                      ["model.head.num_mask_fcs=2", "model.head.kernel_size=5"])
+    cfg = load_config(
+        ROOT / "configs/base.yaml", ["model.head.num_mask_fcs=2", "model.head.kernel_size=5"]
+    )
     head = build_student(cfg.model, num_classes=3).head
     linears = [m for m in head.modules() if type(m).__name__ == "MaskEmbedding"][0].layers
     assert sum(isinstance(m, torch.nn.Linear) for m in linears) == 3  # 2 blocks + the last
-    assert all(m.kernel_size == 5 for m in head.modules() if hasattr(m, "kernel_size")
-               and isinstance(m.kernel_size, int))
+    assert all(
+        m.kernel_size == 5
+        for m in head.modules()
+        if hasattr(m, "kernel_size") and isinstance(m.kernel_size, int)
+    )
     with pytest.raises(ConfigError, match=r"model\.head\.kernel_size.*must be odd"):
         load_config(ROOT / "configs/base.yaml", ["model.head.kernel_size=4"])

@@ -14,14 +14,17 @@ from pipeline.data.coco_panoptic import PanopticDataset
 
 # Cityscapes label ids: 0 unlabeled (ignored in eval), 7 road, 23 sky, 24 person, 26 car.
 # Instance ids: label * 1000 + k; a bare label id of a thing class (24) is a crowd region.
-INSTANCE_IDS = np.array([
-    [23, 23, 23, 23, 23, 23, 23, 23, 23, 23],
-    [23, 23, 26000, 26000, 23, 23, 26001, 26001, 26001, 23],
-    [7, 7, 26000, 26000, 7, 7, 26001, 26001, 26001, 0],
-    [24, 24, 7, 7, 7, 7, 7, 7, 0, 0],
-    [24, 24, 7, 7, 24002, 24002, 7, 7, 7, 7],
-    [7, 7, 7, 7, 24002, 24002, 7, 7, 7, 7],
-], dtype=np.uint16)
+INSTANCE_IDS = np.array(
+    [
+        [23, 23, 23, 23, 23, 23, 23, 23, 23, 23],
+        [23, 23, 26000, 26000, 23, 23, 26001, 26001, 26001, 23],
+        [7, 7, 26000, 26000, 7, 7, 26001, 26001, 26001, 0],
+        [24, 24, 7, 7, 7, 7, 7, 7, 0, 0],
+        [24, 24, 7, 7, 24002, 24002, 7, 7, 7, 7],
+        [7, 7, 7, 7, 24002, 24002, 7, 7, 7, 7],
+    ],
+    dtype=np.uint16,
+)
 
 # Cityscapes train ids of the 19 evaluated classes, in label-id order.
 ROAD, SKY, PERSON, CAR = 0, 10, 11, 13
@@ -52,7 +55,10 @@ def test_convert_and_read(tmp_path):
     by_name = {c.name: c for c in ds.categories}
     assert (by_name["road"].id, by_name["road"].train_id) == (7, ROAD)
     assert (by_name["sky"].train_id, by_name["person"].train_id, by_name["car"].train_id) == (
-        SKY, PERSON, CAR)
+        SKY,
+        PERSON,
+        CAR,
+    )
     assert by_name["car"].isthing and not by_name["road"].isthing
     assert ds.image_ids == ["aachen_000000_000019"]
 

@@ -59,8 +59,13 @@ def test_hand_written_sample_exact(tmp_path):
     assert s["events"] == []
     # 70000 needs the blue channel, 513 the green one.
     assert load_panoptic_png(ds.png_path(0))[0, 0] == 70000
-    assert ds.segments(0)[2] == {"id": 9, "category_id": 2, "train_id": 0, "isthing": True,
-                                 "iscrowd": True}
+    assert ds.segments(0)[2] == {
+        "id": 9,
+        "category_id": 2,
+        "train_id": 0,
+        "isthing": True,
+        "iscrowd": True,
+    }
     assert ds.index_of("42") == 0 and ds.num_classes == 4
 
 
@@ -120,7 +125,8 @@ def _json_size_mismatch(paths):
 def _png_id_absent(paths):
     doc = json.loads(paths[1].read_text())
     doc["annotations"][0]["segments_info"] = [
-        s for s in doc["annotations"][0]["segments_info"] if s["id"] != 513]
+        s for s in doc["annotations"][0]["segments_info"] if s["id"] != 513
+    ]
     paths[1].write_text(json.dumps(doc))
 
 
@@ -143,8 +149,9 @@ BAD_SAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("breaker,kind,named", BAD_SAMPLES, ids=[b[1] + "-" + b[0].__name__
-                                                                 for b in BAD_SAMPLES])
+@pytest.mark.parametrize(
+    "breaker,kind,named", BAD_SAMPLES, ids=[b[1] + "-" + b[0].__name__ for b in BAD_SAMPLES]
+)
 def test_bad_sample_error_mode(tmp_path, breaker, kind, named):
     paths = write_split(tmp_path)
     breaker(paths)
@@ -156,8 +163,9 @@ def test_bad_sample_error_mode(tmp_path, breaker, kind, named):
     assert named in str(info.value)
 
 
-@pytest.mark.parametrize("breaker,kind,named", BAD_SAMPLES, ids=[b[1] + "-" + b[0].__name__
-                                                                 for b in BAD_SAMPLES])
+@pytest.mark.parametrize(
+    "breaker,kind,named", BAD_SAMPLES, ids=[b[1] + "-" + b[0].__name__ for b in BAD_SAMPLES]
+)
 def test_bad_sample_skip_mode(tmp_path, breaker, kind, named):
     paths = write_split(tmp_path)
     breaker(paths)
@@ -171,8 +179,10 @@ def test_bad_sample_skip_mode(tmp_path, breaker, kind, named):
     assert batch["skipped"] == [(rec["file_name"], kind)]
 
 
-@pytest.mark.parametrize("mode,pil_mode", [("error", "L"), ("skip", "RGBA"), ("error", "CMYK"),
-                                           ("skip", "P"), ("skip", "L")])
+@pytest.mark.parametrize(
+    "mode,pil_mode",
+    [("error", "L"), ("skip", "RGBA"), ("error", "CMYK"), ("skip", "P"), ("skip", "L")],
+)
 def test_non_rgb_images_are_converted_and_counted(tmp_path, mode, pil_mode):
     paths = write_split(tmp_path)
     pil = Image.fromarray(image_pixels()).convert(pil_mode)
@@ -212,6 +222,7 @@ def _drop(path):
         for key in path[:-1]:
             obj = obj[key]
         del obj[path[-1]]
+
     return f
 
 
@@ -221,6 +232,7 @@ def _set(path, value):
         for key in path[:-1]:
             obj = obj[key]
         obj[path[-1]] = value
+
     return f
 
 
@@ -228,12 +240,16 @@ BAD_JSON = [
     (_drop(["annotations"]), "field 'annotations'"),
     (_drop(["categories", 1, "isthing"]), "categories[1] has no field 'isthing'"),
     (_drop(["annotations", 0, "segments_info"]), "annotations[0] has no field 'segments_info'"),
-    (_drop(["annotations", 0, "segments_info", 3, "category_id"]),
-     "annotations[0].segments_info[3] (image_id 42) has no field 'category_id'"),
+    (
+        _drop(["annotations", 0, "segments_info", 3, "category_id"]),
+        "annotations[0].segments_info[3] (image_id 42) has no field 'category_id'",
+    ),
     (_set(["images", 0, "file_name"], 3), "field 'file_name' of images[0] must be str"),
     (_set(["annotations", 0, "image_id"], 43), "image_id 43, which is not in 'images'"),
-    (_set(["annotations", 0, "segments_info", 1, "category_id"], 99),
-     "segment id 70000 has unknown category_id 99"),
+    (
+        _set(["annotations", 0, "segments_info", 1, "category_id"], 99),
+        "segment id 70000 has unknown category_id 99",
+    ),
     (_set(["annotations", 0, "segments_info", 1, "id"], 6), "duplicate segment id 6"),
     (_set(["categories", 0, "id"], 5), "duplicate category id 5"),
 ]
@@ -301,7 +317,7 @@ def test_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     for epoch in range(6):
         a.set_epoch(epoch)
         views[epoch] = a[0]
-    b = _dataset(paths, transform=tf, seed=3)   # a "resumed" run
+    b = _dataset(paths, transform=tf, seed=3)  # a "resumed" run
     b.set_epoch(4)
     again = b[0]
     assert np.array_equal(again["transform"], views[4]["transform"])

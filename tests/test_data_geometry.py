@@ -91,8 +91,13 @@ def test_rotation_uses_general_inverse():
 
 def test_batch_of_matrices_matches_loop():
     src = torch.rand(3, 2, 7, 9)
-    mats = np.stack([scale_matrix(1.7, 0.6), translate_matrix(-2.5, 1) @ hflip_matrix(9),
-                     scale_matrix(0.5, 2.0) @ translate_matrix(1, 1)])
+    mats = np.stack(
+        [
+            scale_matrix(1.7, 0.6),
+            translate_matrix(-2.5, 1) @ hflip_matrix(9),
+            scale_matrix(0.5, 2.0) @ translate_matrix(1, 1),
+        ]
+    )
     for mode in ("nearest", "bilinear"):
         out, valid = warp_affine(src, torch.from_numpy(mats), (8, 10), mode)
         assert out.shape == (3, 2, 8, 10) and valid.shape == (3, 8, 10)
@@ -147,5 +152,7 @@ def test_nearest_matches_per_pixel_reference(seed):
             x, y = (j + 0.5 - tx) / sx, (i + 0.5 - ty) / sy
             inside = 0 <= x < w and 0 <= y < h
             assert bool(valid[i, j]) == inside
-            expected = src[:, int(np.floor(y)), int(np.floor(x))] if inside else torch.full((2,), -7)
+            expected = (
+                src[:, int(np.floor(y)), int(np.floor(x))] if inside else torch.full((2,), -7)
+            )
             assert torch.equal(out[:, i, j], expected)

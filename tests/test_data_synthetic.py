@@ -13,12 +13,21 @@ from pipeline.data import synthetic
 from pipeline.data.coco_panoptic import PanopticDataset
 from pipeline.data.synthetic import generate_synthetic_coco_panoptic, synthetic_paths
 
-PARAMS = dict(num_train=10, num_val=3, image_size=(48, 64), num_thing_classes=3,
-              num_stuff_classes=2, seed=0, progress=False)
+PARAMS = dict(
+    num_train=10,
+    num_val=3,
+    image_size=(48, 64),
+    num_thing_classes=3,
+    num_stuff_classes=2,
+    seed=0,
+    progress=False,
+)
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +74,12 @@ def test_png_ids_match_segments_info(dataset_root):
                 m = ids == sid
                 ys, xs = np.nonzero(m)
                 assert s["area"] == m.sum()
-                assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1,
-                                     ys.max() - ys.min() + 1]
+                assert s["bbox"] == [
+                    xs.min(),
+                    ys.min(),
+                    xs.max() - xs.min() + 1,
+                    ys.max() - ys.min() + 1,
+                ]
                 assert s["category_id"] in cat_ids and s["iscrowd"] in (0, 1)
                 n_crowd += s["iscrowd"]
             assert any(not s["iscrowd"] and s["category_id"] < 100 for s in segs.values())
@@ -108,13 +121,15 @@ def test_idempotent_and_regenerates_on_change(tmp_path, monkeypatch):
     assert _files(root) == before
     monkeypatch.undo()
 
-    (root / "train" / "000000000002.jpg").unlink()     # an incomplete dataset is rebuilt
+    (root / "train" / "000000000002.jpg").unlink()  # an incomplete dataset is rebuilt
     generate_synthetic_coco_panoptic(root, **dict(PARAMS, num_train=4, num_val=2))
     assert _files(root) == before
 
     generate_synthetic_coco_panoptic(root, **dict(PARAMS, num_train=2, num_val=2))
     assert sorted(p.name for p in (root / "train").iterdir()) == [
-        "000000000001.jpg", "000000000002.jpg"]
+        "000000000001.jpg",
+        "000000000002.jpg",
+    ]
     assert json.loads((root / "synthetic_meta.json").read_text())["num_train"] == 2
 
 

@@ -77,8 +77,9 @@ def test_train_transform_matrix_reproduces_labels(seed):
     h, w = (int(v) for v in rng.integers(3, 40, 2))
     crop = tuple(int(v) for v in rng.integers(4, 48, 2))
     lo = float(rng.uniform(0.2, 1.5))
-    tf = TrainTransform(crop_size=crop, scale_range=(lo, lo + float(rng.uniform(0, 2.5))),
-                        hflip_prob=0.5)
+    tf = TrainTransform(
+        crop_size=crop, scale_range=(lo, lo + float(rng.uniform(0, 2.5))), hflip_prob=0.5
+    )
     sample, ids = _random_sample(rng, h, w)
     view = tf(sample, torch.Generator().manual_seed(seed))
     _check_view(sample, ids, view, crop)
@@ -135,7 +136,8 @@ def test_crop_larger_than_image_pads_bottom_right():
     # scale 1 and crop 8x12: the image fits at ratio 2 -> resized to 8x12, no padding;
     # scale 0.5 -> ratio 1 -> 4x6 image at the top-left of an 8x12 view.
     view = TrainTransform(crop_size=(8, 12), scale_range=(0.5, 0.5), hflip_prob=0.0)(
-        sample, torch.Generator().manual_seed(0))
+        sample, torch.Generator().manual_seed(0)
+    )
     np.testing.assert_array_equal(view["transform"], np.eye(3))
     assert view["valid"][:4, :6].all() and view["valid"].sum() == 24
     assert view["ignore"][4:].all() and view["ignore"][:, 6:].all()
@@ -146,9 +148,15 @@ def test_segments_leaving_the_view_are_dropped():
     ids = torch.zeros(8, 8, dtype=torch.int64)
     ids[:, :4], ids[:, 4:] = 1, 2
     seg = torch.tensor([1, 2])
-    sample = {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "masks": ids[None] == seg[:, None, None],
-              "labels": torch.tensor([0, 1]), "segment_ids": seg, "ignore": ids == 0,
-              "valid": torch.ones(8, 8, dtype=torch.bool), "transform": np.eye(3)}
+    sample = {
+        "image": torch.zeros(3, 8, 8, dtype=torch.uint8),
+        "masks": ids[None] == seg[:, None, None],
+        "labels": torch.tensor([0, 1]),
+        "segment_ids": seg,
+        "ignore": ids == 0,
+        "valid": torch.ones(8, 8, dtype=torch.bool),
+        "transform": np.eye(3),
+    }
     kept = set()
     for s in range(40):
         view = TrainTransform((4, 4), (2.0, 2.0), 0.5)(sample, torch.Generator().manual_seed(s))
@@ -170,9 +178,12 @@ def test_normalize_images_by_hand():
     out = normalize_images(x)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 1, 2)
     for c in range(3):
-        assert out[0, c, 0, 0].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c], rel=1e-6)
-        assert out[1, c, 0, 1].item() == pytest.approx((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c],
-                                                       rel=1e-6)
+        assert out[0, c, 0, 0].item() == pytest.approx(
+            -IMAGENET_MEAN[c] / IMAGENET_STD[c], rel=1e-6
+        )
+        assert out[1, c, 0, 1].item() == pytest.approx(
+            (1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], rel=1e-6
+        )
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         normalize_images(torch.zeros(3, 4, 4, dtype=torch.uint8))
 

@@ -15,8 +15,13 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data.synthetic import generate_synthetic_coco_panoptic
-from pipeline.deploy.export import (ExportError, check_input_size, export_checkpoint,
-                                    fold_batchnorm, load_student_for_export)
+from pipeline.deploy.export import (
+    ExportError,
+    check_input_size,
+    export_checkpoint,
+    fold_batchnorm,
+    load_student_for_export,
+)
 from pipeline.evaluation.run import load_student
 from pipeline.training.trainer import Trainer
 
@@ -30,26 +35,45 @@ def trained(tmp_path_factory) -> dict:
     """A tiny student trained a few iterations on synthetic data, exported both ways once."""
     tmp = tmp_path_factory.mktemp("deploy")
     data = tmp / "data"
-    generate_synthetic_coco_panoptic(data, num_train=6, num_val=3, image_size=(64, 64), seed=3,
-                                     progress=False)
+    generate_synthetic_coco_panoptic(
+        data, num_train=6, num_val=3, image_size=(64, 64), seed=3, progress=False
+    )
     overrides = {
-        "data.root": str(data), "data.crop_size": "[64, 64]", "data.test_size": 64,
-        "data.num_workers": 0, "model.neck.channels": 16, "model.head.num_queries": 6,
-        "model.head.num_stages": 2, "model.head.ffn_dim": 32, "model.loss.num_points": 256,
-        "training.batch_size": 2, "training.max_iters": 4, "training.warmup_iters": 1,
-        "training.checkpoint_interval": 4, "training.num_threads": 1,
+        "data.root": str(data),
+        "data.crop_size": "[64, 64]",
+        "data.test_size": 64,
+        "data.num_workers": 0,
+        "model.neck.channels": 16,
+        "model.head.num_queries": 6,
+        "model.head.num_stages": 2,
+        "model.head.ffn_dim": 32,
+        "model.loss.num_points": 256,
+        "training.batch_size": 2,
+        "training.max_iters": 4,
+        "training.warmup_iters": 1,
+        "training.checkpoint_interval": 4,
+        "training.num_threads": 1,
         # keep every query that is not "no object", so the PNGs have many segments to compare
-        "evaluation.object_mask_threshold": 0.0, "evaluation.overlap_threshold": 0.0,
+        "evaluation.object_mask_threshold": 0.0,
+        "evaluation.overlap_threshold": 0.0,
     }
-    cfg = load_config(ROOT / "configs/reg_sam/baseline.yaml",
-                      [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(
+        ROOT / "configs/reg_sam/baseline.yaml", [f"{k}={v}" for k, v in overrides.items()]
+    )
     Trainer(cfg, tmp / "run", progress=False).train()
     ckpt = tmp / "run" / "final.pth"
-    onnx = export_checkpoint(ckpt, tmp / "student.onnx", fmt="onnx", size=(64, 64),
-                             dynamic=True, quantize="dynamic")
+    onnx = export_checkpoint(
+        ckpt, tmp / "student.onnx", fmt="onnx", size=(64, 64), dynamic=True, quantize="dynamic"
+    )
     pt2 = export_checkpoint(ckpt, tmp / "student.pt2", fmt="torch-export", size=(64, 64))
-    return {"tmp": tmp, "cfg": cfg, "ckpt": ckpt, "onnx": onnx, "pt2": pt2,
-            "val_images": cfg.split_paths("val")[0]}
+    return {
+        "tmp": tmp,
+        "cfg": cfg,
+        "ckpt": ckpt,
+        "onnx": onnx,
+        "pt2": pt2,
+        "val_images": cfg.split_paths("val")[0],
+    }
 
 
 def _pngs(folder: Path) -> dict[str, np.ndarray]:
@@ -94,8 +118,10 @@ def test_predict_pngs_and_pq_identical_to_pytorch(trained, backend, key):
     ref_dir, out_dir = tmp / "predict_torch", tmp / f"predict_{backend}"
     if not ref_dir.exists():
         from pipeline.evaluation.run import predict_checkpoint
+
         predict_checkpoint(trained["ckpt"], trained["val_images"], ref_dir, device="cpu")
     from pipeline.deploy.runner import evaluate_exported, predict_exported
+
     predict_exported(Path(trained[key]["path"]), trained["val_images"], out_dir)
     ref, got = _pngs(ref_dir), _pngs(out_dir)
     assert len(ref) == 3 and ref.keys() == got.keys()
@@ -108,12 +134,15 @@ def test_predict_pngs_and_pq_identical_to_pytorch(trained, backend, key):
     got_json = json.loads((out_dir / "predictions.json").read_text())
     for a, b in zip(ref_json["annotations"], got_json["annotations"]):
         assert [s["id"] for s in a["segments_info"]] == [s["id"] for s in b["segments_info"]]
-        assert [s["category_id"] for s in a["segments_info"]] == \
-            [s["category_id"] for s in b["segments_info"]]
-    assert sorted(p.name for p in (out_dir / "overlays").iterdir()) == \
-        sorted(p.name for p in (ref_dir / "overlays").iterdir())
+        assert [s["category_id"] for s in a["segments_info"]] == [
+            s["category_id"] for s in b["segments_info"]
+        ]
+    assert sorted(p.name for p in (out_dir / "overlays").iterdir()) == sorted(
+        p.name for p in (ref_dir / "overlays").iterdir()
+    )
     # identical PNGs, so identical PQ on the val split
     from pipeline.evaluation.run import evaluate_checkpoint
+
     pq_ref = evaluate_checkpoint(cfg, trained["ckpt"], tmp / "eval_torch")
     pq_got = evaluate_exported(cfg, Path(trained[key]["path"]), tmp / f"eval_{backend}")
     assert pq_got["All"] == pq_ref["All"]
@@ -127,14 +156,16 @@ def test_int8_model_runs_and_stays_close(trained):
     q = load_exported(qpath)
     assert q.metadata["quantize"] == "dynamic"
     student, _, _ = load_student(trained["ckpt"])
-    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(2))
+    images = torch.randint(
+        0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
     with torch.no_grad():
         ref = student.forward_pixels(images)["pred_logits"]
     got = q.forward_pixels(images)["pred_logits"]
     diff = float((got - ref).abs().max())
     assert 0 < diff < 0.25 * float(ref.abs().max())  # quantised: different, but close
     import onnx
+
     ops = {n.op_type for n in onnx.load(str(qpath)).graph.node}
     assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
 
@@ -147,9 +178,11 @@ def test_onnx_predict_path_imports_no_training_stack(trained, tmp_path):
         f" '--input', {str(trained['val_images'])!r}, '--out', {str(tmp_path / 'p')!r}])\n"
         "bad = [m for m in ('timm', 'pipeline.models.student', 'pipeline.training.trainer',"
         " 'segment_anything', 'zarr') if m in sys.modules]\n"
-        "print('BAD', bad, rc)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
+        "print('BAD', bad, rc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert "BAD [] 0" in out.stdout, out.stdout + out.stderr
     assert len(list((tmp_path / "p" / "panoptic").glob("*.png"))) == 3
 
@@ -163,23 +196,44 @@ def test_not_a_student_checkpoint_is_a_clear_error(tmp_path, trained):
     last = trained["tmp"] / "run" / "checkpoints" / "last.pth"
     student, _, _ = load_student_for_export(last)
     final, _, _ = load_student_for_export(trained["ckpt"])
-    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(),
-                                                  final.state_dict().values()))
-    out = subprocess.run([sys.executable, "-m", "pipeline", "export", "--checkpoint", str(bad),
-                          "--size", "64", "64", "--out", str(tmp_path / "x.onnx")], cwd=ROOT,
-                         capture_output=True, text=True)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(student.state_dict().values(), final.state_dict().values())
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "export",
+            "--checkpoint",
+            str(bad),
+            "--size",
+            "64",
+            "64",
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "not a RegSAM student" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_size_not_divisible_by_stride_is_a_clear_error(trained):
     assert check_input_size([640, 320], 32) == (640, 320)
-    with pytest.raises(ExportError, match=r"--size 100 64.*multiples of the model's stride 32.*"
-                                          r"96 64"):
+    with pytest.raises(
+        ExportError,
+        match=r"--size 100 64.*multiples of the model's stride 32.*"
+        r"96 64",
+    ):
         check_input_size([100, 64], 32)
     with pytest.raises(ExportError, match="multiples"):
-        export_checkpoint(trained["ckpt"], trained["tmp"] / "bad.pt2", fmt="torch-export",
-                          size=(64, 65))
+        export_checkpoint(
+            trained["ckpt"], trained["tmp"] / "bad.pt2", fmt="torch-export", size=(64, 65)
+        )
 
 
 def test_missing_onnxruntime_is_a_clear_error(trained, monkeypatch):
@@ -194,9 +248,13 @@ def test_missing_onnxruntime_is_a_clear_error(trained, monkeypatch):
 
 def test_fold_batchnorm_by_hand():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
-                                torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 2, 1),
+        torch.nn.BatchNorm2d(2),
+    )
     for bn in (model[1], model[4]):
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
@@ -205,8 +263,12 @@ def test_fold_batchnorm_by_hand():
     model.eval()
     x = torch.randn(2, 3, 8, 8)
     w0, bn0 = model[0].weight.detach().clone(), model[1]
-    g, b, m, v = bn0.weight[1].item(), bn0.bias[1].item(), bn0.running_mean[1].item(), \
-        bn0.running_var[1].item()
+    g, b, m, v = (
+        bn0.weight[1].item(),
+        bn0.bias[1].item(),
+        bn0.running_mean[1].item(),
+        bn0.running_var[1].item(),
+    )
     with torch.no_grad():
         ref = model(x)
     assert fold_batchnorm(model, x) == 2

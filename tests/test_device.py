@@ -29,10 +29,13 @@ def test_resolve_device():
 
 
 def test_evaluation_and_report_do_not_import_training():
-    code = ("import sys, pipeline.evaluation.run, pipeline.report.report; "
-            "print([m for m in sys.modules if m.startswith('pipeline.training')])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys, pipeline.evaluation.run, pipeline.report.report; "
+        "print([m for m in sys.modules if m.startswith('pipeline.training')])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
 
@@ -43,8 +46,9 @@ def test_exported_student_round_trip_and_errors(tmp_path):
     from pipeline.models.student import build_student
     from pipeline.training.checkpoint import save_atomic
 
-    cfg = load_config(ROOT / "configs/base.yaml", ["model.neck.channels=16",
-                                                   "model.head.ffn_dim=32"])
+    cfg = load_config(
+        ROOT / "configs/base.yaml", ["model.neck.channels=16", "model.head.ffn_dim=32"]
+    )
     cats = [{"id": 1, "name": "a", "isthing": 1, "color": [1, 2, 3], "train_id": 0}]
     student = build_student(cfg.model, 1)
     path = tmp_path / "final.pth"

@@ -13,20 +13,19 @@ from pipeline.losses.fa_loss import affinity_matrix, fa_loss, pool_factor
 
 def _hand_pair() -> tuple[torch.Tensor, torch.Tensor]:
     """A 2x2 student map with pixels (1,0) (0,1) / (1,1) (-2,0); a teacher map all along +x."""
-    student = torch.tensor([[[1.0, 0.0], [1.0, -2.0]],
-                            [[0.0, 1.0], [1.0, 0.0]]])[None]  # [1, C=2, 2, 2]
-    teacher = torch.tensor([[[1.0, 2.0], [3.0, 0.5]],
-                            [[0.0, 0.0], [0.0, 0.0]]])[None]
+    student = torch.tensor([[[1.0, 0.0], [1.0, -2.0]], [[0.0, 1.0], [1.0, 0.0]]])[
+        None
+    ]  # [1, C=2, 2, 2]
+    teacher = torch.tensor([[[1.0, 2.0], [3.0, 0.5]], [[0.0, 0.0], [0.0, 0.0]]])[None]
     return student, teacher
 
 
 def test_affinity_matrix_by_hand():
     student, teacher = _hand_pair()
     r = 1 / math.sqrt(2)
-    expected = torch.tensor([[1, 0, r, -1],
-                             [0, 1, r, 0],
-                             [r, r, 1, -r],
-                             [-1, 0, -r, 1]], dtype=torch.float32)
+    expected = torch.tensor(
+        [[1, 0, r, -1], [0, 1, r, 0], [r, r, 1, -r], [-1, 0, -r, 1]], dtype=torch.float32
+    )
     torch.testing.assert_close(affinity_matrix(student, 1.0)[0], expected)
     torch.testing.assert_close(affinity_matrix(teacher, 1.0)[0], torch.ones(4, 4))
 
@@ -63,7 +62,7 @@ def test_equal_inputs_give_zero_and_scale_invariance():
 def test_batch_loss_is_mean_of_per_sample_losses():
     torch.manual_seed(0)
     s, t = torch.randn(3, 5, 8, 8), torch.randn(3, 7, 8, 8)  # teacher width may differ
-    per_sample = torch.stack([fa_loss(s[i:i + 1], t[i:i + 1], 0.25) for i in range(3)])
+    per_sample = torch.stack([fa_loss(s[i : i + 1], t[i : i + 1], 0.25) for i in range(3)])
     batched = fa_loss(s, t, 0.25)
     torch.testing.assert_close(batched, per_sample.mean())
     # and it does not depend on which other samples share the batch
@@ -87,7 +86,7 @@ def test_naive_batch_reductions_differ():
     ours = fa_loss(s, t, 1 / k)
     n = (8 // k) ** 2
 
-    naive_sum = (affinity_matrix(s, 1 / k) - affinity_matrix(t, 1 / k)).abs().sum() / n ** 2
+    naive_sum = (affinity_matrix(s, 1 / k) - affinity_matrix(t, 1 / k)).abs().sum() / n**2
     torch.testing.assert_close(naive_sum, B * ours)  # exactly B times too large
 
     def mixed_affinity(x: torch.Tensor) -> torch.Tensor:
@@ -99,8 +98,9 @@ def test_naive_batch_reductions_differ():
     naive_mixed = (mixed_affinity(s) - mixed_affinity(t)).abs().mean()
     assert abs(naive_mixed.item() - ours.item()) > 0.05 * ours.item()
     # with B = 1 the mixing reshape is harmless: the same value as ours
-    torch.testing.assert_close((mixed_affinity(s[:1]) - mixed_affinity(t[:1])).abs().mean(),
-                               fa_loss(s[:1], t[:1], 1 / k))
+    torch.testing.assert_close(
+        (mixed_affinity(s[:1]) - mixed_affinity(t[:1])).abs().mean(), fa_loss(s[:1], t[:1], 1 / k)
+    )
 
 
 def test_gradient_flows_to_student_only_when_teacher_detached():

@@ -8,8 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.distill import (cls_distill_loss, feat_distill_loss, mask_distill_loss,
-                                     sample_valid_pixels)
+from pipeline.losses.distill import (
+    cls_distill_loss,
+    feat_distill_loss,
+    mask_distill_loss,
+    sample_valid_pixels,
+)
 
 R = 1 / math.sqrt(2)
 
@@ -72,11 +76,13 @@ def test_feat_distill_gradient_reaches_student_only():
 
 def test_feat_distill_bad_shapes():
     with pytest.raises(ValueError, match="equal"):
-        feat_distill_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, 3),
-                          torch.ones(1, 3, 3, dtype=torch.bool))
+        feat_distill_loss(
+            torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match="valid must be"):
-        feat_distill_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3),
-                          torch.ones(3, 3, dtype=torch.bool))
+        feat_distill_loss(
+            torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), torch.ones(3, 3, dtype=torch.bool)
+        )
 
 
 # ------------------------------------------------------------------------------- classes
@@ -86,7 +92,7 @@ def test_cls_distill_known_distributions_and_t_squared():
     teacher = p_t.log() * T  # softmax(teacher / T) = p_t
     student = torch.cat([torch.zeros(2, 3), torch.tensor([[7.0], [-3.0]])], 1)  # uniform + no-obj
     kl = (p_t * (p_t / (1 / 3)).log()).sum(1)  # KL(p_t || uniform) per row
-    expected = kl.mean() * T ** 2
+    expected = kl.mean() * T**2
     assert cls_distill_loss(student, teacher, T).item() == pytest.approx(expected.item(), rel=1e-6)
     # hand value of row 0: 0.5 ln 1.5 + 0.5 ln 0.75
     assert kl[0].item() == pytest.approx(0.5 * math.log(1.5) + 0.5 * math.log(0.75))
@@ -131,7 +137,8 @@ def test_mask_distill_by_hand():
     bce0 = math.log(2.0)  # x = 0, y = 0.5
     bce1 = 2 - 2 * 0.75 + math.log(1 + math.exp(-2))  # max(x,0) - x y + log(1 + e^-|x|)
     assert mask_distill_loss(student, teacher, both, T, 16).item() == pytest.approx(
-        (bce0 + bce1) / 2, rel=1e-6)
+        (bce0 + bce1) / 2, rel=1e-6
+    )
     first = torch.tensor([[[True, False]]])
     assert mask_distill_loss(student, teacher, first, T, 16).item() == pytest.approx(bce0)
     # torch's BCE agrees on the same two pixels
@@ -152,12 +159,15 @@ def test_mask_distill_per_mask_valid_and_broadcast():
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
     shared = torch.rand(1, 4, 4) > 0.3
-    torch.testing.assert_close(mask_distill_loss(s, t, shared, 2.0, 100),
-                               mask_distill_loss(s, t, shared.expand(2, -1, -1), 2.0, 100))
+    torch.testing.assert_close(
+        mask_distill_loss(s, t, shared, 2.0, 100),
+        mask_distill_loss(s, t, shared.expand(2, -1, -1), 2.0, 100),
+    )
     # a mask with no valid pixel is left out of the mean over masks
     valid = torch.stack([shared[0], torch.zeros(4, 4, dtype=torch.bool)])
-    torch.testing.assert_close(mask_distill_loss(s, t, valid, 2.0, 100),
-                               mask_distill_loss(s[:1], t[:1], shared, 2.0, 100))
+    torch.testing.assert_close(
+        mask_distill_loss(s, t, valid, 2.0, 100), mask_distill_loss(s[:1], t[:1], shared, 2.0, 100)
+    )
     none = mask_distill_loss(s.requires_grad_(), t, torch.zeros(1, 4, 4, dtype=torch.bool), 2.0, 8)
     assert none.item() == 0.0 and none.requires_grad
 
@@ -208,10 +218,20 @@ def test_mask_distill_subsample_is_unbiased_estimate():
 
 def test_mask_distill_bad_shapes():
     with pytest.raises(ValueError, match="valid must be"):
-        mask_distill_loss(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4),
-                          torch.ones(3, 4, 4, dtype=torch.bool), 1.0, 8)
+        mask_distill_loss(
+            torch.zeros(2, 4, 4),
+            torch.zeros(2, 4, 4),
+            torch.ones(3, 4, 4, dtype=torch.bool),
+            1.0,
+            8,
+        )
     with pytest.raises(ValueError, match="equal"):
-        mask_distill_loss(torch.zeros(2, 4, 4), torch.zeros(2, 4, 5),
-                          torch.ones(1, 4, 4, dtype=torch.bool), 1.0, 8)
+        mask_distill_loss(
+            torch.zeros(2, 4, 4),
+            torch.zeros(2, 4, 5),
+            torch.ones(1, 4, 4, dtype=torch.bool),
+            1.0,
+            8,
+        )
     with pytest.raises(ValueError, match="num_points"):
         sample_valid_pixels(torch.ones(1, 2, 2, dtype=torch.bool), 0)

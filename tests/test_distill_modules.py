@@ -24,10 +24,12 @@ class StandInStudent(nn.Module):
 
     def __init__(self, channels: int = 16, num_classes: int = 3, num_queries: int = 5):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 4, stride=4), nn.BatchNorm2d(channels),
-                                  nn.ReLU())
-        self.down = nn.ModuleList(nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-                                  for _ in range(3))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 4, stride=4), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.down = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1) for _ in range(3)
+        )
         self.mask_proj = nn.Conv2d(channels, channels, 1)
         self.queries = nn.Parameter(torch.randn(num_queries, channels))
         self.cls = nn.Linear(channels, num_classes + 1)
@@ -38,14 +40,21 @@ class StandInStudent(nn.Module):
         levels = [self.stem(images)]
         for conv in self.down:
             levels.append(conv(levels[-1]))
-        return {"neck_features": levels, "mask_features": self.mask_proj(levels[0]),
-                "fusion_weights": None}
+        return {
+            "neck_features": levels,
+            "mask_features": self.mask_proj(levels[0]),
+            "fusion_weights": None,
+        }
 
     def forward_head(self, feats):
         mf = feats["mask_features"]
         q = self.queries[None] + mf.mean((2, 3))[:, None]  # [B, Q, C]
-        return {"pred_logits": self.cls(q), "pred_masks": torch.einsum("bqc,bchw->bqhw", q, mf),
-                "pred_iou": self.iou(q)[..., 0], "aux_outputs": []}
+        return {
+            "pred_logits": self.cls(q),
+            "pred_masks": torch.einsum("bqc,bchw->bqhw", q, mf),
+            "pred_iou": self.iou(q)[..., 0],
+            "aux_outputs": [],
+        }
 
     def forward(self, images):
         feats = self.forward_features(images)
@@ -58,8 +67,15 @@ def _student(seed: int = 0) -> StandInStudent:
 
 
 def _res_distiller(**kw) -> ResolutionDistiller:
-    args = dict(in_channels=16, feat_channels=8, sr_loss_weight=0.5, fa_loss_weight=2.0,
-                fa_subscale=0.25, lr_scale=0.5, mask_stride=4)
+    args = dict(
+        in_channels=16,
+        feat_channels=8,
+        sr_loss_weight=0.5,
+        fa_loss_weight=2.0,
+        fa_subscale=0.25,
+        lr_scale=0.5,
+        mask_stride=4,
+    )
     args.update(kw)
     torch.manual_seed(1)
     return ResolutionDistiller(**args)
@@ -85,16 +101,18 @@ def test_resolution_losses_follow_their_definitions():
 
     # reference: the same computation spelled out (student restored: BN stats moved in train mode)
     student.load_state_dict(state)
-    small = F.interpolate(images, scale_factor=0.5, mode="bilinear", align_corners=False,
-                          antialias=True)
+    small = F.interpolate(
+        images, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True
+    )
     lr_feat = student.forward_features(small)["mask_features"]  # [2, 16, 8, 8]
     recon = distiller.sr_decoder(lr_feat)
     assert recon.shape == images.shape
     torch.testing.assert_close(out["loss_sr"], F.mse_loss(recon, images))
     up = F.interpolate(lr_feat, size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out["loss_fa"], fa_loss(up, feats["mask_features"], 0.25))
-    torch.testing.assert_close(out["loss_resolution_distill"],
-                               0.5 * out["loss_sr"] + 2.0 * out["loss_fa"])
+    torch.testing.assert_close(
+        out["loss_resolution_distill"], 0.5 * out["loss_sr"] + 2.0 * out["loss_fa"]
+    )
     assert out["loss_fa"].item() > 0 and out["loss_sr"].item() > 0
 
 
@@ -121,11 +139,13 @@ def test_resolution_distiller_leaves_the_student_unchanged():
 
     # same state-dict keys and shapes, same parameter count: the decoder is not in the student
     assert {k: v.shape for k, v in student.state_dict().items()} == fresh
-    assert sum(p.numel() for p in student.parameters()) == \
-        sum(p.numel() for p in reference.parameters())
+    assert sum(p.numel() for p in student.parameters()) == sum(
+        p.numel() for p in reference.parameters()
+    )
     assert all(k.startswith("sr_decoder.") for k in distiller.state_dict())
-    assert sum(p.numel() for p in distiller.parameters()) == \
-        sum(p.numel() for p in distiller.sr_decoder.parameters())
+    assert sum(p.numel() for p in distiller.parameters()) == sum(
+        p.numel() for p in distiller.sr_decoder.parameters()
+    )
     # the student's forward does not route through the distiller: with equal weights (the LR
     # pass moved BN running stats in train mode, so copy them), outputs are identical
     reference.load_state_dict(student.state_dict())
@@ -183,29 +203,43 @@ def _cache_item(seed, segment_ids, orig_size=(64, 48), channels=(6, 10), sizes=(
 def _sam_setup(num_points=10_000):
     torch.manual_seed(0)
     student = StandInStudent(num_classes=K)
-    distiller = SamDistiller(student_channels=[16] * 4, teacher_channels=[6, 10],
-                             distill_feat_layers=[0, 1], feat_distill_weight=0.7,
-                             output_distill_weight=1.5, temperature=2.0, num_points=num_points)
+    distiller = SamDistiller(
+        student_channels=[16] * 4,
+        teacher_channels=[6, 10],
+        distill_feat_layers=[0, 1],
+        feat_distill_weight=0.7,
+        output_distill_weight=1.5,
+        temperature=2.0,
+        num_points=num_points,
+    )
     images = torch.randn(2, 3, 64, 64)
     feats = student.forward_features(images)
     outputs = student.forward_head(feats)
     items = [_cache_item(1, [20, 99, 10]), _cache_item(2, [5, 6])]
-    transforms = [translate_matrix(-4, 0) @ scale_matrix(1.2, 1.2) @ hflip_matrix(48),
-                  np.eye(3)]
+    transforms = [translate_matrix(-4, 0) @ scale_matrix(1.2, 1.2) @ hflip_matrix(48), np.eye(3)]
     sizes = distiller.level_sizes([f.shape[-2:] for f in feats["neck_features"]])
-    teacher = batch_warp_teacher_targets(items, transforms, (64, 64), sizes,
-                                         outputs["pred_masks"].shape[-2:])
+    teacher = batch_warp_teacher_targets(
+        items, transforms, (64, 64), sizes, outputs["pred_masks"].shape[-2:]
+    )
     targets = [{"segment_ids": torch.tensor([10, 20, 30])}, {"segment_ids": torch.tensor([6, 7])}]
     # image 0: queries 4, 1, 2 matched to segments 30 (not cached), 10, 20; image 1: query 0 -> 6
-    indices = [(torch.tensor([4, 1, 2]), torch.tensor([2, 0, 1])),
-               (torch.tensor([0]), torch.tensor([0]))]
+    indices = [
+        (torch.tensor([4, 1, 2]), torch.tensor([2, 0, 1])),
+        (torch.tensor([0]), torch.tensor([0])),
+    ]
     return student, distiller, feats, outputs, indices, targets, teacher
 
 
 def test_sam_level_pairing_and_sizes():
-    d = SamDistiller(student_channels=[16] * 4, teacher_channels=[4] * 6,
-                     distill_feat_layers=[0, 2, 5], feat_distill_weight=1.0,
-                     output_distill_weight=1.0, temperature=4.0, num_points=16)
+    d = SamDistiller(
+        student_channels=[16] * 4,
+        teacher_channels=[4] * 6,
+        distill_feat_layers=[0, 2, 5],
+        feat_distill_weight=1.0,
+        output_distill_weight=1.0,
+        temperature=4.0,
+        num_points=16,
+    )
     assert [d.student_level(i) for i in (0, 2, 5)] == [0, 2, 3]  # min(i, L - 1)
     sizes = [(32, 32), (16, 16), (8, 8), (4, 4)]
     assert d.level_sizes(sizes) == [(32, 32), None, (8, 8), None, None, (4, 4)]
@@ -220,10 +254,16 @@ def test_sam_losses_pair_segments_by_id():
     assert distiller.stats == {"matched": 4, "distilled": 3, "skipped_not_cached": 1}
 
     # features: teacher level i on student level i through adapter i, mean over the two levels
-    feat_ref = torch.stack([
-        feat_distill_loss(distiller.adapters[str(i)](feats["neck_features"][i]),
-                          teacher["features"][i], teacher["feature_valid"][i]) for i in (0, 1)
-    ]).mean()
+    feat_ref = torch.stack(
+        [
+            feat_distill_loss(
+                distiller.adapters[str(i)](feats["neck_features"][i]),
+                teacher["features"][i],
+                teacher["feature_valid"][i],
+            )
+            for i in (0, 1)
+        ]
+    ).mean()
     torch.testing.assert_close(out["loss_feat_distill"], feat_ref)
     # outputs: (query 1 <-> cached 10 = row 2), (query 2 <-> cached 20 = row 0), image 1: (0 <-> 6)
     s_logits = torch.cat([outputs["pred_logits"][0, [1, 2]], outputs["pred_logits"][1, [0]]])
@@ -233,14 +273,17 @@ def test_sam_losses_pair_segments_by_id():
     t_masks = torch.cat([teacher["mask_logits"][0][[2, 0]], teacher["mask_logits"][1][[1]]])
     valid = torch.cat([teacher["mask_valid"][[0, 0]], teacher["mask_valid"][[1]]])
     # num_points exceeds the grid, so every valid pixel is used and the value is deterministic
-    torch.testing.assert_close(out["loss_mask_distill"],
-                               mask_distill_loss(s_masks, t_masks, valid, 2.0, 10_000))
+    torch.testing.assert_close(
+        out["loss_mask_distill"], mask_distill_loss(s_masks, t_masks, valid, 2.0, 10_000)
+    )
     # a wrong pairing gives a different value (the check above can fail)
     swapped = cls_distill_loss(s_logits, t_logits[[1, 0, 2]], 2.0)
     assert abs(swapped.item() - out["loss_cls_distill"].item()) > 1e-4
     # raw terms, weighted total
-    torch.testing.assert_close(out["loss_sam_distill"], 0.7 * out["loss_feat_distill"] + 1.5 * (
-        out["loss_cls_distill"] + out["loss_mask_distill"]))
+    torch.testing.assert_close(
+        out["loss_sam_distill"],
+        0.7 * out["loss_feat_distill"] + 1.5 * (out["loss_cls_distill"] + out["loss_mask_distill"]),
+    )
     # image 0's flipped / scaled view leaves part of the grid outside the 64 x 48 original
     assert not teacher["mask_valid"][0].all() and teacher["mask_valid"][0].any()
 
@@ -268,15 +311,23 @@ def test_sam_without_cached_segments_distils_features_only():
 
 def test_sam_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="distill_feat_layers"):
-        SamDistiller(student_channels=[16] * 4, teacher_channels=[6, 10],
-                     distill_feat_layers=[0, 1, 2], feat_distill_weight=1.0,
-                     output_distill_weight=1.0, temperature=4.0, num_points=16)
+        SamDistiller(
+            student_channels=[16] * 4,
+            teacher_channels=[6, 10],
+            distill_feat_layers=[0, 1, 2],
+            feat_distill_weight=1.0,
+            output_distill_weight=1.0,
+            temperature=4.0,
+            num_points=16,
+        )
     student, distiller, feats, outputs, indices, targets, teacher = _sam_setup()
     with pytest.raises(TypeError, match="batch_warp_teacher_targets"):
         distiller(feats, outputs, indices, targets, [teacher])
-    wrong = {**teacher, "features": [teacher["features"][0][..., :8, :8], teacher["features"][1]],
-             "feature_valid": [teacher["feature_valid"][0][..., :8, :8],
-                               teacher["feature_valid"][1]]}
+    wrong = {
+        **teacher,
+        "features": [teacher["features"][0][..., :8, :8], teacher["features"][1]],
+        "feature_valid": [teacher["feature_valid"][0][..., :8, :8], teacher["feature_valid"][1]],
+    }
     with pytest.raises(ValueError, match="teacher level 0 must be warped onto student level 0"):
         distiller(feats, outputs, indices, targets, wrong)
     few = {**teacher, "cls_logits": [c[:, :2] for c in teacher["cls_logits"]]}

@@ -10,9 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.geometry import hflip_matrix, scale_matrix, translate_matrix, warp_affine
-from pipeline.training.teacher_targets import (batch_warp_teacher_targets, inside_extent,
-                                               map_to_view_matrix, stack_teacher_items,
-                                               warp_teacher_targets)
+from pipeline.training.teacher_targets import (
+    batch_warp_teacher_targets,
+    inside_extent,
+    map_to_view_matrix,
+    stack_teacher_items,
+    warp_teacher_targets,
+)
 from pipeline.training.trainer import collate_training_batch
 
 
@@ -73,7 +77,7 @@ def test_mask_grid_uses_its_own_resolution():
     assert torch.equal(out["mask_valid"], out["feature_valid"][0])
     for i in range(2, 14):
         for j in range(14):
-            block = masks[:, 2 * i - 4:2 * i - 2, 26 - 2 * j:28 - 2 * j].mean((1, 2))
+            block = masks[:, 2 * i - 4 : 2 * i - 2, 26 - 2 * j : 28 - 2 * j].mean((1, 2))
             torch.testing.assert_close(out["mask_logits"][:, i, j], block, rtol=0, atol=1e-5)
     assert torch.equal(out["segment_ids"], item["segment_ids"])
     torch.testing.assert_close(out["cls_logits"], item["cls_logits"])
@@ -106,8 +110,9 @@ def _sam_frame(image: torch.Tensor) -> tuple[torch.Tensor, float]:
     h, w = image.shape[-2:]
     s = S / max(h, w)
     nh, nw = round(h * s), round(w * s)
-    resized = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                            antialias=True)[0]
+    resized = F.interpolate(
+        image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     return F.pad(resized, (0, S - nw, 0, S - nh)), s
 
 
@@ -187,15 +192,27 @@ def test_cached_equivariant_teacher_matches_live_run_on_augmented_view():
 def test_batch_equals_per_image_and_handles_absent_entries():
     g = torch.Generator().manual_seed(1)
     items = [
-        _item([torch.randn(4, 16, 16, generator=g), torch.randn(6, 8, 8, generator=g)],
-              torch.randn(3, 32, 32, generator=g), orig_size=(40, 64), input_size=64, seed=1),
+        _item(
+            [torch.randn(4, 16, 16, generator=g), torch.randn(6, 8, 8, generator=g)],
+            torch.randn(3, 32, 32, generator=g),
+            orig_size=(40, 64),
+            input_size=64,
+            seed=1,
+        ),
         None,
-        _item([torch.randn(4, 16, 16, generator=g), torch.randn(6, 8, 8, generator=g)],
-              torch.randn(1, 32, 32, generator=g), orig_size=(64, 50), input_size=64, seed=2),
+        _item(
+            [torch.randn(4, 16, 16, generator=g), torch.randn(6, 8, 8, generator=g)],
+            torch.randn(1, 32, 32, generator=g),
+            orig_size=(64, 50),
+            input_size=64,
+            seed=2,
+        ),
     ]
-    transforms = [translate_matrix(-5, 3) @ scale_matrix(1.3, 1.3) @ hflip_matrix(64),
-                  np.eye(3),
-                  translate_matrix(7, -2) @ scale_matrix(0.9, 0.9)]
+    transforms = [
+        translate_matrix(-5, 3) @ scale_matrix(1.3, 1.3) @ hflip_matrix(64),
+        np.eye(3),
+        translate_matrix(7, -2) @ scale_matrix(0.9, 0.9),
+    ]
     sizes = [(16, 16), (8, 8)]
     batch = batch_warp_teacher_targets(items, transforms, (64, 64), sizes, (16, 16))
     assert batch["present"].tolist() == [True, False, True]
@@ -221,8 +238,13 @@ def test_batch_equals_per_image_and_handles_absent_entries():
 
 def test_inside_extent_matches_a_pixel_by_pixel_check():
     theta = 0.3
-    rotation = np.array([[math.cos(theta), -math.sin(theta), 4.0],
-                         [math.sin(theta), math.cos(theta), -2.0], [0, 0, 1]])
+    rotation = np.array(
+        [
+            [math.cos(theta), -math.sin(theta), 4.0],
+            [math.sin(theta), math.cos(theta), -2.0],
+            [0, 0, 1],
+        ]
+    )
     axis = translate_matrix(-5.5, 3.25) @ scale_matrix(1.7, 0.6) @ hflip_matrix(10)
     matrices = torch.as_tensor(np.stack([axis, rotation, np.eye(3)]))
     extents = torch.tensor([[10.0, 7.0], [9.0, 12.0], [3.0, 2.0]], dtype=torch.float64)
@@ -242,11 +264,21 @@ def test_inside_extent_matches_a_pixel_by_pixel_check():
 def test_stacked_batch_keeps_the_dtype_and_warps_like_the_list():
     g = torch.Generator().manual_seed(4)
     items = [
-        _item([torch.randn(4, 16, 16, generator=g).half()], torch.randn(2, 32, 32, generator=g).half(),
-              orig_size=(40, 64), input_size=64, seed=1),
+        _item(
+            [torch.randn(4, 16, 16, generator=g).half()],
+            torch.randn(2, 32, 32, generator=g).half(),
+            orig_size=(40, 64),
+            input_size=64,
+            seed=1,
+        ),
         None,
-        _item([torch.randn(4, 16, 16, generator=g).half()], torch.randn(3, 32, 32, generator=g).half(),
-              orig_size=(64, 64), input_size=64, seed=2),
+        _item(
+            [torch.randn(4, 16, 16, generator=g).half()],
+            torch.randn(3, 32, 32, generator=g).half(),
+            orig_size=(64, 64),
+            input_size=64,
+            seed=2,
+        ),
     ]
     stacked = stack_teacher_items(items)
     assert stacked["features"][0].shape == (3, 4, 16, 16)
@@ -256,8 +288,11 @@ def test_stacked_batch_keeps_the_dtype_and_warps_like_the_list():
     assert stacked["mask_logits"].shape == (5, 32, 32) and stacked["mask_counts"] == [2, 0, 3]
     assert stacked["present"].tolist() == [True, False, True]
     assert stacked["orig_size"].tolist() == [[40, 64], [0, 0], [64, 64]]
-    transforms = [translate_matrix(-5, 3) @ scale_matrix(1.3, 1.3), np.eye(3),
-                  translate_matrix(7, -2) @ scale_matrix(0.9, 0.9) @ hflip_matrix(64)]
+    transforms = [
+        translate_matrix(-5, 3) @ scale_matrix(1.3, 1.3),
+        np.eye(3),
+        translate_matrix(7, -2) @ scale_matrix(0.9, 0.9) @ hflip_matrix(64),
+    ]
     from_stack = batch_warp_teacher_targets(stacked, transforms, (64, 64), [(16, 16)], (16, 16))
     from_list = batch_warp_teacher_targets(items, transforms, (64, 64), [(16, 16)], (16, 16))
     assert from_stack["features"][0].dtype == torch.float32
@@ -272,17 +307,27 @@ def test_collate_moves_teacher_entries_into_one_stacked_batch():
     g = torch.Generator().manual_seed(5)
 
     def sample(i, teacher):
-        s = {"image": torch.zeros(3, 32, 32, dtype=torch.uint8), "masks": torch.zeros(1, 32, 32,
-             dtype=torch.bool), "ignore": torch.zeros(32, 32, dtype=torch.bool),
-             "valid": torch.ones(32, 32, dtype=torch.bool), "labels": torch.zeros(1, dtype=torch.int64),
-             "segment_ids": torch.ones(1, dtype=torch.int64), "transform": np.eye(3),
-             "file_name": f"{i}.jpg", "image_id": i}
+        s = {
+            "image": torch.zeros(3, 32, 32, dtype=torch.uint8),
+            "masks": torch.zeros(1, 32, 32, dtype=torch.bool),
+            "ignore": torch.zeros(32, 32, dtype=torch.bool),
+            "valid": torch.ones(32, 32, dtype=torch.bool),
+            "labels": torch.zeros(1, dtype=torch.int64),
+            "segment_ids": torch.ones(1, dtype=torch.int64),
+            "transform": np.eye(3),
+            "file_name": f"{i}.jpg",
+            "image_id": i,
+        }
         if teacher is not False:
             s["teacher"] = teacher
         return s
 
-    item = _item([torch.randn(4, 16, 16, generator=g)], torch.randn(1, 32, 32, generator=g),
-                 orig_size=(32, 32), input_size=64)
+    item = _item(
+        [torch.randn(4, 16, 16, generator=g)],
+        torch.randn(1, 32, 32, generator=g),
+        orig_size=(32, 32),
+        input_size=64,
+    )
     batch = collate_training_batch([sample(0, item), sample(1, None)])
     assert all("teacher" not in t for t in batch["targets"])
     assert batch["teacher"]["present"].tolist() == [True, False]
@@ -310,8 +355,9 @@ def test_bad_entries_raise_clear_errors():
     with pytest.raises(ValueError, match=r"\[3, 3\]"):
         warp_teacher_targets(item, np.eye(2), (64, 64), [(16, 16)], (16, 16))
     with pytest.raises(ValueError, match="segment count"):
-        warp_teacher_targets({**item, "segment_ids": torch.arange(5)}, transform, (64, 64),
-                             [(16, 16)], (16, 16))
+        warp_teacher_targets(
+            {**item, "segment_ids": torch.arange(5)}, transform, (64, 64), [(16, 16)], (16, 16)
+        )
     with pytest.raises(ValueError, match="no image of the batch"):
         batch_warp_teacher_targets([None], [np.eye(3)], (64, 64), [(16, 16)], (16, 16))
     with pytest.raises(ValueError, match="2 transforms"):

@@ -25,7 +25,12 @@ from pipeline.evaluation.predict import predict_folder
 
 H, W = 48, 64
 SKY, GRASS, PERSON_A, PERSON_B, CROWD = (
-    (100, 150, 250), (40, 180, 60), (250, 40, 40), (200, 20, 120), (240, 200, 0))
+    (100, 150, 250),
+    (40, 180, 60),
+    (250, 40, 40),
+    (200, 20, 120),
+    (240, 200, 0),
+)
 JSON_CATEGORIES = [  # ids not contiguous; train ids: person 0, sky 1, grass 2
     {"id": 1, "name": "person", "isthing": 1, "color": [220, 20, 60]},
     {"id": 5, "name": "sky", "isthing": 0, "color": [70, 130, 180]},
@@ -50,28 +55,34 @@ class PaletteModel(nn.Module):
         self.calls += 1
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-        rgb = images * std + mean                                       # [B, 3, H, W]
+        rgb = images * std + mean  # [B, 3, H, W]
         dist = (rgb[:, None] - self.colors[None, :, :, None, None]).abs().amax(2)
-        match = (dist < self.tolerance).float()                        # [B, P, H, W]
+        match = (dist < self.tolerance).float()  # [B, P, H, W]
         match = F.avg_pool2d(match, self.stride)
         B, P = match.shape[:2]
         masks = torch.cat([20 * (match - 0.5), torch.full_like(match[:, :1], -20.0)], dim=1)
         logits = torch.zeros(B, P + 1, self.num_classes + 1)
         for q, k in enumerate(self.labels):
             logits[:, q, k] = 10.0
-        logits[:, P, self.num_classes] = 10.0                          # a "no object" query
-        return {"pred_logits": logits, "pred_masks": masks, "pred_iou": torch.ones(B, P + 1),
-                "aux_outputs": []}
+        logits[:, P, self.num_classes] = 10.0  # a "no object" query
+        return {
+            "pred_logits": logits,
+            "pred_masks": masks,
+            "pred_iou": torch.ones(B, P + 1),
+            "aux_outputs": [],
+        }
 
 
 def _scene(shift: int, with_crowd: bool) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(image uint8 [H, W, 3], panoptic ids [H, W], segments_info) of one synthetic image."""
     ids = np.zeros((H, W), dtype=np.int64)
     image = np.zeros((H, W, 3), dtype=np.uint8)
-    regions = [(10, 5, (slice(0, 24), slice(None)), SKY),
-               (11, 9, (slice(24, H), slice(None)), GRASS),
-               (21, 1, (slice(8, 32), slice(4 + shift, 20 + shift)), PERSON_A),
-               (22, 1, (slice(20, 44), slice(30, 46)), PERSON_B)]
+    regions = [
+        (10, 5, (slice(0, 24), slice(None)), SKY),
+        (11, 9, (slice(24, H), slice(None)), GRASS),
+        (21, 1, (slice(8, 32), slice(4 + shift, 20 + shift)), PERSON_A),
+        (22, 1, (slice(20, 44), slice(30, 46)), PERSON_B),
+    ]
     if with_crowd:
         regions.append((30, 1, (slice(30, 46), slice(50, 62)), CROWD))
     segments = []
@@ -79,7 +90,7 @@ def _scene(shift: int, with_crowd: bool) -> tuple[np.ndarray, np.ndarray, list[d
         ids[where] = seg_id
         image[where] = color
         segments.append({"id": seg_id, "category_id": cat, "iscrowd": int(seg_id == 30)})
-    ids[0:4, 40:] = 0          # a void band
+    ids[0:4, 40:] = 0  # a void band
     image[0:4, 40:] = 0
     return image, ids, segments
 
@@ -94,11 +105,13 @@ def _write_dataset(root: Path, n: int = 3) -> tuple[Path, Path, Path]:
         Image.fromarray(image).save(img_dir / f"{i:04d}.png")
         Image.fromarray(id_to_rgb(ids)).save(png_dir / f"{i:04d}.png")
         images.append({"id": 100 + i, "file_name": f"{i:04d}.png", "height": H, "width": W})
-        annotations.append({"image_id": 100 + i, "file_name": f"{i:04d}.png",
-                            "segments_info": segments})
+        annotations.append(
+            {"image_id": 100 + i, "file_name": f"{i:04d}.png", "segments_info": segments}
+        )
     json_path = root / "panoptic_val.json"
-    json_path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                     "categories": JSON_CATEGORIES}))
+    json_path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": JSON_CATEGORIES})
+    )
     return img_dir, json_path, png_dir
 
 
@@ -110,14 +123,24 @@ def split(tmp_path):
 def test_evaluate_model_perfect_predictions_give_100(split, tmp_path):
     dataset = PanopticDataset(*split, transform=EvalTransform(None))
     model = PaletteModel(PALETTE, dataset.num_classes, stride=1)
-    metrics = evaluate_model(model, dataset, None, "cpu", out_dir=tmp_path / "eval",
-                             batch_size=2, progress=False)
+    metrics = evaluate_model(
+        model, dataset, None, "cpu", out_dir=tmp_path / "eval", batch_size=2, progress=False
+    )
     assert metrics["All"] == {"pq": 100.0, "sq": 100.0, "rq": 100.0, "n": 3}
     assert metrics["Things"]["n"] == 1 and metrics["Stuff"]["n"] == 2
     # person: 2 per image, 3 images; the crowd-coloured predictions are ignored, not FPs
     assert metrics["per_class"][1] == pytest.approx(
-        {"pq": 100.0, "sq": 100.0, "rq": 100.0, "tp": 6, "fp": 0, "fn": 0,
-         "name": "person", "isthing": True})
+        {
+            "pq": 100.0,
+            "sq": 100.0,
+            "rq": 100.0,
+            "tp": 6,
+            "fp": 0,
+            "fn": 0,
+            "name": "person",
+            "isthing": True,
+        }
+    )
     assert metrics["num_images"] == 3 and metrics["num_skipped"] == 0
     # the same queries give perfect instance AP (the crowd-coloured detections fall on crowd
     # GT: ignored, as COCOeval does) and a perfect semantic segmentation
@@ -125,7 +148,8 @@ def test_evaluate_model_perfect_predictions_give_100(split, tmp_path):
     assert metrics["instance"]["AP50"] == pytest.approx(100.0)
     assert metrics["semantic"]["mIoU"] == pytest.approx(100.0)
     assert metrics["semantic"]["per_class"] == pytest.approx(
-        {"person": 100.0, "sky": 100.0, "grass": 100.0})
+        {"person": 100.0, "sky": 100.0, "grass": 100.0}
+    )
     assert model.calls == 2  # batches of 2 + 1
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["All"]["pq"] == 100.0 and saved["per_class"]["9"]["name"] == "grass"
@@ -137,9 +161,17 @@ def test_evaluate_model_matches_file_based_pq_on_resized_input(split, tmp_path):
     dataset = PanopticDataset(*split, transform=EvalTransform(40))
     model = PaletteModel(PALETTE, dataset.num_classes, stride=4)
     out = tmp_path / "eval"
-    metrics = evaluate_model(model, dataset, dataset.categories, "cpu", out_dir=out,
-                             write_predictions=True, num_visualize=1, progress=False,
-                             object_mask_threshold=0.5)
+    metrics = evaluate_model(
+        model,
+        dataset,
+        dataset.categories,
+        "cpu",
+        out_dir=out,
+        write_predictions=True,
+        num_visualize=1,
+        progress=False,
+        object_mask_threshold=0.5,
+    )
     assert 50.0 < metrics["All"]["pq"] < 100.0
     pred_png = load_panoptic_png(out / "panoptic" / "0000.png")
     assert pred_png.shape == (H, W)  # original resolution
@@ -158,8 +190,9 @@ def test_evaluate_model_matches_file_based_pq_on_resized_input(split, tmp_path):
 def test_evaluate_model_max_images_skips_and_bad_transform(split, tmp_path):
     img_dir, json_path, png_dir = split
     (img_dir / "0001.png").write_bytes(b"\x89PNG broken")
-    dataset = PanopticDataset(img_dir, json_path, png_dir, transform=EvalTransform(None),
-                              on_bad_sample="skip")
+    dataset = PanopticDataset(
+        img_dir, json_path, png_dir, transform=EvalTransform(None), on_bad_sample="skip"
+    )
     model = PaletteModel(PALETTE, dataset.num_classes)
     metrics = evaluate_model(model, dataset, None, "cpu", progress=False)
     assert metrics["num_images"] == 2 and metrics["num_skipped"] == 1
@@ -178,13 +211,13 @@ def test_evaluate_model_max_images_skips_and_bad_transform(split, tmp_path):
 def _rank_main(rank: int, world: int, init_file: str, split: tuple, result_file: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         dataset = PanopticDataset(*split, transform=EvalTransform(40))
         model = PaletteModel(PALETTE, dataset.num_classes, stride=4)
-        metrics = evaluate_model(model, dataset, None, "cpu", progress=False,
-                                 object_mask_threshold=0.5)
+        metrics = evaluate_model(
+            model, dataset, None, "cpu", progress=False, object_mask_threshold=0.5
+        )
         metrics["calls"] = model.calls
         Path(f"{result_file}.{rank}").write_text(json.dumps(metrics))
     finally:
@@ -195,8 +228,14 @@ def test_evaluate_model_distributed_shards_and_merges(split, tmp_path):
     import torch.multiprocessing as mp
 
     dataset = PanopticDataset(*split, transform=EvalTransform(40))
-    single = evaluate_model(PaletteModel(PALETTE, dataset.num_classes, stride=4), dataset, None,
-                            "cpu", progress=False, object_mask_threshold=0.5)
+    single = evaluate_model(
+        PaletteModel(PALETTE, dataset.num_classes, stride=4),
+        dataset,
+        None,
+        "cpu",
+        progress=False,
+        object_mask_threshold=0.5,
+    )
     result = tmp_path / "result"
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), split, str(result)), nprocs=2)
     ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(2)]
@@ -224,8 +263,9 @@ def test_predict_folder_writes_pngs_json_overlays_and_counts_bad_files(tmp_path)
     categories, _ = parse_panoptic_json(root[1])
     model = PaletteModel(PALETTE, len(categories), stride=1)
     out = tmp_path / "out"
-    summary = predict_folder(model, folder, out, categories, test_size=None, device="cpu",
-                             progress=False)
+    summary = predict_folder(
+        model, folder, out, categories, test_size=None, device="cpu", progress=False
+    )
     assert (summary.num_images, summary.num_predicted) == (3, 2)
     assert [name for name, _ in summary.skipped] == ["broken.jpg"]
     assert "broken.jpg" in summary.skipped[0][1] and "broken.jpg" in str(summary)

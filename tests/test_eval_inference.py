@@ -39,12 +39,15 @@ def column_masks(width: int, *spans: tuple[int, int], height: int = 2) -> torch.
 
 
 def test_drops_no_object_and_low_scoring_queries():
-    logits = torch.stack([class_logits(0.9, 0.05, 0.05),   # kept: thing, p = 0.9
-                          class_logits(0.05, 0.05, 0.9),   # "no object"
-                          class_logits(0.7, 0.2, 0.1)])    # p = 0.7 < 0.8
+    logits = torch.stack(
+        [
+            class_logits(0.9, 0.05, 0.05),  # kept: thing, p = 0.9
+            class_logits(0.05, 0.05, 0.9),  # "no object"
+            class_logits(0.7, 0.2, 0.1),
+        ]
+    )  # p = 0.7 < 0.8
     masks = column_masks(8, (0, 4), (0, 8), (4, 8))
-    id_map, segments = panoptic_merge(logits, masks, None, [True, False],
-                                      object_mask_threshold=0.8)
+    id_map, segments = panoptic_merge(logits, masks, None, [True, False], object_mask_threshold=0.8)
     assert id_map.dtype == torch.int32
     assert id_map[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     assert len(segments) == 1
@@ -79,8 +82,14 @@ def test_queries_without_a_confident_mask_pixel_are_dropped():
 
 def test_stuff_of_one_class_merges_things_stay_apart():
     # two stuff queries (class 1) and two thing queries (class 0), all on disjoint columns
-    logits = torch.stack([class_logits(0.05, 0.9, 0.05), class_logits(0.05, 0.85, 0.1),
-                          class_logits(0.95, 0.0, 0.05), class_logits(0.88, 0.0, 0.12)])
+    logits = torch.stack(
+        [
+            class_logits(0.05, 0.9, 0.05),
+            class_logits(0.05, 0.85, 0.1),
+            class_logits(0.95, 0.0, 0.05),
+            class_logits(0.88, 0.0, 0.12),
+        ]
+    )
     masks = column_masks(8, (0, 2), (2, 4), (4, 6), (6, 8))
     id_map, segments = panoptic_merge(logits, masks, None, [True, False])
     # visiting order by score: thing 0.95 -> id 1, stuff 0.9 -> id 2, then the stuff 0.85 query
@@ -136,10 +145,16 @@ def test_postprocess_round_trip_recovers_the_original_mask(orig_hw):
     assert not valid[-1].any()  # the last rows are padding
     # a stride-4 head output: logits at 1/4 of the padded input
     low = F.interpolate(view[None], size=(ph // 4, pw // 4), mode="area")[0]
-    outputs = {"pred_logits": torch.zeros(2, 3), "pred_masks": 20 * (low - 0.5),
-               "pred_iou": torch.ones(2)}
-    sample = {"transform": torch.from_numpy(transform), "orig_size": (h0, w0),
-              "image": torch.zeros(3, ph, pw, dtype=torch.uint8)}
+    outputs = {
+        "pred_logits": torch.zeros(2, 3),
+        "pred_masks": 20 * (low - 0.5),
+        "pred_iou": torch.ones(2),
+    }
+    sample = {
+        "transform": torch.from_numpy(transform),
+        "orig_size": (h0, w0),
+        "image": torch.zeros(3, ph, pw, dtype=torch.uint8),
+    }
     out = postprocess(outputs, sample)
     assert out["pred_masks"].shape == (2, h0, w0)
     assert out["pred_iou"] is outputs["pred_iou"]
@@ -154,20 +169,27 @@ def test_postprocess_uses_the_batched_input_size():
     # land differently on a 32x32 original with an identity transform.
     logits = torch.full((1, 16, 16), OFF)
     logits[:, :, :4] = ON  # columns 0-3 of the mask grid
-    sample = {"transform": np.eye(3), "orig_size": (32, 32),
-              "image": torch.zeros(3, 32, 32, dtype=torch.uint8)}
+    sample = {
+        "transform": np.eye(3),
+        "orig_size": (32, 32),
+        "image": torch.zeros(3, 32, 32, dtype=torch.uint8),
+    }
     outputs = {"pred_logits": torch.zeros(1, 2), "pred_masks": logits}
     own = postprocess(outputs, sample)["pred_masks"][0] > 0
     wide = postprocess(outputs, sample, input_size=(64, 64))["pred_masks"][0] > 0
-    assert own[0].nonzero().flatten().tolist() == list(range(8))     # 2 px per mask column
-    assert wide[0].nonzero().flatten().tolist() == list(range(16))   # 4 px per mask column
+    assert own[0].nonzero().flatten().tolist() == list(range(8))  # 2 px per mask column
+    assert wide[0].nonzero().flatten().tolist() == list(range(16))  # 4 px per mask column
     with pytest.raises(KeyError, match="transform"):
         postprocess(outputs, {"orig_size": (32, 32), "image": sample["image"]})
 
 
 def test_unbatch_outputs_slices_each_image():
-    outputs = {"pred_logits": torch.randn(2, 5, 3), "pred_masks": torch.randn(2, 5, 4, 4),
-               "pred_iou": torch.rand(2, 5), "aux_outputs": []}
+    outputs = {
+        "pred_logits": torch.randn(2, 5, 3),
+        "pred_masks": torch.randn(2, 5, 4, 4),
+        "pred_iou": torch.rand(2, 5),
+        "aux_outputs": [],
+    }
     per_image = unbatch_outputs(outputs)
     assert len(per_image) == 2
     assert torch.equal(per_image[1]["pred_masks"], outputs["pred_masks"][1])
@@ -180,9 +202,11 @@ def test_to_coco_panoptic_round_trips_ids_and_maps_categories(tmp_path):
     id_map[:2] = 1
     id_map[2:, :3] = 2
     id_map[3, 4] = 300  # an id above 255 needs the G channel
-    segments = [{"id": 1, "category_id": 1, "isthing": False, "score": 0.9, "area": 10},
-                {"id": 2, "category_id": 0, "isthing": True, "score": 0.8, "area": 6},
-                {"id": 300, "category_id": 0, "isthing": True, "score": 0.7, "area": 1}]
+    segments = [
+        {"id": 1, "category_id": 1, "isthing": False, "score": 0.9, "area": 10},
+        {"id": 2, "category_id": 0, "isthing": True, "score": 0.8, "area": 6},
+        {"id": 300, "category_id": 0, "isthing": True, "score": 0.7, "area": 1},
+    ]
     rgb, coco = to_coco_panoptic(id_map, segments, cats)
     assert rgb.dtype == np.uint8 and rgb.shape == (4, 5, 3)
     assert rgb[3, 4].tolist() == [300 % 256, 1, 0]
@@ -219,21 +243,29 @@ def test_run_panoptic_inference_equals_postprocess_then_merge():
     masks = torch.full((1, q, 8, 8), OFF)
     for i in range(q):  # random rectangles
         r, c = torch.randint(0, 6, (2,), generator=g).tolist()
-        masks[0, i, r:r + 3, c:c + 3] = ON
-    outputs = {"pred_logits": logits, "pred_masks": masks,
-               "pred_iou": torch.rand(1, q, generator=g)}  # seeded: independent of test order
+        masks[0, i, r : r + 3, c : c + 3] = ON
+    outputs = {
+        "pred_logits": logits,
+        "pred_masks": masks,
+        "pred_iou": torch.rand(1, q, generator=g),
+    }  # seeded: independent of test order
     transform, (ph, pw) = _eval_view((24, 20), test_size=32)
     image = torch.randint(0, 256, (3, ph, pw), dtype=torch.uint8, generator=g)
     sample = {"transform": transform, "orig_size": (24, 20), "image": image}
     model = _FixedOutputs(outputs)
     isthing = [True, True, False, False]
-    [(id_map, segments)] = run_panoptic_inference(model, [sample], isthing, "cpu",
-                                                  object_mask_threshold=0.5,
-                                                  iou_score_weight=1.0)
+    [(id_map, segments)] = run_panoptic_inference(
+        model, [sample], isthing, "cpu", object_mask_threshold=0.5, iou_score_weight=1.0
+    )
     assert torch.allclose(model.seen, normalize_images(image[None]))
     full = postprocess(unbatch_outputs(outputs)[0], sample)
-    ref_map, ref_segments = panoptic_merge(full["pred_logits"], full["pred_masks"],
-                                           full["pred_iou"], isthing, object_mask_threshold=0.5,
-                                           iou_score_weight=1.0)
+    ref_map, ref_segments = panoptic_merge(
+        full["pred_logits"],
+        full["pred_masks"],
+        full["pred_iou"],
+        isthing,
+        object_mask_threshold=0.5,
+        iou_score_weight=1.0,
+    )
     assert id_map.shape == (24, 20) and len(segments) >= 2
     assert torch.equal(id_map, ref_map) and segments == ref_segments

@@ -11,8 +11,12 @@ import torch
 
 from pipeline.config import OBJECT_MASK_THRESHOLD, OVERLAP_THRESHOLD, EvaluationConfig
 from pipeline.evaluation import evaluate, inference, predict
-from pipeline.evaluation.instance_ap import (coco_instance_ap, gt_thing_annotations,
-                                             select_thing_queries, thing_detections)
+from pipeline.evaluation.instance_ap import (
+    coco_instance_ap,
+    gt_thing_annotations,
+    select_thing_queries,
+    thing_detections,
+)
 from pipeline.evaluation.semantic import confusion_matrix, semantic_map, summarize_miou
 
 # ----------------------------------------------------------------------------- mIoU
@@ -20,12 +24,10 @@ from pipeline.evaluation.semantic import confusion_matrix, semantic_map, summari
 
 def test_miou_hand_computed():
     # GT: segment 1 = class 0, segment 2 = class 1, id 0 = void (ignored)
-    gt_ids = np.array([[1, 1, 2, 2],
-                       [1, 1, 2, 0]])
+    gt_ids = np.array([[1, 1, 2, 2], [1, 1, 2, 0]])
     gt_segments = [{"id": 1, "train_id": 0}, {"id": 2, "train_id": 1}]
     # prediction: segment 7 = class 0, segment 8 = class 1, pixel (1, 1) left unassigned
-    pred_ids = np.array([[7, 7, 7, 8],
-                         [7, 0, 8, 8]])
+    pred_ids = np.array([[7, 7, 7, 8], [7, 0, 8, 8]])
     pred_segments = [{"id": 7, "category_id": 0}, {"id": 8, "category_id": 1}]
     gt = semantic_map(gt_ids, gt_segments, "train_id")
     pred = semantic_map(pred_ids, pred_segments, "category_id")
@@ -58,7 +60,7 @@ def test_miou_rejects_mismatched_maps():
 # ------------------------------------------------------------------------------- AP
 def _square(top: int, left: int, size: int = 4, shape=(12, 12)) -> np.ndarray:
     m = np.zeros(shape, bool)
-    m[top:top + size, left:left + size] = True
+    m[top : top + size, left : left + size] = True
     return m
 
 
@@ -110,8 +112,9 @@ def test_ap_higher_scored_false_positive_halves_precision():
 
 def test_ap_detection_on_crowd_is_ignored_as_coco_does():
     # the same false positive, but it lies on a crowd segment: neither TP nor FP -> AP 100
-    out = _ap([(_square(0, 0), 0), (_square(6, 6), 1)], [(_square(6, 6), 0.95),
-                                                        (_square(0, 0), 0.9)])
+    out = _ap(
+        [(_square(0, 0), 0), (_square(6, 6), 1)], [(_square(6, 6), 0.95), (_square(0, 0), 0.9)]
+    )
     assert out["AP"] == pytest.approx(100.0)
 
 
@@ -126,8 +129,7 @@ def test_ap_without_gt_things_is_undefined_and_without_detections_zero():
 
 def test_select_thing_queries_takes_topk_query_class_pairs_of_thing_classes():
     # K = 3 (things 0 and 2, stuff 1); Q = 2
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.1],
-                                     [0.2, 0.1, 0.6, 0.1]]))
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.2, 0.1, 0.6, 0.1]]))
     queries, labels, probs = select_thing_queries(logits, [True, False, True], topk=3)
     assert queries.tolist() == [1, 0, 1] and labels.tolist() == [2, 0, 0]
     assert probs.tolist() == pytest.approx([0.6, 0.5, 0.2])
@@ -136,13 +138,22 @@ def test_select_thing_queries_takes_topk_query_class_pairs_of_thing_classes():
 
 
 # -------------------------------------------------------------------------- defaults
-@pytest.mark.parametrize("func", [inference.panoptic_merge, inference.panoptic_from_outputs,
-                                  inference.run_panoptic_inference, evaluate.evaluate_model,
-                                  predict.predict_folder])
+@pytest.mark.parametrize(
+    "func",
+    [
+        inference.panoptic_merge,
+        inference.panoptic_from_outputs,
+        inference.run_panoptic_inference,
+        evaluate.evaluate_model,
+        predict.predict_folder,
+    ],
+)
 def test_one_default_for_the_post_processing_thresholds(func):
     params = inspect.signature(func).parameters
     assert params["object_mask_threshold"].default == OBJECT_MASK_THRESHOLD
     assert params["overlap_threshold"].default == OVERLAP_THRESHOLD
     cfg = EvaluationConfig()
-    assert (cfg.object_mask_threshold, cfg.overlap_threshold) == (OBJECT_MASK_THRESHOLD,
-                                                                 OVERLAP_THRESHOLD)
+    assert (cfg.object_mask_threshold, cfg.overlap_threshold) == (
+        OBJECT_MASK_THRESHOLD,
+        OVERLAP_THRESHOLD,
+    )

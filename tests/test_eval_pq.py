@@ -61,8 +61,9 @@ def test_partial_match_values():
     # IoU 4 / (5 + 4 - 4) = 0.8.  PQ_1 = SQ_1 = 75, PQ_2 = SQ_2 = 80, RQ = 100.
     gt = row(1, 1, 1, 1, 2, 2, 2, 2)
     pred = row(1, 1, 1, 2, 2, 2, 2, 2)
-    res = summarize_pq(pq_single_image(gt, [seg(1, 1), seg(2, 2)], pred,
-                                       [seg(1, 1), seg(2, 2)]), CATS)
+    res = summarize_pq(
+        pq_single_image(gt, [seg(1, 1), seg(2, 2)], pred, [seg(1, 1), seg(2, 2)]), CATS
+    )
     assert res["per_class"][1]["pq"] == pytest.approx(75.0)
     assert res["per_class"][2]["pq"] == pytest.approx(80.0)
     assert res["All"]["pq"] == pytest.approx(77.5)
@@ -125,12 +126,20 @@ def test_prediction_with_the_wrong_class_is_a_fp_and_a_fn():
 def test_averages_over_things_and_stuff_across_merged_images():
     # Image A: GT 1 (cat 1) px 0-3, GT 2 (cat 2) px 4-7.
     #   pred 1 (cat 1) px 0-2 -> IoU 3/4; pred 2 (cat 2) px 3-7 -> IoU 4/5.
-    a = pq_single_image(row(1, 1, 1, 1, 2, 2, 2, 2), [seg(1, 1), seg(2, 2)],
-                        row(1, 1, 1, 2, 2, 2, 2, 2), [seg(1, 1), seg(2, 2)])
+    a = pq_single_image(
+        row(1, 1, 1, 1, 2, 2, 2, 2),
+        [seg(1, 1), seg(2, 2)],
+        row(1, 1, 1, 2, 2, 2, 2, 2),
+        [seg(1, 1), seg(2, 2)],
+    )
     # Image B: GT 1 (cat 1) px 0-1, GT 2 (cat 1) px 2-3, GT 3 (cat 2) px 4-7.
     #   pred 1 (cat 1) px 0-1 -> IoU 1; pred 2 (cat 2) px 2-7 -> IoU with GT 3 = 4/6; GT 2 -> FN.
-    b = pq_single_image(row(1, 1, 2, 2, 3, 3, 3, 3), [seg(1, 1), seg(2, 1), seg(3, 2)],
-                        row(1, 1, 2, 2, 2, 2, 2, 2), [seg(1, 1), seg(2, 2)])
+    b = pq_single_image(
+        row(1, 1, 2, 2, 3, 3, 3, 3),
+        [seg(1, 1), seg(2, 1), seg(3, 2)],
+        row(1, 1, 2, 2, 2, 2, 2, 2),
+        [seg(1, 1), seg(2, 2)],
+    )
     total = PQStat()
     total += a
     total += b
@@ -147,8 +156,10 @@ def test_averages_over_things_and_stuff_across_merged_images():
     assert res["Things"] == pytest.approx({"pq": 70.0, "sq": 87.5, "rq": 80.0, "n": 1})
     assert res["Stuff"]["n"] == 1
     # state_dict round trip (what ranks exchange) gives the same numbers
-    assert summarize_pq(PQStat.from_state_dict(json.loads(json.dumps(total.state_dict()))),
-                        CATS) == res
+    assert (
+        summarize_pq(PQStat.from_state_dict(json.loads(json.dumps(total.state_dict()))), CATS)
+        == res
+    )
 
 
 def _reference_stat(gt, gt_segs, pred, pred_segs) -> PQStat:
@@ -192,8 +203,9 @@ def test_matches_direct_reference_on_random_maps():
         pred = gt.copy()
         flip = rng.random(gt.shape) < 0.2
         pred[flip] = rng.integers(0, 6, flip.sum())
-        gt_segs = [seg(i, int(rng.integers(1, 4)), int(rng.random() < 0.2))
-                   for i in np.unique(gt) if i]
+        gt_segs = [
+            seg(i, int(rng.integers(1, 4)), int(rng.random() < 0.2)) for i in np.unique(gt) if i
+        ]
         pred_segs = [seg(i, int(rng.integers(1, 4))) for i in np.unique(pred) if i]
         ours = pq_single_image(gt, gt_segs, pred, pred_segs)
         ref = _reference_stat(gt, gt_segs, pred, pred_segs)
@@ -223,8 +235,13 @@ def _write_split(root: Path, name: str, maps: dict, segments: dict, categories=N
     anns = []
     for image_id, ids in maps.items():
         Image.fromarray(id_to_rgb(ids)).save(png_dir / f"{image_id}.png")
-        anns.append({"image_id": image_id, "file_name": f"{image_id}.png",
-                     "segments_info": segments[image_id]})
+        anns.append(
+            {
+                "image_id": image_id,
+                "file_name": f"{image_id}.png",
+                "segments_info": segments[image_id],
+            }
+        )
     data = {"annotations": anns}
     if categories is not None:
         data["categories"] = categories
@@ -261,7 +278,14 @@ def test_evaluate_from_files_missing_prediction_names_the_image(tmp_path):
     with pytest.raises(ValueError, match="no prediction for image_id 'b'"):
         evaluate_from_files(gt_json, gt_dir, pred_json, pred_dir)
     (pred_dir / "a.png").write_bytes(b"not a png")
-    pred_json.write_text(json.dumps({"annotations": [
-        {"image_id": k, "file_name": "a.png", "segments_info": segs["a"]} for k in "ab"]}))
+    pred_json.write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {"image_id": k, "file_name": "a.png", "segments_info": segs["a"]} for k in "ab"
+                ]
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"a\.png: cannot decode PNG"):
         evaluate_from_files(gt_json, gt_dir, pred_json, pred_dir)

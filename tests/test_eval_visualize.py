@@ -23,23 +23,18 @@ CATS = [Cat(1, "person", True, (200, 0, 0), 0), Cat(5, "sky", False, (0, 0, 200)
 
 
 def test_find_boundaries_marks_right_and_lower_changes():
-    ids = np.array([[1, 1, 2],
-                    [1, 1, 2],
-                    [3, 3, 3]])
-    expected = np.array([[0, 1, 0],
-                         [1, 1, 1],
-                         [0, 0, 0]], dtype=bool)
+    ids = np.array([[1, 1, 2], [1, 1, 2], [3, 3, 3]])
+    expected = np.array([[0, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=bool)
     assert np.array_equal(find_boundaries(ids), expected)
 
 
 def test_overlay_blends_colours_jitters_instances_and_draws_boundaries():
     image = np.full((6, 8, 3), 100, dtype=np.uint8)
     ids = np.zeros((6, 8), dtype=np.int64)
-    ids[:, :4] = 7            # sky (stuff)
-    ids[:3, 4:6] = 11         # person instance 11
-    ids[3:, 4:6] = 12         # person instance 12; columns 6-7 stay void
-    segs = [{"id": 7, "category_id": 5}, {"id": 11, "category_id": 1},
-            {"id": 12, "category_id": 1}]
+    ids[:, :4] = 7  # sky (stuff)
+    ids[:3, 4:6] = 11  # person instance 11
+    ids[3:, 4:6] = 12  # person instance 12; columns 6-7 stay void
+    segs = [{"id": 7, "category_id": 5}, {"id": 11, "category_id": 1}, {"id": 12, "category_id": 1}]
     out = overlay_panoptic(image, ids, segs, CATS, alpha=0.5, boundary_color=(255, 255, 255))
     assert out.shape == image.shape and out.dtype == np.uint8
     # stuff interior: 0.5 * 100 + 0.5 * (0, 0, 200) = (50, 50, 150)

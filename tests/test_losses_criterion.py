@@ -10,8 +10,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.losses.criterion import (SetCriterion, dice_loss, iou_score_loss, mask_iou,
-                                       num_masks_across_ranks, sigmoid_bce_loss)
+from pipeline.losses.criterion import (
+    SetCriterion,
+    dice_loss,
+    iou_score_loss,
+    mask_iou,
+    num_masks_across_ranks,
+    sigmoid_bce_loss,
+)
 from pipeline.losses.matcher import HungarianMatcher
 
 
@@ -23,11 +29,14 @@ def softplus(x: float) -> float:
 def test_sigmoid_bce_loss_hand_computed() -> None:
     logits = torch.tensor([[0.0, 2.0, -1.0]])
     targets = torch.tensor([[1.0, 0.0, 1.0]])
-    assert torch.allclose(sigmoid_bce_loss(logits, targets),
-                          torch.tensor([(math.log(2) + softplus(2) + softplus(1)) / 3]))
+    assert torch.allclose(
+        sigmoid_bce_loss(logits, targets),
+        torch.tensor([(math.log(2) + softplus(2) + softplus(1)) / 3]),
+    )
     valid = torch.tensor([[True, True, False]])
-    assert torch.allclose(sigmoid_bce_loss(logits, targets, valid),
-                          torch.tensor([(math.log(2) + softplus(2)) / 2]))
+    assert torch.allclose(
+        sigmoid_bce_loss(logits, targets, valid), torch.tensor([(math.log(2) + softplus(2)) / 2])
+    )
     assert sigmoid_bce_loss(logits, targets, torch.zeros_like(valid)).item() == 0.0
 
 
@@ -50,15 +59,18 @@ def test_mask_iou_hand_computed_with_ignore_and_resize() -> None:
     ignore[0, 4:, :] = True  # bottom half void: inter 16, union 32
     assert torch.allclose(mask_iou(pred, target, ignore), torch.tensor([0.5]))
     # empty prediction and empty target on valid pixels: IoU 1
-    assert mask_iou(torch.full((1, 8, 8), -1.0), torch.zeros(1, 8, 8, dtype=torch.bool)).item() == 1.0
+    assert (
+        mask_iou(torch.full((1, 8, 8), -1.0), torch.zeros(1, 8, 8, dtype=torch.bool)).item() == 1.0
+    )
 
 
 def test_mask_iou_chunks_agree() -> None:
     pred = torch.randn(37, 5, 6)
     target = torch.rand(37, 20, 24) > 0.5
     ignore = torch.rand(37, 20, 24) > 0.7
-    assert torch.allclose(mask_iou(pred, target, ignore, chunk_size=4),
-                          mask_iou(pred, target, ignore, chunk_size=100))
+    assert torch.allclose(
+        mask_iou(pred, target, ignore, chunk_size=4), mask_iou(pred, target, ignore, chunk_size=100)
+    )
 
 
 def test_iou_score_loss_is_detached_squared_error() -> None:
@@ -76,17 +88,26 @@ def _criterion(**kw) -> SetCriterion:
     for term in ("cls", "mask", "dice", "iou"):
         if f"{term}_weight" in kw:
             weights[f"loss_{term}"] = kw.pop(f"{term}_weight")
-    return SetCriterion(3, HungarianMatcher(num_points=kw.pop("matcher_points", 256)),
-                        weight_dict=weights, num_points=kw.pop("num_points", 256), **kw)
+    return SetCriterion(
+        3,
+        HungarianMatcher(num_points=kw.pop("matcher_points", 256)),
+        weight_dict=weights,
+        num_points=kw.pop("num_points", 256),
+        **kw,
+    )
 
 
 def _outputs(batch: int = 1, queries: int = 4, size: int = 8, stages: int = 0, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
 
     def stage():
-        return {"pred_logits": torch.randn(batch, queries, 4, generator=g).requires_grad_(),
-                "pred_masks": (2 * torch.randn(batch, queries, size, size, generator=g)).requires_grad_(),
-                "pred_iou": torch.rand(batch, queries, generator=g).requires_grad_()}
+        return {
+            "pred_logits": torch.randn(batch, queries, 4, generator=g).requires_grad_(),
+            "pred_masks": (
+                2 * torch.randn(batch, queries, size, size, generator=g)
+            ).requires_grad_(),
+            "pred_iou": torch.rand(batch, queries, generator=g).requires_grad_(),
+        }
 
     out = stage()
     out["aux_outputs"] = [stage() for _ in range(stages)]
@@ -98,9 +119,12 @@ def _target(num: int = 2, size: int = 32, seed: int = 0) -> dict:
     masks = torch.zeros(num, size, size, dtype=torch.bool)
     for i in range(num):
         y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
-        masks[i, y:y + size // 2, x:x + size // 2] = True
-    return {"masks": masks, "labels": torch.arange(num) % 3,
-            "ignore": torch.zeros(size, size, dtype=torch.bool)}
+        masks[i, y : y + size // 2, x : x + size // 2] = True
+    return {
+        "masks": masks,
+        "labels": torch.arange(num) % 3,
+        "ignore": torch.zeros(size, size, dtype=torch.bool),
+    }
 
 
 def test_single_query_hand_computed() -> None:
@@ -108,8 +132,11 @@ def test_single_query_hand_computed() -> None:
     logits = torch.tensor([[[1.0, 2.0, 0.0, 0.5]]])
     masks = torch.full((1, 1, 2, 2), -20.0)
     masks[0, 0, 0, :] = 20.0  # predicted: top half
-    target = {"masks": torch.zeros(1, 8, 8, dtype=torch.bool), "labels": torch.tensor([1]),
-              "ignore": torch.zeros(8, 8, dtype=torch.bool)}
+    target = {
+        "masks": torch.zeros(1, 8, 8, dtype=torch.bool),
+        "labels": torch.tensor([1]),
+        "ignore": torch.zeros(8, 8, dtype=torch.bool),
+    }
     target["masks"][0, :, :4] = True  # left half -> IoU 1/3
     outputs = {"pred_logits": logits, "pred_masks": masks, "pred_iou": torch.tensor([[0.8]])}
     losses, indices = _criterion(cls_weight=2.0, iou_weight=1.0)(outputs, [target])
@@ -133,12 +160,16 @@ def test_no_object_weight_in_cross_entropy() -> None:
 
 def test_zero_targets_only_no_object_cross_entropy() -> None:
     outputs = _outputs(batch=2, stages=2)
-    empty = {"masks": torch.zeros(0, 32, 32, dtype=torch.bool),
-             "labels": torch.zeros(0, dtype=torch.int64),
-             "ignore": torch.zeros(32, 32, dtype=torch.bool)}
+    empty = {
+        "masks": torch.zeros(0, 32, 32, dtype=torch.bool),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "ignore": torch.zeros(32, 32, dtype=torch.bool),
+    }
     losses, indices = _criterion(cls_weight=2.0)(outputs, [empty, empty])
-    expected = sum(2.0 * -F.log_softmax(o["pred_logits"].detach(), -1)[..., 3].mean()
-                   for o in [outputs] + outputs["aux_outputs"])
+    expected = sum(
+        2.0 * -F.log_softmax(o["pred_logits"].detach(), -1)[..., 3].mean()
+        for o in [outputs] + outputs["aux_outputs"]
+    )
     assert torch.allclose(losses["loss_cls"], expected)
     for name in ("loss_mask", "loss_dice", "loss_iou"):
         assert losses[name].item() == 0.0
@@ -149,9 +180,11 @@ def test_zero_targets_only_no_object_cross_entropy() -> None:
 
 def test_mixed_empty_and_non_empty_images() -> None:
     outputs = _outputs(batch=2, stages=1)
-    empty = {"masks": torch.zeros(0, 32, 32, dtype=torch.bool),
-             "labels": torch.zeros(0, dtype=torch.int64),
-             "ignore": torch.zeros(32, 32, dtype=torch.bool)}
+    empty = {
+        "masks": torch.zeros(0, 32, 32, dtype=torch.bool),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "ignore": torch.zeros(32, 32, dtype=torch.bool),
+    }
     losses, indices = _criterion()(outputs, [_target(num=2), empty])
     assert len(indices[0][0]) == 2 and len(indices[1][0]) == 0
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
@@ -178,10 +211,12 @@ def test_weights_scale_each_term() -> None:
     outputs, targets = _outputs(stages=1), [_target()]
     torch.manual_seed(0)
     base, _ = _criterion(cls_weight=1.0, mask_weight=1.0, dice_weight=1.0, iou_weight=1.0)(
-        outputs, targets)
+        outputs, targets
+    )
     torch.manual_seed(0)
     scaled, _ = _criterion(cls_weight=2.0, mask_weight=5.0, dice_weight=3.0, iou_weight=0.5)(
-        outputs, targets)
+        outputs, targets
+    )
     for name, w in [("loss_cls", 2.0), ("loss_mask", 5.0), ("loss_dice", 3.0), ("loss_iou", 0.5)]:
         assert torch.allclose(scaled[name], w * base[name]), name
 
@@ -194,9 +229,12 @@ def test_ignored_pixels_change_no_loss() -> None:
     torch.manual_seed(0)
     before, idx_before = criterion(outputs, [target])
 
-    changed = {k: v.detach().clone().requires_grad_() for k, v in outputs.items() if k != "aux_outputs"}
-    changed["aux_outputs"] = [{k: v.detach().clone() for k, v in a.items()}
-                              for a in outputs["aux_outputs"]]
+    changed = {
+        k: v.detach().clone().requires_grad_() for k, v in outputs.items() if k != "aux_outputs"
+    }
+    changed["aux_outputs"] = [
+        {k: v.detach().clone() for k, v in a.items()} for a in outputs["aux_outputs"]
+    ]
     with torch.no_grad():
         # cells at least one cell inside the void block: no valid point interpolates from them
         changed["pred_masks"][..., :7, :7] = torch.randn(1, 4, 7, 7) * 30
@@ -216,8 +254,9 @@ def test_normalised_by_number_of_masks() -> None:
     one = _outputs(batch=1, stages=0, seed=8)
     two = {k: torch.cat([v.detach(), v.detach()]) for k, v in one.items() if k != "aux_outputs"}
     target = _target(2, seed=9)
-    criterion = SetCriterion(3, HungarianMatcher(num_points=20000), num_points=20000,
-                             importance_sample_ratio=0.0)  # uniform points: a near-exact average
+    criterion = SetCriterion(
+        3, HungarianMatcher(num_points=20000), num_points=20000, importance_sample_ratio=0.0
+    )  # uniform points: a near-exact average
     torch.manual_seed(0)
     single, _ = criterion(one, [target])
     torch.manual_seed(1)
@@ -232,15 +271,23 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="num_classes \\+ 1 = 6"):
         SetCriterion(5, HungarianMatcher(num_points=16))(outputs, [_target()])
     with pytest.raises(ValueError, match=r"targets\[0\]\['masks'\] is 32x48"):
-        _criterion()(outputs, [{"masks": torch.zeros(1, 32, 48, dtype=torch.bool),
-                                "labels": torch.tensor([0]),
-                                "ignore": torch.zeros(32, 48, dtype=torch.bool)}])
+        _criterion()(
+            outputs,
+            [
+                {
+                    "masks": torch.zeros(1, 32, 48, dtype=torch.bool),
+                    "labels": torch.tensor([0]),
+                    "ignore": torch.zeros(32, 48, dtype=torch.bool),
+                }
+            ],
+        )
 
 
 # ------------------------------------------------------------------------ DDP averaging
 def _ddp_worker(rank: int, world_size: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         targets = [{"labels": torch.zeros(3 if rank == 0 else 1)}]
         results[rank] = num_masks_across_ranks(targets, torch.device("cpu"))
@@ -250,11 +297,16 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, results) -> None:
 
 def test_num_masks_all_reduced_across_ranks(tmp_path) -> None:
     assert num_masks_across_ranks([{"labels": torch.zeros(0)}], torch.device("cpu")) == 1.0
-    assert num_masks_across_ranks([{"labels": torch.zeros(3)}, {"labels": torch.zeros(2)}],
-                                  torch.device("cpu")) == 5.0
+    assert (
+        num_masks_across_ranks(
+            [{"labels": torch.zeros(3)}, {"labels": torch.zeros(2)}], torch.device("cpu")
+        )
+        == 5.0
+    )
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2,
-                           start_method="spawn")
+        mp.start_processes(
+            _ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, start_method="spawn"
+        )
         assert dict(results) == {0: 2.0, 1: 2.0}  # (3 + 1) / 2 on both ranks

@@ -25,15 +25,16 @@ def test_cost_mask_bce_hand_computed() -> None:
     logits = torch.tensor([[0.0, 0.0], [2.0, -2.0]])
     targets = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     cost = cost_mask_bce(logits, targets)
-    expected = torch.tensor([
-        [math.log(2), math.log(2)],
-        [softplus(-2), (softplus(-2) + softplus(2)) / 2]])
+    expected = torch.tensor(
+        [[math.log(2), math.log(2)], [softplus(-2), (softplus(-2) + softplus(2)) / 2]]
+    )
     assert torch.allclose(cost, expected, atol=1e-6)
     # an ignored point contributes nothing; the mean is over valid points only
     valid = torch.tensor([True, False])
     masked = cost_mask_bce(logits, targets, valid)
-    assert torch.allclose(masked, torch.tensor([[math.log(2), math.log(2)],
-                                                [softplus(-2), softplus(-2)]]), atol=1e-6)
+    assert torch.allclose(
+        masked, torch.tensor([[math.log(2), math.log(2)], [softplus(-2), softplus(-2)]]), atol=1e-6
+    )
 
 
 def test_cost_dice_hand_computed() -> None:
@@ -48,11 +49,15 @@ def test_cost_dice_hand_computed() -> None:
 
 def _random_case(num_queries: int, num_targets: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    outputs = {"pred_logits": torch.randn(1, num_queries, 4, generator=g),
-               "pred_masks": 3 * torch.randn(1, num_queries, 8, 8, generator=g)}
-    target = {"masks": torch.rand(num_targets, 32, 32, generator=g) > 0.5,
-              "labels": torch.randint(0, 3, (num_targets,), generator=g),
-              "ignore": torch.rand(32, 32, generator=g) > 0.8}
+    outputs = {
+        "pred_logits": torch.randn(1, num_queries, 4, generator=g),
+        "pred_masks": 3 * torch.randn(1, num_queries, 8, 8, generator=g),
+    }
+    target = {
+        "masks": torch.rand(num_targets, 32, 32, generator=g) > 0.5,
+        "labels": torch.randint(0, 3, (num_targets,), generator=g),
+        "ignore": torch.rand(32, 32, generator=g) > 0.8,
+    }
     return outputs, target
 
 
@@ -64,10 +69,12 @@ def test_matcher_equals_brute_force(seed: int, num_queries: int, num_targets: in
     torch.manual_seed(100 + seed)
     cost = matcher.cost_matrix(outputs["pred_logits"][0], outputs["pred_masks"][0], target)
     torch.manual_seed(100 + seed)  # the same random points inside the matcher
-    (rows, cols), = matcher(outputs, [target])
+    ((rows, cols),) = matcher(outputs, [target])
 
-    best = min(itertools.permutations(range(num_queries), num_targets),
-               key=lambda perm: sum(float(cost[q, t]) for t, q in enumerate(perm)))
+    best = min(
+        itertools.permutations(range(num_queries), num_targets),
+        key=lambda perm: sum(float(cost[q, t]) for t, q in enumerate(perm)),
+    )
     expected = sorted((q, t) for t, q in enumerate(best))
     assert sorted(zip(rows.tolist(), cols.tolist())) == expected
     assert rows.dtype == torch.int64 and cols.dtype == torch.int64
@@ -75,7 +82,7 @@ def test_matcher_equals_brute_force(seed: int, num_queries: int, num_targets: in
 
 def test_zero_targets_give_empty_matches() -> None:
     outputs, target = _random_case(4, 0, 0)
-    (rows, cols), = HungarianMatcher(num_points=16)(outputs, [target])
+    ((rows, cols),) = HungarianMatcher(num_points=16)(outputs, [target])
     assert rows.numel() == 0 and cols.numel() == 0
 
 
@@ -95,7 +102,9 @@ def test_ignored_pixels_do_not_change_costs() -> None:
     changed = outputs["pred_masks"].clone()
     changed[..., 5:, 5:] = 50.0
     torch.manual_seed(0)
-    assert not torch.equal(before, matcher.cost_matrix(outputs["pred_logits"][0], changed[0], target))
+    assert not torch.equal(
+        before, matcher.cost_matrix(outputs["pred_logits"][0], changed[0], target)
+    )
 
 
 def test_bad_targets_are_named() -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.losses.point_sampling import (point_sample, sample_pixels, uncertainty,
-                                            uncertainty_points)
+from pipeline.losses.point_sampling import (
+    point_sample,
+    sample_pixels,
+    uncertainty,
+    uncertainty_points,
+)
 
 
 def test_point_sample_pixel_centres_and_midpoints() -> None:
@@ -31,8 +35,9 @@ def test_point_sample_same_location_across_resolutions() -> None:
     coarse = torch.randn(1, 1, 4, 5)
     fine = coarse.repeat_interleave(4, -2).repeat_interleave(4, -1)
     coords = torch.rand(1, 200, 2)
-    assert torch.equal(point_sample(coarse, coords, mode="nearest"),
-                       point_sample(fine, coords, mode="nearest"))
+    assert torch.equal(
+        point_sample(coarse, coords, mode="nearest"), point_sample(fine, coords, mode="nearest")
+    )
 
 
 def test_point_sample_shape_errors() -> None:
@@ -53,7 +58,9 @@ def test_sample_pixels_floor_convention_keeps_dtype() -> None:
     # away from pixel borders it agrees with grid_sample's nearest mode
     coords = (torch.randint(0, 30, (2, 50, 2)) + 0.5) / 30
     fine = torch.rand(2, 30, 30) > 0.5
-    assert torch.equal(sample_pixels(fine, coords), point_sample(fine.float(), coords, "nearest") > 0.5)
+    assert torch.equal(
+        sample_pixels(fine, coords), point_sample(fine.float(), coords, "nearest") > 0.5
+    )
     with pytest.raises(ValueError, match="coords"):
         sample_pixels(two, torch.rand(3, 4, 2))
 
@@ -70,15 +77,21 @@ def _boundary_logits(n: int = 2, size: int = 16) -> torch.Tensor:
 
 def test_importance_points_are_the_most_uncertain_candidates() -> None:
     logits = _boundary_logits()
-    points = uncertainty_points(logits, num_points=40, oversample_ratio=3.0,
-                                importance_sample_ratio=0.75,
-                                generator=torch.Generator().manual_seed(0))
+    points = uncertainty_points(
+        logits,
+        num_points=40,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert points.shape == (2, 40, 2)
     assert ((points >= 0) & (points <= 1)).all()
 
     candidates = torch.rand(2, 120, 2, generator=torch.Generator().manual_seed(0))
     score = -point_sample(logits, candidates).abs()
-    expected = torch.gather(candidates, 1, score.topk(30, dim=1).indices[..., None].expand(-1, -1, 2))
+    expected = torch.gather(
+        candidates, 1, score.topk(30, dim=1).indices[..., None].expand(-1, -1, 2)
+    )
     assert torch.equal(points[:, :30], expected)
     # importance points hug the boundary much more closely than the uniform remainder
     assert (points[:, :30, 0] - 0.5).abs().mean() < 0.5 * (points[:, 30:, 0] - 0.5).abs().mean()
@@ -88,8 +101,9 @@ def test_importance_points_avoid_ignored_pixels() -> None:
     logits = _boundary_logits(n=1)
     ignore = torch.zeros(1, 64, 64, dtype=torch.bool)
     ignore[:, :, 28:] = True  # the uncertain band right of x = 0.4375 is void
-    points = uncertainty_points(logits, 50, 3.0, 0.5, ignore=ignore,
-                                generator=torch.Generator().manual_seed(1))
+    points = uncertainty_points(
+        logits, 50, 3.0, 0.5, ignore=ignore, generator=torch.Generator().manual_seed(1)
+    )
     assert (points[0, :25, 0] < 28 / 64).all()
 
 

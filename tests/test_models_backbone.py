@@ -10,8 +10,17 @@ import pytest
 from pipeline.models.backbone import TimmBackbone
 
 
-@pytest.mark.parametrize("name", ["regnetx_002", "regnety_002", "regnetx_004", "resnet18",
-                                  "mobilenetv3_small_050", "efficientnet_b0"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "regnetx_002",
+        "regnety_002",
+        "regnetx_004",
+        "resnet18",
+        "mobilenetv3_small_050",
+        "efficientnet_b0",
+    ],
+)
 def test_strides_and_channels(name: str) -> None:
     backbone = TimmBackbone(name=name).eval()
     assert backbone.strides == [4, 8, 16, 32]
@@ -22,8 +31,12 @@ def test_strides_and_channels(name: str) -> None:
     for f, c, s in zip(feats, backbone.out_channels, backbone.strides):
         assert tuple(f.shape) == (2, c, 96 // s, 128 // s)
     # the channel list is timm's own, not a hard-coded copy
-    assert backbone.out_channels == timm.create_model(name, features_only=True,
-                                                      out_indices=(1, 2, 3, 4)).feature_info.channels()
+    assert (
+        backbone.out_channels
+        == timm.create_model(
+            name, features_only=True, out_indices=(1, 2, 3, 4)
+        ).feature_info.channels()
+    )
 
 
 def test_unknown_model_is_rejected() -> None:
@@ -37,10 +50,13 @@ def test_backbone_without_strides_4_to_32_is_rejected() -> None:
         TimmBackbone(name="vit_tiny_patch16_224")
 
 
-@pytest.mark.parametrize("name, mean, std", [
-    ("regnetx_002", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ("inception_v3", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-])
+@pytest.mark.parametrize(
+    "name, mean, std",
+    [
+        ("regnetx_002", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ("inception_v3", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ],
+)
 def test_mean_std_from_timm_pretrained_config(name, mean, std) -> None:
     backbone = TimmBackbone(name=name)
     assert backbone.pixel_mean == pytest.approx(mean) and backbone.pixel_std == pytest.approx(std)
@@ -69,8 +85,9 @@ def test_checkpoint_under_state_dict_key(tmp_path) -> None:
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": reference.state_dict(), "epoch": 3}, path)
     backbone = TimmBackbone(name="regnety_002", pretrained_path=path)
-    assert torch.equal(backbone.body.state_dict()["stem.conv.weight"],
-                       reference.state_dict()["stem.conv.weight"])
+    assert torch.equal(
+        backbone.body.state_dict()["stem.conv.weight"], reference.state_dict()["stem.conv.weight"]
+    )
 
 
 def test_missing_file_names_the_path(tmp_path) -> None:
@@ -83,8 +100,9 @@ def test_missing_file_names_the_path(tmp_path) -> None:
 def test_other_architecture_is_a_clear_error(tmp_path, other: str) -> None:
     path = tmp_path / f"{other}.pth"
     torch.save(timm.create_model(other, pretrained=False).state_dict(), path)
-    with pytest.raises(ValueError, match=f"{other}.pth does not hold weights of the timm model "
-                                         "'regnetx_002'"):
+    with pytest.raises(
+        ValueError, match=f"{other}.pth does not hold weights of the timm model 'regnetx_002'"
+    ):
         TimmBackbone(name="regnetx_002", pretrained_path=str(path))
 
 

@@ -32,9 +32,9 @@ def test_dynamic_separable_conv_matches_explicit_loops() -> None:
             kernel = weights[b, q, queries:]
             padded = torch.nn.functional.pad(value[b, q], (1, 1))
             for c in range(dim):
-                depth[q, c] = (padded[c:c + k] * kernel).sum()  # cross-correlation
+                depth[q, c] = (padded[c : c + k] * kernel).sum()  # cross-correlation
         depth = depth.relu()
-        point = weights[b, :, :queries] / queries ** 0.5
+        point = weights[b, :, :queries] / queries**0.5
         expected[b] = (point @ depth).relu()
     expected = conv.norm(expected)
     assert torch.allclose(out, expected, atol=1e-5)
@@ -53,8 +53,9 @@ def test_stage_masks_are_kernel_dot_features() -> None:
     kernels, pred = stage(torch.randn(2, 4, 8), torch.randn(2, 4, 6, 5), features)
     mask_kernels = stage.mask_embed(kernels)
     b, q, i, j = 1, 2, 3, 4
-    assert torch.allclose(pred["pred_masks"][b, q, i, j], mask_kernels[b, q] @ features[b, :, i, j],
-                          atol=1e-5)
+    assert torch.allclose(
+        pred["pred_masks"][b, q, i, j], mask_kernels[b, q] @ features[b, :, i, j], atol=1e-5
+    )
     assert pred["pred_logits"].shape == (2, 4, 4)
 
 
@@ -73,14 +74,18 @@ def test_head_outputs_and_deep_supervision(num_stages: int) -> None:
     # stage 0 masks are the learned kernels dotted with the features
     feats = torch.randn(1, 16, 4, 4)
     first = head(feats)["aux_outputs"][0]["pred_masks"]
-    assert torch.allclose(first, torch.einsum("qc,bchw->bqhw", head.kernels.weight, feats), atol=1e-5)
+    assert torch.allclose(
+        first, torch.einsum("qc,bchw->bqhw", head.kernels.weight, feats), atol=1e-5
+    )
 
 
 def test_every_stage_trains_every_head_parameter() -> None:
     head = KernelHead(num_classes=3, dim=8, num_queries=4, num_stages=2, ffn_dim=16)
     out = head(torch.randn(1, 8, 6, 6))
-    total = sum(o["pred_logits"].sum() + o["pred_masks"].sum() + o["pred_iou"].sum()
-                for o in [out] + out["aux_outputs"])
+    total = sum(
+        o["pred_logits"].sum() + o["pred_masks"].sum() + o["pred_iou"].sum()
+        for o in [out] + out["aux_outputs"]
+    )
     total.backward()
     unused = [n for n, p in head.named_parameters() if p.grad is None]
     assert not unused

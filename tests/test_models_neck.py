@@ -18,7 +18,13 @@ def _features(batch: int = 2, height: int = 64, width: int = 96) -> list[torch.T
 @pytest.mark.parametrize("mask_stride", [4, 8])
 @pytest.mark.parametrize("use_coord", [True, False])
 def test_shapes(mask_stride: int, use_coord: bool) -> None:
-    neck = FPNNeck(in_channels=IN_CHANNELS, strides=STRIDES, channels=32, mask_stride=mask_stride, use_coord=use_coord)
+    neck = FPNNeck(
+        in_channels=IN_CHANNELS,
+        strides=STRIDES,
+        channels=32,
+        mask_stride=mask_stride,
+        use_coord=use_coord,
+    )
     levels, mask_features = neck(_features())
     assert [tuple(x.shape) for x in levels] == [(2, 32, 64 // s, 96 // s) for s in STRIDES]
     assert tuple(mask_features.shape) == (2, 32, 64 // mask_stride, 96 // mask_stride)
@@ -82,8 +88,13 @@ def test_neck_fusion_weights_receive_gradients() -> None:
 
 @pytest.mark.parametrize("mask_stride", [4, 8])
 def test_plain_average_is_mean_of_resized_levels(mask_stride: int) -> None:
-    neck = FPNNeck(in_channels=IN_CHANNELS, strides=STRIDES, channels=16, mask_stride=mask_stride,
-                   use_learnable_fusion=False).eval()
+    neck = FPNNeck(
+        in_channels=IN_CHANNELS,
+        strides=STRIDES,
+        channels=16,
+        mask_stride=mask_stride,
+        use_learnable_fusion=False,
+    ).eval()
     assert neck.fusion_weights() is None
     captured = {}
 
@@ -92,11 +103,18 @@ def test_plain_average_is_mean_of_resized_levels(mask_stride: int) -> None:
 
     neck.mask_conv.register_forward_hook(hook)
     levels, _ = neck(_features())
-    expected = torch.stack([
-        torch.nn.functional.interpolate(x, size=(64 // mask_stride, 96 // mask_stride),
-                                        mode="bilinear", align_corners=False)
-        if s > mask_stride else torch.nn.functional.avg_pool2d(x, mask_stride // s) if s < mask_stride else x
-        for x, s in zip(levels, STRIDES)]).mean(0)
+    expected = torch.stack(
+        [
+            torch.nn.functional.interpolate(
+                x, size=(64 // mask_stride, 96 // mask_stride), mode="bilinear", align_corners=False
+            )
+            if s > mask_stride
+            else torch.nn.functional.avg_pool2d(x, mask_stride // s)
+            if s < mask_stride
+            else x
+            for x, s in zip(levels, STRIDES)
+        ]
+    ).mean(0)
     fused = captured["x"][:, :16]
     assert torch.allclose(fused, expected, atol=1e-5)
     # the last two channels are the coordinates

@@ -31,8 +31,10 @@ def test_overfits_two_squares() -> None:
         backbone=SimpleNamespace(name="regnetx_002", pretrained_path=None, freeze_bn=False),
         neck=SimpleNamespace(channels=32, mask_stride=4, use_coord=True),
         use_learnable_fusion=True,
-        head=SimpleNamespace(num_queries=8, num_stages=2, ffn_dim=64, num_mask_fcs=1,
-                             kernel_size=3))
+        head=SimpleNamespace(
+            num_queries=8, num_stages=2, ffn_dim=64, num_mask_fcs=1, kernel_size=3
+        ),
+    )
     student = build_student(cfg, num_classes=2).train()
     criterion = SetCriterion(2, HungarianMatcher(num_points=256), num_points=256)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
@@ -56,7 +58,8 @@ def test_overfits_two_squares() -> None:
         # whose mask overlaps the ground truth with IoU > 0.8 (void pixels ignored)
         q = int(probs[:, k].argmax())
         assert int(probs[q].argmax()) == k
-        iou = mask_iou(out["pred_masks"][0, q:q + 1], target["masks"][k:k + 1],
-                       target["ignore"][None])
+        iou = mask_iou(
+            out["pred_masks"][0, q : q + 1], target["masks"][k : k + 1], target["ignore"][None]
+        )
         assert float(iou) > 0.8, (k, float(iou))
         assert abs(float(out["pred_iou"][0, q]) - float(iou)) < 0.2

@@ -11,14 +11,22 @@ from torch.overrides import TorchFunctionMode
 from pipeline.models.student import RegSAMStudent, build_student
 
 
-def tiny_cfg(name: str = "regnetx_002", mask_stride: int = 4, learnable: bool = True,
-             channels: int = 32, queries: int = 6, stages: int = 2) -> SimpleNamespace:
+def tiny_cfg(
+    name: str = "regnetx_002",
+    mask_stride: int = 4,
+    learnable: bool = True,
+    channels: int = 32,
+    queries: int = 6,
+    stages: int = 2,
+) -> SimpleNamespace:
     return SimpleNamespace(
         backbone=SimpleNamespace(name=name, pretrained_path=None, freeze_bn=False),
         neck=SimpleNamespace(channels=channels, mask_stride=mask_stride, use_coord=True),
         use_learnable_fusion=learnable,
-        head=SimpleNamespace(num_queries=queries, num_stages=stages, ffn_dim=64, num_mask_fcs=1,
-                             kernel_size=3))
+        head=SimpleNamespace(
+            num_queries=queries, num_stages=stages, ffn_dim=64, num_mask_fcs=1, kernel_size=3
+        ),
+    )
 
 
 @pytest.mark.parametrize("name", ["regnetx_002", "regnety_002"])
@@ -30,7 +38,8 @@ def test_output_contract(name: str, size: tuple[int, int], mask_stride: int) -> 
     with torch.no_grad():
         out = student(torch.randn(2, 3, height, width))
     assert [tuple(f.shape) for f in out["neck_features"]] == [
-        (2, 32, height // s, width // s) for s in (4, 8, 16, 32)]
+        (2, 32, height // s, width // s) for s in (4, 8, 16, 32)
+    ]
     r = mask_stride
     assert out["mask_features"].shape == (2, 32, height // r, width // r)
     assert out["fusion_weights"].shape == (4,)
@@ -38,8 +47,15 @@ def test_output_contract(name: str, size: tuple[int, int], mask_stride: int) -> 
     assert out["pred_masks"].shape == (2, 6, height // r, width // r)
     assert out["pred_iou"].shape == (2, 6)
     assert len(out["aux_outputs"]) == 2
-    assert set(out) == {"neck_features", "mask_features", "fusion_weights", "pred_logits",
-                        "pred_masks", "pred_iou", "aux_outputs"}
+    assert set(out) == {
+        "neck_features",
+        "mask_features",
+        "fusion_weights",
+        "pred_logits",
+        "pred_masks",
+        "pred_iou",
+        "aux_outputs",
+    }
 
 
 def test_forward_equals_features_then_head() -> None:
@@ -69,16 +85,26 @@ def test_sizes_not_divisible_by_32_give_ceil_rounded_levels() -> None:
     student = build_student(tiny_cfg(), num_classes=3).eval()
     with torch.no_grad():
         feats = student.forward_features(torch.randn(1, 3, 80, 112))
-    assert [tuple(f.shape[-2:]) for f in feats["neck_features"]] == [(20, 28), (10, 14), (5, 7), (3, 4)]
+    assert [tuple(f.shape[-2:]) for f in feats["neck_features"]] == [
+        (20, 28),
+        (10, 14),
+        (5, 7),
+        (3, 4),
+    ]
     assert tuple(feats["mask_features"].shape[-2:]) == (20, 28)
 
 
 def test_builds_from_the_pydantic_config() -> None:
     from pipeline.config import ModelConfig
 
-    cfg = ModelConfig.model_validate({
-        "backbone": {"name": "regnety_002"}, "neck": {"channels": 16, "mask_stride": 8},
-        "head": {"num_queries": 5, "num_stages": 1, "ffn_dim": 32}, "use_learnable_fusion": False})
+    cfg = ModelConfig.model_validate(
+        {
+            "backbone": {"name": "regnety_002"},
+            "neck": {"channels": 16, "mask_stride": 8},
+            "head": {"num_queries": 5, "num_stages": 1, "ffn_dim": 32},
+            "use_learnable_fusion": False,
+        }
+    )
     student = build_student(cfg, num_classes=4)
     assert student.backbone.name == "regnety_002"
     assert student.neck_channels == [16, 16, 16, 16] and student.mask_channels == 16
@@ -116,13 +142,19 @@ def test_no_attention_anywhere(name: str) -> None:
     student = build_student(tiny_cfg(name), num_classes=3).eval()
     for module_name, module in student.named_modules():
         kind = type(module).__name__.lower()
-        assert not isinstance(module, (torch.nn.MultiheadAttention, torch.nn.Softmax,
-                                       torch.nn.Transformer)), module_name
+        assert not isinstance(
+            module, (torch.nn.MultiheadAttention, torch.nn.Softmax, torch.nn.Transformer)
+        ), module_name
         assert "attention" not in kind and "attn" not in kind, module_name
     recorder = _RecordCalls()
     with torch.no_grad(), recorder:
         student(torch.randn(1, 3, 64, 64))
     assert "einsum" in recorder.names  # the recorder does see the head's calls
-    forbidden = {"softmax", "log_softmax", "scaled_dot_product_attention",
-                 "multi_head_attention_forward", "_softmax"}
+    forbidden = {
+        "softmax",
+        "log_softmax",
+        "scaled_dot_product_attention",
+        "multi_head_attention_forward",
+        "_softmax",
+    }
     assert not forbidden & recorder.names

@@ -31,12 +31,16 @@ def _kill_all(procs: list[psutil.Process]) -> None:
 
 def test_command_exits_when_its_parent_dies(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    code = ("import logging, time; logging.basicConfig(); "
-            "from pipeline.lifeline import watch_parent; "
-            f"watch_parent({parent.pid}, interval=0.2); "
-            "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-            "time.sleep(120)")
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    code = (
+        "import logging, time; logging.basicConfig(); "
+        "from pipeline.lifeline import watch_parent; "
+        f"watch_parent({parent.pid}, interval=0.2); "
+        "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "time.sleep(120)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 30
         while time.time() < deadline and not psutil.Process(child.pid).children():
@@ -57,21 +61,47 @@ def test_killing_snakemake_stops_the_cache_teacher_job(tmp_path):
     """Issue 11 item 10: SIGKILL snakemake while `cache_teacher` runs; its `cache-teacher` child
     (and the dask workers) must stop within seconds instead of writing on as an orphan."""
     main = tmp_path / "main.yaml"
-    main.write_text(yaml.safe_dump({
-        "_base_": str(ROOT / "configs/reg_sam/regnet_distill.yaml"),
-        "data": {"root": str(tmp_path / "data"),
-                 "synthetic": {"num_train": 600, "num_val": 2, "image_size": [64, 64]}},
-        "cache": {"root": str(tmp_path / "cache"), "pca_samples": 4, "n_workers": 1},
-        "teacher_adapt": {"enabled": False},
-    }))
+    main.write_text(
+        yaml.safe_dump(
+            {
+                "_base_": str(ROOT / "configs/reg_sam/regnet_distill.yaml"),
+                "data": {
+                    "root": str(tmp_path / "data"),
+                    "synthetic": {"num_train": 600, "num_val": 2, "image_size": [64, 64]},
+                },
+                "cache": {"root": str(tmp_path / "cache"), "pca_samples": 4, "n_workers": 1},
+                "teacher_adapt": {"enabled": False},
+            }
+        )
+    )
     spec = tmp_path / "ablation.yaml"
     spec.write_text(yaml.safe_dump({"base": str(main)}))
-    cmd = [sys.executable, "-m", "snakemake", "cache_teacher", "--cores", "2", "--snakefile",
-           str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
-           str(ROOT / "configs/workflow.yaml"), "--config", f"main={main}", f"ablation={spec}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "cache_teacher",
+        "--cores",
+        "2",
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(ROOT / "configs/workflow.yaml"),
+        "--config",
+        f"main={main}",
+        f"ablation={spec}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the jobs import this checkout's pipeline
-    smk = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True, env=env)
+    smk = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
     workers: list[psutil.Process] = []
     try:
         deadline = time.time() + 300

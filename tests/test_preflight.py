@@ -7,24 +7,36 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.preflight import (MissingInputError, check_backbone_weights, check_cityscapes_root,
-                                check_split, check_teacher_checkpoint, require, workflow_checks)
+from pipeline.preflight import (
+    MissingInputError,
+    check_backbone_weights,
+    check_cityscapes_root,
+    check_split,
+    check_teacher_checkpoint,
+    require,
+    workflow_checks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def coco(tmp_path: Path, *overrides: str):
-    return load_config(ROOT / "configs/coco/regnet_distill.yaml",
-                       [f"data.root={tmp_path / 'coco'}",
-                        f"teacher.checkpoint={tmp_path / 'sam_vit_h_4b8939.pth'}",
-                        f"model.backbone.pretrained_path={tmp_path / 'regnetx_016.pth'}",
-                        *overrides])
+    return load_config(
+        ROOT / "configs/coco/regnet_distill.yaml",
+        [
+            f"data.root={tmp_path / 'coco'}",
+            f"teacher.checkpoint={tmp_path / 'sam_vit_h_4b8939.pth'}",
+            f"model.backbone.pretrained_path={tmp_path / 'regnetx_016.pth'}",
+            *overrides,
+        ],
+    )
 
 
 def test_missing_teacher_checkpoint_names_key_path_and_download(tmp_path):
     msg = check_teacher_checkpoint(coco(tmp_path))
-    assert msg.startswith(f"teacher.checkpoint = {tmp_path / 'sam_vit_h_4b8939.pth'}: file not "
-                          "found (vit_h teacher).")
+    assert msg.startswith(
+        f"teacher.checkpoint = {tmp_path / 'sam_vit_h_4b8939.pth'}: file not found (vit_h teacher)."
+    )
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in msg
     vit_b = check_teacher_checkpoint(coco(tmp_path, "teacher.type=vit_b"))
     assert "sam_vit_b_01ec64.pth" in vit_b
@@ -35,36 +47,43 @@ def test_missing_teacher_checkpoint_names_key_path_and_download(tmp_path):
 
 def test_missing_backbone_weights_say_how_to_save_timm_weights(tmp_path):
     msg = check_backbone_weights(coco(tmp_path))
-    assert msg.startswith(f"model.backbone.pretrained_path = {tmp_path / 'regnetx_016.pth'}: "
-                          "file not found.")
+    assert msg.startswith(
+        f"model.backbone.pretrained_path = {tmp_path / 'regnetx_016.pth'}: file not found."
+    )
     assert "timm.create_model('regnetx_016', pretrained=True).state_dict()" in msg
     assert "pretrained_path: null" in msg
 
 
 def test_missing_coco_folders_are_listed_by_key(tmp_path):
     cfg = coco(tmp_path)
-    assert check_split(cfg, "train", "val").startswith(f"data.root = {tmp_path / 'coco'} does not "
-                                                       "exist. COCO panoptic 2017 needs")
+    assert check_split(cfg, "train", "val").startswith(
+        f"data.root = {tmp_path / 'coco'} does not exist. COCO panoptic 2017 needs"
+    )
     (tmp_path / "coco" / "train2017").mkdir(parents=True)
     (tmp_path / "coco" / "annotations" / "panoptic_train2017").mkdir(parents=True)
     msg = check_split(cfg, "train")
-    assert msg.startswith(f"data.root = {tmp_path / 'coco'} lacks data.train.json = "
-                          "annotations/panoptic_train2017.json. COCO panoptic 2017 needs")
+    assert msg.startswith(
+        f"data.root = {tmp_path / 'coco'} lacks data.train.json = "
+        "annotations/panoptic_train2017.json. COCO panoptic 2017 needs"
+    )
     (tmp_path / "coco" / "annotations" / "panoptic_train2017.json").write_text("{}")
     assert check_split(cfg, "train") is None
     assert "data.val.images = val2017, data.val.json" in check_split(cfg, "train", "val")
 
 
 def test_synthetic_data_is_never_missing(tmp_path):
-    cfg = load_config(ROOT / "configs/reg_sam/regnet_distill.yaml",
-                      [f"data.root={tmp_path / 'nowhere'}"])
+    cfg = load_config(
+        ROOT / "configs/reg_sam/regnet_distill.yaml", [f"data.root={tmp_path / 'nowhere'}"]
+    )
     assert check_split(cfg, "train", "val") is None
     assert [m for m in workflow_checks(cfg, [cfg]) if m] == []
 
 
 def test_cityscapes_needs_the_official_tree(tmp_path):
-    cfg = load_config(ROOT / "configs/cityscapes/regnet_distill.yaml",
-                      [f"data.cityscapes_root={tmp_path}", f"data.root={tmp_path}"])
+    cfg = load_config(
+        ROOT / "configs/cityscapes/regnet_distill.yaml",
+        [f"data.cityscapes_root={tmp_path}", f"data.root={tmp_path}"],
+    )
     msg = check_cityscapes_root(cfg)
     assert msg.startswith(f"data.cityscapes_root = {tmp_path}: missing gtFine/, leftImg8bit/.")
     assert "convert_cityscapes" in msg
@@ -80,5 +99,8 @@ def test_require_joins_paragraphs_once(tmp_path):
         require(workflow_checks(cfg, [cfg, cfg]))
     paragraphs = str(info.value).split("\n\n")
     assert [p.split(" = ")[0] for p in paragraphs] == [
-        "teacher.checkpoint", "data.root", "model.backbone.pretrained_path"]
+        "teacher.checkpoint",
+        "data.root",
+        "model.backbone.pretrained_path",
+    ]
     require([None, None])  # nothing missing: no error

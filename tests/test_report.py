@@ -18,21 +18,34 @@ from pipeline.report.report import complexity_input_shape, student_complexity
 
 # ------------------------------------------------------------------------------ fixtures
 def _config(fusion: bool, rd: bool, sam: bool, experiment: str) -> dict:
-    return load_config_dict({
-        "experiment": experiment,
-        "data": {"test_size": 100},  # padded to 128 (size_divisibility 32)
-        "training": {"max_iters": 100},
-        "model": {"use_learnable_fusion": fusion, "use_resolution_distill": rd,
-                  "use_sam_distill": sam},
-    }).to_dict()
+    return load_config_dict(
+        {
+            "experiment": experiment,
+            "data": {"test_size": 100},  # padded to 128 (size_divisibility 32)
+            "training": {"max_iters": 100},
+            "model": {
+                "use_learnable_fusion": fusion,
+                "use_resolution_distill": rd,
+                "use_sam_distill": sam,
+            },
+        }
+    ).to_dict()
 
 
 def _records(n: int, fusion: bool, distill: bool, offset: float) -> list[dict]:
     out = []
     for it in range(1, n + 1):
-        rec = {"iter": it, "lr": 1e-3, "loss": 10.0 - it * 0.01 + offset, "loss_cls": 1.0 + offset,
-               "loss_mask": 2.0, "loss_dice": 3.0, "loss_iou": 0.5 * it, "time": 0.1,
-               "data_time": 0.01}
+        rec = {
+            "iter": it,
+            "lr": 1e-3,
+            "loss": 10.0 - it * 0.01 + offset,
+            "loss_cls": 1.0 + offset,
+            "loss_mask": 2.0,
+            "loss_dice": 3.0,
+            "loss_iou": 0.5 * it,
+            "time": 0.1,
+            "data_time": 0.01,
+        }
         if distill:
             rec["loss_sr"] = 0.25
         if fusion:
@@ -42,29 +55,55 @@ def _records(n: int, fusion: bool, distill: bool, offset: float) -> list[dict]:
     return out
 
 
-def make_run(root: Path, name: str, *, fusion=False, rd=False, sam=False, status="done",
-             pq=(41.25, 70.5, 55.0, 30.0, 52.5), evaluated=True, n_iters=100,
-             panels=("000001", "000002"), offset=0.0) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    fusion=False,
+    rd=False,
+    sam=False,
+    status="done",
+    pq=(41.25, 70.5, 55.0, 30.0, 52.5),
+    evaluated=True,
+    n_iters=100,
+    panels=("000001", "000002"),
+    offset=0.0,
+) -> Path:
     run = root / name
     (run / "eval" / "panels").mkdir(parents=True)
-    info = {"experiment": name, "seed": 7, "git_commit": "0123456789abcdef0123-dirty",
-            "config": _config(fusion, rd, sam, name), "cache_fingerprint": "feedbeefcafe00112233",
-            "status": status, "iterations": n_iters, "train_seconds_total": 630.0,
-            "skipped_samples": {}}
+    info = {
+        "experiment": name,
+        "seed": 7,
+        "git_commit": "0123456789abcdef0123-dirty",
+        "config": _config(fusion, rd, sam, name),
+        "cache_fingerprint": "feedbeefcafe00112233",
+        "status": status,
+        "iterations": n_iters,
+        "train_seconds_total": 630.0,
+        "skipped_samples": {},
+    }
     if status != "done":
         del info["iterations"], info["train_seconds_total"]
     (run / "run_info.json").write_text(json.dumps(info))
     (run / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in _records(n_iters, fusion, rd, offset)))
+        "".join(json.dumps(r) + "\n" for r in _records(n_iters, fusion, rd, offset))
+    )
     if evaluated:
         all_, th, st = pq[:3], pq[3], pq[4]
-        (run / "eval" / "metrics.json").write_text(json.dumps({
-            "All": {"pq": all_[0], "sq": all_[1], "rq": all_[2], "n": 3},
-            "Things": {"pq": th, "sq": 60.0, "rq": 50.0, "n": 2},
-            "Stuff": {"pq": st, "sq": 80.0, "rq": 65.0, "n": 1},
-            "per_class": {"1": {"name": "car", "pq": th, "sq": 60.0, "rq": 50.0},
-                          "2": {"name": "road", "pq": st, "sq": 80.0, "rq": 65.0}},
-            "num_images": 16}))
+        (run / "eval" / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "All": {"pq": all_[0], "sq": all_[1], "rq": all_[2], "n": 3},
+                    "Things": {"pq": th, "sq": 60.0, "rq": 50.0, "n": 2},
+                    "Stuff": {"pq": st, "sq": 80.0, "rq": 65.0, "n": 1},
+                    "per_class": {
+                        "1": {"name": "car", "pq": th, "sq": 60.0, "rq": 50.0},
+                        "2": {"name": "road", "pq": st, "sq": 80.0, "rq": 65.0},
+                    },
+                    "num_images": 16,
+                }
+            )
+        )
     for i, stem in enumerate(panels):
         Image.new("RGB", (48, 16), (40 * i, 100, 200)).save(run / "eval" / "panels" / f"{stem}.png")
     (run / "final.pth").write_bytes(b"weights of " + name.encode())
@@ -80,8 +119,12 @@ class FakeMeasurer:
     def __call__(self, weights: Path, input_shape: tuple) -> dict:
         self.calls.append((weights, tuple(input_shape)))
         size = weights.stat().st_size
-        return {"params_m": 3.5, "gflops": 12.25 + size / 100, "latency_ms": 8.0 + size / 10,
-                "device": "cpu"}
+        return {
+            "params_m": 3.5,
+            "gflops": 12.25 + size / 100,
+            "latency_ms": 8.0 + size / 10,
+            "device": "cpu",
+        }
 
 
 @pytest.fixture
@@ -89,17 +132,25 @@ def runs(tmp_path):
     root = tmp_path / "runs"
     return [
         make_run(root, "baseline", pq=(41.25, 70.5, 55.0, 30.0, 52.5), offset=0.0),
-        make_run(root, "all", fusion=True, rd=True, pq=(43.333, 71.0, 57.1, 33.0, 53.75),
-                 panels=("000001",), offset=1.0),
-        make_run(root, "crashed", sam=True, status="running", evaluated=False, n_iters=40,
-                 panels=()),
+        make_run(
+            root,
+            "all",
+            fusion=True,
+            rd=True,
+            pq=(43.333, 71.0, 57.1, 33.0, 53.75),
+            panels=("000001",),
+            offset=1.0,
+        ),
+        make_run(
+            root, "crashed", sam=True, status="running", evaluated=False, n_iters=40, panels=()
+        ),
     ]
 
 
 def table(md: str, section: str) -> dict[str, dict[str, str]]:
     """Rows of the first Markdown table after ``## section``, keyed by the first column."""
     lines = md.split(f"## {section}\n", 1)[1].splitlines()
-    rows = [ln for ln in lines[lines.index(next(x for x in lines if x.startswith("|"))):]]
+    rows = [ln for ln in lines[lines.index(next(x for x in lines if x.startswith("|"))) :]]
     rows = rows[: next((i for i, x in enumerate(rows) if not x.startswith("|")), len(rows))]
     cells = [[c.strip() for c in r.strip("|").split(" | ")] for r in rows]
     header = cells[0]
@@ -129,7 +180,12 @@ def test_table_values_switches_and_missing_run(runs, tmp_path):
     assert (a["fusion"], a["res. distill"], a["SAM distill"]) == ("✓", "✓", "–")
     assert (c["fusion"], c["res. distill"], c["SAM distill"]) == ("–", "–", "✓")
     assert (b["PQ"], b["SQ"], b["RQ"], b["PQ Th"], b["PQ St"]) == (
-        "41.25", "70.50", "55.00", "30.00", "52.50")
+        "41.25",
+        "70.50",
+        "55.00",
+        "30.00",
+        "52.50",
+    )
     assert (a["PQ"], a["PQ St"]) == ("43.33", "53.75")
     assert "**43.33**" in md and "**41.25**" not in md  # best PQ in bold
     assert b["params (M)"] == "3.50"
@@ -159,8 +215,9 @@ def test_complexity_is_measured_once_and_cached(runs, tmp_path):
 
 def test_no_measurement_when_disabled(runs, tmp_path):
     measure = FakeMeasurer()
-    md = build_report(runs, tmp_path / "out", "t", measure_complexity=False,
-                      measure_fn=measure).read_text()
+    md = build_report(
+        runs, tmp_path / "out", "t", measure_complexity=False, measure_fn=measure
+    ).read_text()
     assert measure.calls == [] and not (runs[0] / "complexity.json").exists()
     rows = table(md, "Results")
     assert rows["baseline"]["params (M)"] == "n/a" and rows["baseline"]["PQ"] == "41.25"
@@ -171,9 +228,11 @@ def test_figures_are_valid_pngs(runs, tmp_path):
     md = build_report(runs, out, "t", measure_fn=FakeMeasurer()).read_text()
     dpi = figures.DPI
     # 6 loss terms (loss, cls, mask, dice, iou, sr) in 3 columns -> 2 rows
-    expected = {"pq_vs_latency.png": (6.0 * dpi, 4.5 * dpi),
-                "loss_curves.png": (3 * 4.2 * dpi, (2 * 3.0 + 0.6) * dpi),
-                "fusion_weights.png": (11.0 * dpi, 4.0 * dpi)}
+    expected = {
+        "pq_vs_latency.png": (6.0 * dpi, 4.5 * dpi),
+        "loss_curves.png": (3 * 4.2 * dpi, (2 * 3.0 + 0.6) * dpi),
+        "fusion_weights.png": (11.0 * dpi, 4.0 * dpi),
+    }
     for name, size in expected.items():
         assert f"]({name})" in md
         with Image.open(out / name) as im:
@@ -183,8 +242,10 @@ def test_figures_are_valid_pngs(runs, tmp_path):
 
 
 def test_loss_curves_one_subplot_per_term():
-    recs = {"a": _records(20, fusion=False, distill=True, offset=0.0),
-            "b": _records(20, fusion=False, distill=False, offset=1.0)}
+    recs = {
+        "a": _records(20, fusion=False, distill=True, offset=0.0),
+        "b": _records(20, fusion=False, distill=False, offset=1.0),
+    }
     fig = figures.plot_loss_curves(recs, window=4)
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["loss", "loss_cls", "loss_mask", "loss_dice", "loss_iou", "loss_sr"]
@@ -201,8 +262,12 @@ def test_fusion_weights_table(runs, tmp_path):
     md = build_report(runs, tmp_path / "out", "t", measure_fn=FakeMeasurer()).read_text()
     rows = table(md, "Learned fusion weights")
     assert list(rows) == ["all"]  # the only run with learnable fusion
-    assert [rows["all"][f"P{i} (s{2 ** i})"] for i in range(2, 6)] == [
-        "0.125", "0.125", "0.250", "0.500"]
+    assert [rows["all"][f"P{i} (s{2**i})"] for i in range(2, 6)] == [
+        "0.125",
+        "0.125",
+        "0.250",
+        "0.500",
+    ]
     hist = figures.fusion_history(_records(3, fusion=True, distill=False, offset=0.0))
     np.testing.assert_allclose(hist[0], [1, 2, 3])
     np.testing.assert_allclose(hist[1][0], [0.25] * 4)
@@ -233,7 +298,12 @@ def test_panels_side_by_side(runs, tmp_path):
     assert rows["000002"]["all"] == "n/a"
     assert rows["000001"]["crashed"] == "n/a"
     assert rows["000002"]["crashed"] == "![crashed 000002](panels/crashed/000002.jpg)"
-    assert list(table(md, "Qualitative results")["000001"]) == ["image", "baseline", "all", "crashed"]
+    assert list(table(md, "Qualitative results")["000001"]) == [
+        "image",
+        "baseline",
+        "all",
+        "crashed",
+    ]
     with Image.open(out / "panels" / "all" / "000001.png") as im:
         assert im.size == (48, 16)
 
@@ -270,24 +340,43 @@ def test_bad_eval_and_run_dir_errors(runs, tmp_path):
 
 def test_measurer_output_is_checked(runs, tmp_path):
     with pytest.raises(ReportError, match="returned no 'latency_ms'"):
-        build_report(runs[:1], tmp_path / "out", "t",
-                     measure_fn=lambda w, s: {"params_m": 1.0, "gflops": 2.0})
+        build_report(
+            runs[:1],
+            tmp_path / "out",
+            "t",
+            measure_fn=lambda w, s: {"params_m": 1.0, "gflops": 2.0},
+        )
 
 
 def test_student_complexity_on_a_tiny_student(tmp_path):
     from pipeline.evaluation.complexity import count_params
     from pipeline.models.student import build_student
 
-    cfg = load_config_dict({"data": {"test_size": 64},
-                            "model": {"neck": {"channels": 16},
-                                      "head": {"num_queries": 8, "num_stages": 1, "ffn_dim": 16}}})
+    cfg = load_config_dict(
+        {
+            "data": {"test_size": 64},
+            "model": {
+                "neck": {"channels": 16},
+                "head": {"num_queries": 8, "num_stages": 1, "ffn_dim": 16},
+            },
+        }
+    )
     torch.manual_seed(0)
     model = build_student(cfg.model, 3)
     weights = tmp_path / "final.pth"
-    torch.save({"student": model.state_dict(), "config": json.dumps(cfg.to_dict()),
-                "categories": json.dumps([{"id": i, "name": str(i), "isthing": 1,
-                                           "color": [0, 0, 0], "train_id": i} for i in range(3)])},
-               weights)
+    torch.save(
+        {
+            "student": model.state_dict(),
+            "config": json.dumps(cfg.to_dict()),
+            "categories": json.dumps(
+                [
+                    {"id": i, "name": str(i), "isthing": 1, "color": [0, 0, 0], "train_id": i}
+                    for i in range(3)
+                ]
+            ),
+        },
+        weights,
+    )
     shape = complexity_input_shape(cfg)
     assert shape == (1, 3, 64, 64)
     out = student_complexity(weights, shape, device="cpu", warmup=0, iters=1)
@@ -304,12 +393,16 @@ def test_report_says_which_checkpoint_each_row_uses(runs, tmp_path):
     # kept a best.pth during training; "baseline" predates the field: the evaluate rule's final.pth
     metrics_path = runs[1] / "eval" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
-    metrics.update(settings={"checkpoint": str(runs[1] / "best.pth")},
-                   instance={"AP": 12.5}, semantic={"mIoU": 61.0})
+    metrics.update(
+        settings={"checkpoint": str(runs[1] / "best.pth")},
+        instance={"AP": 12.5},
+        semantic={"mIoU": 61.0},
+    )
     metrics_path.write_text(json.dumps(metrics))
     info_path = runs[1] / "run_info.json"
-    info_path.write_text(json.dumps({**json.loads(info_path.read_text()),
-                                     "best": {"iteration": 80, "pq": 43.5}}))
+    info_path.write_text(
+        json.dumps({**json.loads(info_path.read_text()), "best": {"iteration": 80, "pq": 43.5}})
+    )
     md = build_report(runs, tmp_path / "out", "t", measure_fn=FakeMeasurer()).read_text()
     results = table(md, "Results")
     assert results["all"]["checkpoint"] == "best.pth"

@@ -5,8 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.report.seeds import (SeedRun, bootstrap_pq_difference, pq_from_sums, seed_table,
-                                   split_seed_name, t_interval)
+from pipeline.report.seeds import (
+    SeedRun,
+    bootstrap_pq_difference,
+    pq_from_sums,
+    seed_table,
+    split_seed_name,
+    t_interval,
+)
 from pipeline.runs import expand_spec
 
 
@@ -45,10 +51,16 @@ def _metrics(pq, th, st):
 
 def test_seed_table_pairs_by_seed_and_only_claims_effects_outside_both_intervals():
     stats = np.ones((10, 2, 4))
-    runs = [SeedRun("baseline", s, _metrics(p, p - 10, p + 10), None) for s, p in
-            [(0, 70.0), (1, 72.0), (2, 74.0)]]
-    runs += [SeedRun("big", s, _metrics(p, p, p), None) for s, p in [(0, 80.0), (1, 82.1), (2, 84.0)]]
-    runs += [SeedRun("noisy", s, _metrics(p, p, p), None) for s, p in [(0, 75.0), (1, 70.0), (2, 73.0)]]
+    runs = [
+        SeedRun("baseline", s, _metrics(p, p - 10, p + 10), None)
+        for s, p in [(0, 70.0), (1, 72.0), (2, 74.0)]
+    ]
+    runs += [
+        SeedRun("big", s, _metrics(p, p, p), None) for s, p in [(0, 80.0), (1, 82.1), (2, 84.0)]
+    ]
+    runs += [
+        SeedRun("noisy", s, _metrics(p, p, p), None) for s, p in [(0, 75.0), (1, 70.0), (2, 73.0)]
+    ]
     table, rows = seed_table(runs)
     by = {r["variant"]: r for r in rows}
     assert by["baseline"]["pq_mean"] == pytest.approx(72.0)
@@ -77,12 +89,17 @@ def test_split_seed_name():
 
 def test_ablation_seeds_expand_every_variant(tmp_path):
     base = tmp_path / "b.yaml"
-    base.write_text("_base_: " + str((__import__("pathlib").Path(__file__).resolve().parents[1]
-                                      / "configs" / "base.yaml")) + "\n")
+    base.write_text(
+        "_base_: "
+        + str((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "base.yaml"))
+        + "\n"
+    )
     spec = tmp_path / "ablation.yaml"
-    spec.write_text("base: b.yaml\nseeds: [0, 4]\noverrides: {training.max_iters: 5}\n"
-                    "variants:\n  baseline: {}\n  fusion: {model.use_learnable_fusion: true}\n"
-                    "sweeps:\n  t:\n    variant: fusion\n    grid: {model.sam_distill.temperature: [2]}\n")
+    spec.write_text(
+        "base: b.yaml\nseeds: [0, 4]\noverrides: {training.max_iters: 5}\n"
+        "variants:\n  baseline: {}\n  fusion: {model.use_learnable_fusion: true}\n"
+        "sweeps:\n  t:\n    variant: fusion\n    grid: {model.sam_distill.temperature: [2]}\n"
+    )
     table = expand_spec(spec)
     assert table.groups["ablation"] == ["baseline-s0", "baseline-s4", "fusion-s0", "fusion-s4"]
     run = table.runs["fusion-s4"]

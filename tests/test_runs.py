@@ -41,11 +41,15 @@ def test_progressive_stages_chain_their_weights():
 
 def test_bad_spec_errors(tmp_path):
     p = tmp_path / "a.yaml"
-    p.write_text(f"base: {ROOT}/configs/reg_sam/baseline.yaml\nvariants: {{x: {{model.use_fusion: true}}}}\n")
+    p.write_text(
+        f"base: {ROOT}/configs/reg_sam/baseline.yaml\nvariants: {{x: {{model.use_fusion: true}}}}\n"
+    )
     with pytest.raises(ConfigError, match=r"(?s)run 'x'.*unknown key 'model.use_fusion'"):
         validate_runs(expand_spec(p))
-    p.write_text(f"base: {ROOT}/configs/reg_sam/baseline.yaml\nvariants: {{x: {{}}}}\n"
-                 "sweeps: {s: {variant: y, grid: {seed: [1]}}}\n")
+    p.write_text(
+        f"base: {ROOT}/configs/reg_sam/baseline.yaml\nvariants: {{x: {{}}}}\n"
+        "sweeps: {s: {variant: y, grid: {seed: [1]}}}\n"
+    )
     with pytest.raises(ConfigError, match="variant='y' is not one of"):
         expand_spec(p)
     p.write_text("variants: {}\nextra: 1\n")
@@ -72,8 +76,10 @@ def test_real_data_ablation_specs_share_main_teacher_cache_and_data(dataset):
 def test_find_ablation_spec_looks_beside_main_then_one_folder_up(tmp_path):
     from pipeline.runs import find_ablation_spec
 
-    assert find_ablation_spec(ROOT / "configs/reg_sam/regnet_distill.yaml") == \
-        ROOT / "configs/ablation.yaml"
+    assert (
+        find_ablation_spec(ROOT / "configs/reg_sam/regnet_distill.yaml")
+        == ROOT / "configs/ablation.yaml"
+    )
     (tmp_path / "a" / "b").mkdir(parents=True)
     assert find_ablation_spec(tmp_path / "a" / "b" / "main.yaml") is None
 
@@ -87,8 +93,10 @@ def test_shared_differences_name_the_keys():
     diff = shared_differences(coco, synthetic)
     assert "teacher.type: 'vit_h' vs 'sam_tiny'" in diff
     assert "data.root: 'datasets/coco' vs 'data/synthetic'" in diff
-    assert "data.train.json: 'annotations/panoptic_train2017.json' vs " \
-           "'annotations/panoptic_train.json'" in diff
+    assert (
+        "data.train.json: 'annotations/panoptic_train2017.json' vs "
+        "'annotations/panoptic_train.json'" in diff
+    )
     # student settings may differ
     other = load_config(ROOT / "configs/coco/baseline.yaml")
     assert shared_differences(coco, other) == []
@@ -100,8 +108,11 @@ def test_summarize_results_lists_new_metrics_and_reports(tmp_path):
 
     from pipeline.runs import summarize_results
 
-    m = {"All": {"pq": 83.94, "sq": 91.06, "rq": 91.5}, "Things": {"pq": 74.0},
-         "Stuff": {"pq": 98.66}}
+    m = {
+        "All": {"pq": 83.94, "sq": 91.06, "rq": 91.5},
+        "Things": {"pq": 74.0},
+        "Stuff": {"pq": 98.66},
+    }
     for run in ("main", "old"):
         (tmp_path / run / "eval").mkdir(parents=True)
         (tmp_path / run / "eval" / "metrics.json").write_text(json.dumps(m))
@@ -111,8 +122,10 @@ def test_summarize_results_lists_new_metrics_and_reports(tmp_path):
     text = summarize_results(tmp_path, since=2000.0)
     lines = text.splitlines()
     assert lines[0] == f"RegSAM results under {tmp_path}/:"
-    assert lines[1] == (f"  main: PQ 83.9  SQ 91.1  RQ 91.5  (PQ things 74.0, stuff 98.7)  "
-                        f"{tmp_path}/main/eval/metrics.json")
+    assert lines[1] == (
+        f"  main: PQ 83.9  SQ 91.1  RQ 91.5  (PQ things 74.0, stuff 98.7)  "
+        f"{tmp_path}/main/eval/metrics.json"
+    )
     assert lines[2] == f"        weights {tmp_path}/main/final.pth"
     assert lines[3] == f"  report ablation: {tmp_path}/report_ablation/report.md"
     assert len(lines) == 4  # `old` predates this invocation

@@ -24,36 +24,64 @@ from pipeline.training.adapt_teacher import adapt_teacher
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "base.yaml"
 
-TINY = ["teacher.tiny.img_size=64", "teacher.tiny.embed_dim=32", "teacher.tiny.depth=2",
-        "teacher.tiny.num_heads=2", "teacher.tiny.global_attn_indexes=[1]",
-        "teacher.tiny.window_size=0", "teacher.tiny.decoder_mlp_dim=64"]
+TINY = [
+    "teacher.tiny.img_size=64",
+    "teacher.tiny.embed_dim=32",
+    "teacher.tiny.depth=2",
+    "teacher.tiny.num_heads=2",
+    "teacher.tiny.global_attn_indexes=[1]",
+    "teacher.tiny.window_size=0",
+    "teacher.tiny.decoder_mlp_dim=64",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapt_data")
-    generate_synthetic_coco_panoptic(root, num_train=6, num_val=4, image_size=(48, 48),
-                                     num_thing_classes=2, num_stuff_classes=2, seed=3,
-                                     progress=False)
+    generate_synthetic_coco_panoptic(
+        root,
+        num_train=6,
+        num_val=4,
+        image_size=(48, 48),
+        num_thing_classes=2,
+        num_stuff_classes=2,
+        seed=3,
+        progress=False,
+    )
     return root
 
 
 def _cfg(root, tmp_path, *extra):
-    return load_config(BASE, [f"data.root={root}", "data.synthetic.num_train=6",
-                              "data.synthetic.num_val=4", "data.synthetic.num_tune=0",
-                              f"cache.root={tmp_path / 'cache'}", "teacher.device=cpu", *TINY,
-                              "teacher_adapt.enabled=true", "teacher_adapt.batch_size=2",
-                              "teacher_adapt.prompts_per_image=4", "teacher_adapt.loss_size=32",
-                              "teacher_adapt.lr=0.002", "teacher_adapt.warmup_iters=2",
-                              "teacher_adapt.num_workers=0", "teacher_adapt.log_interval=5",
-                              *extra])
+    return load_config(
+        BASE,
+        [
+            f"data.root={root}",
+            "data.synthetic.num_train=6",
+            "data.synthetic.num_val=4",
+            "data.synthetic.num_tune=0",
+            f"cache.root={tmp_path / 'cache'}",
+            "teacher.device=cpu",
+            *TINY,
+            "teacher_adapt.enabled=true",
+            "teacher_adapt.batch_size=2",
+            "teacher_adapt.prompts_per_image=4",
+            "teacher_adapt.loss_size=32",
+            "teacher_adapt.lr=0.002",
+            "teacher_adapt.warmup_iters=2",
+            "teacher_adapt.num_workers=0",
+            "teacher_adapt.log_interval=5",
+            *extra,
+        ],
+    )
 
 
 def test_adaptation_lowers_the_promptable_loss_and_is_evaluated(tiny_data, tmp_path):
     """The objective goes down and the adapted weights are what the teacher evaluation and the
     cache read. (That the prompted-mask mIoU rises is NOT asserted: a SAM trained from scratch
     for a few dozen iterations learns a prompt-blind mask first; see the README.)"""
-    cfg = _cfg(tiny_data, tmp_path, "teacher_adapt.iters=60", "teacher_adapt.checkpoint_interval=1000")
+    cfg = _cfg(
+        tiny_data, tmp_path, "teacher_adapt.iters=60", "teacher_adapt.checkpoint_interval=1000"
+    )
     out = adapted_dir(cfg)
     summary = adapt_teacher(cfg, progress=False)
     assert summary["finished"] and Path(summary["checkpoint"]) == out / ADAPTED_FILE
@@ -63,8 +91,9 @@ def test_adaptation_lowers_the_promptable_loss_and_is_evaluated(tiny_data, tmp_p
     assert not (out / "checkpoints").exists()  # resume state removed once the weights exist
 
     before = evaluate_teacher(cfg, None, split="train", progress=False)
-    after = evaluate_teacher(cfg, effective_checkpoint(cfg), tmp_path / "after.json",
-                             split="train", progress=False)
+    after = evaluate_teacher(
+        cfg, effective_checkpoint(cfg), tmp_path / "after.json", split="train", progress=False
+    )
     assert after["num_segments"] == before["num_segments"] > 0
     assert [r["iou"] for r in after["segments"]] != [r["iou"] for r in before["segments"]]
     written = json.loads((tmp_path / "after.json").read_text())
@@ -88,22 +117,35 @@ def test_adapted_vit_b_loads_in_the_official_registry(tiny_data, tmp_path):
     """A vit_b adapted from an official-layout checkpoint (mask decoder only) is read back by
     segment-anything's own ``sam_model_registry['vit_b'](checkpoint=...)``."""
     from pipeline.teacher.sam_builder import TEACHER_SPECS
+
     with torch.random.fork_rng():
         torch.manual_seed(0)
         vit_b = build_sam(TEACHER_SPECS["vit_b"])
     official = tmp_path / "sam_vit_b.pth"
     torch.save(vit_b.state_dict(), official)
     del vit_b
-    cfg = load_config(BASE, [f"data.root={tiny_data}", "data.synthetic.num_train=6",
-                             "data.synthetic.num_val=4", "data.synthetic.num_tune=0",
-                             f"cache.root={tmp_path / 'cache'}", "teacher.device=cpu",
-                             "teacher.type=vit_b", f"teacher.checkpoint={official}",
-                             "teacher_adapt.enabled=true", "teacher_adapt.iters=1",
-                             "teacher_adapt.batch_size=1", "teacher_adapt.prompts_per_image=2",
-                             "teacher_adapt.train_image_encoder=false",
-                             "teacher_adapt.train_prompt_encoder=false",
-                             "teacher_adapt.loss_size=256", "teacher_adapt.corrective_rounds=0",
-                             "teacher_adapt.num_workers=0"])
+    cfg = load_config(
+        BASE,
+        [
+            f"data.root={tiny_data}",
+            "data.synthetic.num_train=6",
+            "data.synthetic.num_val=4",
+            "data.synthetic.num_tune=0",
+            f"cache.root={tmp_path / 'cache'}",
+            "teacher.device=cpu",
+            "teacher.type=vit_b",
+            f"teacher.checkpoint={official}",
+            "teacher_adapt.enabled=true",
+            "teacher_adapt.iters=1",
+            "teacher_adapt.batch_size=1",
+            "teacher_adapt.prompts_per_image=2",
+            "teacher_adapt.train_image_encoder=false",
+            "teacher_adapt.train_prompt_encoder=false",
+            "teacher_adapt.loss_size=256",
+            "teacher_adapt.corrective_rounds=0",
+            "teacher_adapt.num_workers=0",
+        ],
+    )
     adapt_teacher(cfg, progress=False)
     path = adapted_dir(cfg) / ADAPTED_FILE
     loaded = sam_model_registry["vit_b"](checkpoint=str(path))
@@ -117,8 +159,12 @@ def test_adapted_vit_b_loads_in_the_official_registry(tiny_data, tmp_path):
 
 
 def test_resume_after_stop_is_exact(tiny_data, tmp_path):
-    a = _cfg(tiny_data, tmp_path / "a", "teacher_adapt.iters=6", "teacher_adapt.checkpoint_interval=2")
-    b = _cfg(tiny_data, tmp_path / "b", "teacher_adapt.iters=6", "teacher_adapt.checkpoint_interval=2")
+    a = _cfg(
+        tiny_data, tmp_path / "a", "teacher_adapt.iters=6", "teacher_adapt.checkpoint_interval=2"
+    )
+    b = _cfg(
+        tiny_data, tmp_path / "b", "teacher_adapt.iters=6", "teacher_adapt.checkpoint_interval=2"
+    )
     adapt_teacher(a, progress=False)
     part = adapt_teacher(b, progress=False, stop_at=3)
     assert not part["finished"] and (adapted_dir(b) / "checkpoints" / "last.pth").is_file()
@@ -153,6 +199,7 @@ def test_cache_fingerprint_follows_the_adapted_checkpoint(tiny_data, tmp_path):
     assert cache_dir(cfg, "train") == first  # unchanged adaptation: same cache
     assert teacher_fingerprint(cfg, "train")["teacher"]["weights"].startswith("sha256:")
     import os
+
     weights.write_bytes(b"adapted v2")
     os.utime(weights, ns=(1, 1))  # a new adaptation (also with a stale mtime)
     assert cache_dir(cfg, "train") != first
@@ -168,17 +215,20 @@ def test_segment_iou_and_summary_hand_computed():
     ignore = torch.tensor([[0, 0, 0], [0, 0, 1]], dtype=torch.bool)
     # segment 0: inter {0}, union {0, 1} (pixel 5 ignored) -> 0.5; segment 1: both empty -> 1
     assert segment_iou(pred, tgt, ignore).tolist() == [0.5, 1.0]
-    rows = [{"iou": 0.5, "pred_iou": 0.4, "isthing": True, "train_id": 0},
-            {"iou": 0.9, "pred_iou": 0.8, "isthing": True, "train_id": 0},
-            {"iou": 0.7, "pred_iou": 0.9, "isthing": False, "train_id": 2}]
+    rows = [
+        {"iou": 0.5, "pred_iou": 0.4, "isthing": True, "train_id": 0},
+        {"iou": 0.9, "pred_iou": 0.8, "isthing": True, "train_id": 0},
+        {"iou": 0.7, "pred_iou": 0.9, "isthing": False, "train_id": 2},
+    ]
     s = summarize_teacher_eval(rows)
     assert s["miou"] == pytest.approx(0.7)
     assert s["miou_things"] == pytest.approx(0.7) and s["miou_stuff"] == pytest.approx(0.7)
     assert s["miou_class_mean"] == pytest.approx((0.7 + 0.7) / 2)
     # Pearson of (0.4, 0.8, 0.9) with (0.5, 0.9, 0.7), by hand
     x, y = np.array([0.4, 0.8, 0.9]), np.array([0.5, 0.9, 0.7])
-    r = ((x - x.mean()) * (y - y.mean())).sum() / np.sqrt(((x - x.mean()) ** 2).sum()
-                                                          * ((y - y.mean()) ** 2).sum())
+    r = ((x - x.mean()) * (y - y.mean())).sum() / np.sqrt(
+        ((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum()
+    )
     assert s["iou_pearson"] == pytest.approx(r)
     constant = [dict(r, pred_iou=0.0) for r in rows]
     assert summarize_teacher_eval(constant)["iou_pearson"] is None
@@ -186,19 +236,45 @@ def test_segment_iou_and_summary_hand_computed():
 
 def test_adapt_config_errors_name_the_key(tiny_data, tmp_path):
     from pipeline.config import ConfigError
+
     with pytest.raises(ConfigError, match="train_image_encoder, train_prompt_encoder"):
-        _cfg(tiny_data, tmp_path, "teacher_adapt.train_image_encoder=false",
-             "teacher_adapt.train_prompt_encoder=false", "teacher_adapt.train_mask_decoder=false")
+        _cfg(
+            tiny_data,
+            tmp_path,
+            "teacher_adapt.train_image_encoder=false",
+            "teacher_adapt.train_prompt_encoder=false",
+            "teacher_adapt.train_mask_decoder=false",
+        )
 
 
 def _cli_args(root, tmp_path, out, *extra):
-    args = [sys.executable, "-m", "pipeline", "adapt-teacher", "--config", str(BASE), "--out",
-            str(out), "--no-progress"]
-    for o in [f"data.root={root}", "data.synthetic.num_train=6", "data.synthetic.num_val=4",
-              "data.synthetic.num_tune=0", f"cache.root={tmp_path / 'cache'}", "teacher.device=cpu",
-              *TINY, "teacher_adapt.enabled=true", "teacher_adapt.batch_size=2",
-              "teacher_adapt.prompts_per_image=4", "teacher_adapt.loss_size=32",
-              "teacher_adapt.num_workers=0", "teacher_adapt.log_interval=1", *extra]:
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "adapt-teacher",
+        "--config",
+        str(BASE),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    for o in [
+        f"data.root={root}",
+        "data.synthetic.num_train=6",
+        "data.synthetic.num_val=4",
+        "data.synthetic.num_tune=0",
+        f"cache.root={tmp_path / 'cache'}",
+        "teacher.device=cpu",
+        *TINY,
+        "teacher_adapt.enabled=true",
+        "teacher_adapt.batch_size=2",
+        "teacher_adapt.prompts_per_image=4",
+        "teacher_adapt.loss_size=32",
+        "teacher_adapt.num_workers=0",
+        "teacher_adapt.log_interval=1",
+        *extra,
+    ]:
         args += ["-o", o]
     return args
 
@@ -208,9 +284,14 @@ def test_sigkill_then_resume_matches(tiny_data, tmp_path):
     extra = ("teacher_adapt.iters=10", "teacher_adapt.checkpoint_interval=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(_cli_args(tiny_data, tmp_path, killed, *extra), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cli_args(tiny_data, tmp_path, killed, *extra),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = killed / "checkpoints" / "last.pth"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -225,8 +306,13 @@ def test_sigkill_then_resume_matches(tiny_data, tmp_path):
     at_kill = torch.load(ckpt, weights_only=True)["iteration"]
     assert 3 <= at_kill < 10, "the kill should land mid-run"
     for out in (killed, clean):
-        res = subprocess.run(_cli_args(tiny_data, tmp_path, out, *extra), cwd=ROOT, env=env,
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            _cli_args(tiny_data, tmp_path, out, *extra),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
     a = torch.load(clean / ADAPTED_FILE, weights_only=True)
     b = torch.load(killed / ADAPTED_FILE, weights_only=True)
@@ -236,8 +322,13 @@ def test_sigkill_then_resume_matches(tiny_data, tmp_path):
 
 
 def test_non_finite_loss_names_the_term(tiny_data, tmp_path):
-    cfg = _cfg(tiny_data, tmp_path, "teacher_adapt.iters=3", "teacher_adapt.lr=1e30",
-               "teacher_adapt.grad_clip=null")
+    cfg = _cfg(
+        tiny_data,
+        tmp_path,
+        "teacher_adapt.iters=3",
+        "teacher_adapt.lr=1e30",
+        "teacher_adapt.grad_clip=null",
+    )
     with pytest.raises(FloatingPointError, match=r"loss_(focal|dice|iou) is .* at iteration"):
         adapt_teacher(cfg, progress=False)
 
@@ -246,10 +337,25 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     """torchrun with 2 gloo processes adapts one model; rank 0 alone writes it."""
     args = _cli_args(tiny_data, tmp_path, tmp_path / "ddp", "teacher_adapt.iters=2")
     i = args.index("pipeline")
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29531", "-m", *args[i:]]
-    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        *args[i:],
+    ]
+    res = subprocess.run(
+        args,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     state = torch.load(tmp_path / "ddp" / ADAPTED_FILE, weights_only=True)
     assert not any(k.startswith("module.") for k in state)

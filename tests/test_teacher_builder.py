@@ -20,18 +20,33 @@ from pipeline.teacher.sam_builder import (
     spec_for,
 )
 
-TINY = SamTinyConfig(img_size=64, embed_dim=16, depth=3, num_heads=2, global_attn_indexes=[0, 2],
-                     window_size=2, decoder_depth=1, decoder_mlp_dim=32)
+TINY = SamTinyConfig(
+    img_size=64,
+    embed_dim=16,
+    depth=3,
+    num_heads=2,
+    global_attn_indexes=[0, 2],
+    window_size=2,
+    decoder_depth=1,
+    decoder_mlp_dim=32,
+)
 
 
 def test_official_specs_match_segment_anything_build_sam():
     # values of segment_anything/build_sam.py (SAM paper, appendix A)
-    expect = {"vit_h": (1280, 32, 16, (7, 15, 23, 31)), "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
-              "vit_b": (768, 12, 12, (2, 5, 8, 11))}
+    expect = {
+        "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+        "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+        "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    }
     for name, (dim, depth, heads, glob) in expect.items():
         spec = TEACHER_SPECS[name]
-        assert (spec.embed_dim, spec.depth, spec.num_heads, spec.global_attn_indexes) == \
-               (dim, depth, heads, glob)
+        assert (spec.embed_dim, spec.depth, spec.num_heads, spec.global_attn_indexes) == (
+            dim,
+            depth,
+            heads,
+            glob,
+        )
         assert (spec.img_size, spec.window_size, spec.embedding_size) == (1024, 14, 64)
         assert (spec.decoder_depth, spec.decoder_mlp_dim) == (2, 2048)
 
@@ -84,11 +99,14 @@ def test_seed_makes_random_init_reproducible_without_touching_global_rng():
     assert not torch.equal(a[key], c[key])
 
 
-@pytest.mark.parametrize("update, field", [
-    ({"global_attn_indexes": [1, 4]}, "teacher.tiny.global_attn_indexes"),
-    ({"embed_dim": 18, "num_heads": 4}, "teacher.tiny.num_heads"),
-    ({"img_size": 72}, "teacher.tiny.img_size"),
-])
+@pytest.mark.parametrize(
+    "update, field",
+    [
+        ({"global_attn_indexes": [1, 4]}, "teacher.tiny.global_attn_indexes"),
+        ({"embed_dim": 18, "num_heads": 4}, "teacher.tiny.num_heads"),
+        ({"img_size": 72}, "teacher.tiny.img_size"),
+    ],
+)
 def test_inconsistent_tiny_sizes_name_the_field(update, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         build_teacher("sam_tiny", None, TINY.model_copy(update=update))

@@ -11,15 +11,25 @@ from segment_anything import sam_model_registry
 from pipeline.config import SamTinyConfig
 from pipeline.teacher.sam_builder import CheckpointError, build_teacher, identify_checkpoint
 
-TINY = SamTinyConfig(img_size=64, embed_dim=16, depth=3, num_heads=2, global_attn_indexes=[0, 2],
-                     window_size=2, decoder_depth=1, decoder_mlp_dim=32)
+TINY = SamTinyConfig(
+    img_size=64,
+    embed_dim=16,
+    depth=3,
+    num_heads=2,
+    global_attn_indexes=[0, 2],
+    window_size=2,
+    decoder_depth=1,
+    decoder_mlp_dim=32,
+)
 
 
 def _randomise(state_dict: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """Every float tensor redrawn, so none equals a freshly built model's (zero pos_embed etc.)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * 0.02 if v.is_floating_point() else v
-            for k, v in state_dict.items()}
+    return {
+        k: torch.randn(v.shape, generator=g) * 0.02 if v.is_floating_point() else v
+        for k, v in state_dict.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +107,20 @@ def test_wrapped_state_dict_names_the_wrapper(tiny_checkpoint, tmp_path):
         build_teacher("sam_tiny", bad, TINY)
 
 
-@pytest.mark.parametrize("found, width, blocks, config", [
-    ("vit_h", 1280, 32, "vit_b"),
-    ("vit_l", 1024, 24, "vit_b"),
-    ("vit_b", 768, 12, "vit_h"),
-])
+@pytest.mark.parametrize(
+    "found, width, blocks, config",
+    [
+        ("vit_h", 1280, 32, "vit_b"),
+        ("vit_l", 1024, 24, "vit_b"),
+        ("vit_b", 768, 12, "vit_h"),
+    ],
+)
 def test_weights_of_another_type(tmp_path, found, width, blocks, config):
     # the few distinguishing tensors are enough: detection happens before building the model
-    fake = {"image_encoder.patch_embed.proj.weight": torch.zeros(width, 3, 16, 16),
-            f"image_encoder.blocks.{blocks - 1}.norm1.weight": torch.ones(width)}
+    fake = {
+        "image_encoder.patch_embed.proj.weight": torch.zeros(width, 3, 16, 16),
+        f"image_encoder.blocks.{blocks - 1}.norm1.weight": torch.ones(width),
+    }
     path = tmp_path / f"{found}.pth"
     torch.save(fake, path)
     pattern = rf"{found}\.pth: checkpoint looks like {found} .*config says {config}"
@@ -120,10 +135,18 @@ def test_tiny_weights_for_vit_b_config(tiny_checkpoint):
 
 def test_unknown_encoder_shape(tmp_path):
     path = tmp_path / "odd.pth"
-    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(40, 3, 16, 16),
-                "image_encoder.blocks.6.norm1.weight": torch.ones(40)}, path)
-    with pytest.raises(CheckpointError, match=r"odd\.pth: checkpoint has embed_dim 40, 7 blocks, "
-                                              r"which matches no SAM type"):
+    torch.save(
+        {
+            "image_encoder.patch_embed.proj.weight": torch.zeros(40, 3, 16, 16),
+            "image_encoder.blocks.6.norm1.weight": torch.ones(40),
+        },
+        path,
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"odd\.pth: checkpoint has embed_dim 40, 7 blocks, "
+        r"which matches no SAM type",
+    ):
         build_teacher("sam_tiny", path, TINY)
 
 
@@ -148,8 +171,11 @@ def test_mis_shaped_tensor_is_listed(tiny_checkpoint, tmp_path):
     state["mask_decoder.iou_token.weight"] = torch.zeros(1, 128)
     path = tmp_path / "shape.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"shape\.pth: .*mask_decoder\.iou_token\.weight: "
-                                              r"\(1, 128\) vs \(1, 256\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape\.pth: .*mask_decoder\.iou_token\.weight: "
+        r"\(1, 128\) vs \(1, 256\)",
+    ):
         build_teacher("sam_tiny", path, TINY)
 
 

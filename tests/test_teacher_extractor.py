@@ -23,8 +23,16 @@ from pipeline.teacher.extractor import (
 from pipeline.teacher.sam_builder import build_teacher
 
 H0, W0 = 100, 150
-TINY = SamTinyConfig(img_size=128, embed_dim=32, depth=3, num_heads=2, global_attn_indexes=[1, 2],
-                     window_size=4, decoder_depth=1, decoder_mlp_dim=64)
+TINY = SamTinyConfig(
+    img_size=128,
+    embed_dim=32,
+    depth=3,
+    num_heads=2,
+    global_attn_indexes=[1, 2],
+    window_size=4,
+    decoder_depth=1,
+    decoder_mlp_dim=64,
+)
 S = TINY.img_size
 
 
@@ -43,8 +51,12 @@ def scene():
     road = np.zeros((H0, W0), bool)
     road[70:, :100] = True
     sky = ~(car | person | road)
-    segments = [SegmentPrompt(11, car, True), SegmentPrompt(40, sky, False),
-                SegmentPrompt(12, person, True), SegmentPrompt(41, road, False)]
+    segments = [
+        SegmentPrompt(11, car, True),
+        SegmentPrompt(40, sky, False),
+        SegmentPrompt(12, person, True),
+        SegmentPrompt(41, road, False),
+    ]
     return image, segments
 
 
@@ -199,17 +211,23 @@ def test_matches_sam_predictor_for_box_and_point_prompts(sam, scene):
         if seg.isthing:
             rows, cols = np.nonzero(seg.mask)
             box = torch.tensor([[cols.min(), rows.min(), cols.max(), rows.max()]]) * s
-            _, iou, low = predictor.predict_torch(None, None, boxes=box.float(),
-                                                  multimask_output=False, return_logits=True)
+            _, iou, low = predictor.predict_torch(
+                None, None, boxes=box.float(), multimask_output=False, return_logits=True
+            )
         else:
             pts = sample_stuff_points(seg.mask, 3, 5, seg.segment_id) * s
             _, iou, low = predictor.predict_torch(
-                torch.tensor(pts, dtype=torch.float32)[None], torch.ones(1, 3, dtype=torch.int64),
-                multimask_output=False, return_logits=True)
-        expect = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear",
-                                                 align_corners=False, antialias=True)[0, 0]
-        torch.testing.assert_close(torch.from_numpy(out.mask_logits[k]), expect,
-                                   atol=1e-4, rtol=1e-4)
+                torch.tensor(pts, dtype=torch.float32)[None],
+                torch.ones(1, 3, dtype=torch.int64),
+                multimask_output=False,
+                return_logits=True,
+            )
+        expect = torch.nn.functional.interpolate(
+            low, size=(32, 32), mode="bilinear", align_corners=False, antialias=True
+        )[0, 0]
+        torch.testing.assert_close(
+            torch.from_numpy(out.mask_logits[k]), expect, atol=1e-4, rtol=1e-4
+        )
         assert out.iou[k] == pytest.approx(iou.clamp(0, 1).item(), abs=1e-5)
 
 
@@ -230,8 +248,9 @@ def test_embeddings_pool_the_neck_under_each_mask(sam, scene):
         np.add.at(weights, (np.repeat(cy, sub, axis=1), np.tile(cx, (1, sub))), 1.0)
         weights = torch.from_numpy(weights)
         expect = (neck * weights).sum(dim=(1, 2)) / weights.sum()
-        torch.testing.assert_close(torch.from_numpy(out.embeddings[k]).double(), expect,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(out.embeddings[k]).double(), expect, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_deterministic_given_seed(sam, scene):
@@ -239,8 +258,12 @@ def test_deterministic_given_seed(sam, scene):
     ex = TeacherExtractor(sam, None, mask_size=16)
     a, b = ex.extract(image, segments, seed=1), ex.extract(image, segments, seed=1)
     c = ex.extract(image, segments, seed=2)
-    for x, y in [(a.mask_logits, b.mask_logits), (a.iou, b.iou), (a.embeddings, b.embeddings),
-                 *zip(a.features, b.features)]:
+    for x, y in [
+        (a.mask_logits, b.mask_logits),
+        (a.iou, b.iou),
+        (a.embeddings, b.embeddings),
+        *zip(a.features, b.features),
+    ]:
         assert np.array_equal(x, y)
     things = [0, 2]
     assert np.array_equal(a.mask_logits[things], c.mask_logits[things])  # boxes ignore the seed
@@ -253,8 +276,9 @@ def test_batch_equals_single_images(sam, scene):
     other = np.ascontiguousarray(image[:80, ::-1])  # another size, another aspect
     other_segments = [SegmentPrompt(3, np.ones((80, W0), bool), False)]
     outs = ex.extract_batch([image, other], [segments, other_segments], [0, 1])
-    for out, single in zip(outs, [ex.extract(image, segments, 0),
-                                  ex.extract(other, other_segments, 1)]):
+    for out, single in zip(
+        outs, [ex.extract(image, segments, 0), ex.extract(other, other_segments, 1)]
+    ):
         assert out.orig_size == single.orig_size
         np.testing.assert_allclose(out.mask_logits, single.mask_logits, atol=1e-4)
         np.testing.assert_allclose(out.features[0], single.features[0], atol=1e-4)

@@ -67,7 +67,9 @@ def test_corrective_point_sign_follows_the_error_kind():
     # no error (or errors only on ignored pixels): padding point
     pts, labels = corrective_points(target.clone(), target, valid, torch.Generator())
     assert labels.tolist() == [[-1], [-1]]
-    pts, labels = corrective_points(pred, target, torch.zeros(6, 6, dtype=torch.bool), torch.Generator())
+    pts, labels = corrective_points(
+        pred, target, torch.zeros(6, 6, dtype=torch.bool), torch.Generator()
+    )
     assert labels.tolist() == [[-1], [-1]]
 
 
@@ -101,4 +103,6 @@ def test_losses_against_hand_computed_values():
     assert best.tolist() == [b]
     assert float(losses["loss_focal"]) == pytest.approx(20 * [f0, f1][b], rel=1e-5)
     assert float(losses["loss_dice"]) == pytest.approx([d0, d1][b], rel=1e-5)
-    assert float(losses["loss_iou"]) == pytest.approx(2.0 * ((0.7 - 0.5) ** 2 + 0.1 ** 2) / 2, rel=1e-5)
+    assert float(losses["loss_iou"]) == pytest.approx(
+        2.0 * ((0.7 - 0.5) ** 2 + 0.1**2) / 2, rel=1e-5
+    )

@@ -24,11 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_overrides(data_root: Path, **extra) -> list[str]:
     ov = {
-        "data.root": str(data_root), "data.crop_size": "[64, 64]", "data.test_size": 64,
-        "data.num_workers": 0, "model.neck.channels": 16, "model.head.num_queries": 6,
-        "model.head.num_stages": 1, "model.head.ffn_dim": 32, "model.loss.num_points": 256,
-        "training.batch_size": 2, "training.max_iters": 6, "training.warmup_iters": 2,
-        "training.checkpoint_interval": 2, "training.log_interval": 1, "training.num_threads": 1,
+        "data.root": str(data_root),
+        "data.crop_size": "[64, 64]",
+        "data.test_size": 64,
+        "data.num_workers": 0,
+        "model.neck.channels": 16,
+        "model.head.num_queries": 6,
+        "model.head.num_stages": 1,
+        "model.head.ffn_dim": 32,
+        "model.loss.num_points": 256,
+        "training.batch_size": 2,
+        "training.max_iters": 6,
+        "training.warmup_iters": 2,
+        "training.checkpoint_interval": 2,
+        "training.log_interval": 1,
+        "training.num_threads": 1,
     }
     ov.update({k: v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in ov.items()]
@@ -37,8 +47,9 @@ def tiny_overrides(data_root: Path, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_coco_panoptic(root, num_train=6, num_val=2, image_size=(64, 64), seed=3,
-                                     progress=False)
+    generate_synthetic_coco_panoptic(
+        root, num_train=6, num_val=2, image_size=(64, 64), seed=3, progress=False
+    )
     return root
 
 
@@ -110,17 +121,36 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_root):
 
 def test_sigkill_then_resume_matches(tmp_path, data_root):
     """Kill -9 a training process mid-run; the rerun continues and ends where a clean run ends."""
-    ov = tiny_overrides(data_root, **{"training.max_iters": 10, "training.checkpoint_interval": 1,
-                                      "data.num_workers": 2, "training.eval_interval": 2})
-    args = [sys.executable, "-m", "pipeline", "train", "--config",
-            str(ROOT / "configs/reg_sam/baseline.yaml"), "--no-progress"]
+    ov = tiny_overrides(
+        data_root,
+        **{
+            "training.max_iters": 10,
+            "training.checkpoint_interval": 1,
+            "data.num_workers": 2,
+            "training.eval_interval": 2,
+        },
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--config",
+        str(ROOT / "configs/reg_sam/baseline.yaml"),
+        "--no-progress",
+    ]
     for o in ov:
         args += ["-o", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--work-dir", str(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args + ["--work-dir", str(killed)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = killed / "checkpoints" / "last.pth"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -135,11 +165,19 @@ def test_sigkill_then_resume_matches(tmp_path, data_root):
     proc.wait()
     done_at_kill = load_checkpoint(ckpt)["iteration"]
     assert 3 <= done_at_kill < 10, "the kill should land mid-run"
-    assert subprocess.run(args + ["--work-dir", str(killed)], cwd=ROOT, env=env,
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            args + ["--work-dir", str(killed)], cwd=ROOT, env=env, capture_output=True
+        ).returncode
+        == 0
+    )
     clean = tmp_path / "clean"
-    assert subprocess.run(args + ["--work-dir", str(clean)], cwd=ROOT, env=env,
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            args + ["--work-dir", str(clean)], cwd=ROOT, env=env, capture_output=True
+        ).returncode
+        == 0
+    )
     a, b = weights(clean), weights(killed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -169,8 +207,14 @@ def test_evaluation_during_training_writes_pq_best_and_tensorboard(tmp_path, dat
     evals = [json.loads(x) for x in (work / "evaluations.jsonl").read_text().splitlines()]
     assert [e["iter"] for e in evals] == [2, 4, 6]
     for e in evals:
-        assert 0.0 <= e["PQ"] <= 100.0 and {"SQ", "RQ", "PQ_things", "PQ_stuff", "AP",
-                                             "mIoU"} <= set(e)
+        assert 0.0 <= e["PQ"] <= 100.0 and {
+            "SQ",
+            "RQ",
+            "PQ_things",
+            "PQ_stuff",
+            "AP",
+            "mIoU",
+        } <= set(e)
     best = max(evals, key=lambda e: e["PQ"])  # the first of equal PQs wins
     assert summary["best"] == {"iteration": best["iter"], "pq": best["PQ"], "path": "best.pth"}
     assert json.loads((work / "run_info.json").read_text())["best"]["iteration"] == best["iter"]
@@ -184,17 +228,29 @@ def test_evaluation_during_training_writes_pq_best_and_tensorboard(tmp_path, dat
     tags = _event_tags(work / "tensorboard")
     terms = [k for k in rows[0] if k.startswith("loss")]
     assert {"loss", "loss_cls", "loss_mask", "loss_dice", "loss_iou"} <= set(terms)
-    for tag in [f"train/{t}" for t in terms] + ["train/lr", "train/grad_norm", "time/iteration",
-                                                 "time/data", "val/PQ", "val/PQ_things",
-                                                 "val/PQ_stuff", "val/SQ", "val/RQ", "val/mIoU"]:
+    for tag in [f"train/{t}" for t in terms] + [
+        "train/lr",
+        "train/grad_norm",
+        "time/iteration",
+        "time/data",
+        "val/PQ",
+        "val/PQ_things",
+        "val/PQ_stuff",
+        "val/SQ",
+        "val/RQ",
+        "val/mIoU",
+    ]:
         assert tag in tags["scalars"], tag
     assert any(t.startswith("val/panel/") for t in tags["images"])
 
 
 def test_tensorboard_can_be_switched_off(tmp_path, data_root):
     work = tmp_path / "quiet"
-    Trainer(cfg_for(data_root, **{"training.max_iters": 1, "training.tensorboard": "false"}),
-            work, progress=False).train()
+    Trainer(
+        cfg_for(data_root, **{"training.max_iters": 1, "training.tensorboard": "false"}),
+        work,
+        progress=False,
+    ).train()
     assert not (work / "tensorboard").exists() and not (work / "best.pth").exists()
 
 
@@ -225,22 +281,42 @@ def test_non_finite_loss_names_term_and_keeps_checkpoint(tmp_path, data_root, mo
 def test_init_from_rejects_weights_of_another_student(tmp_path, data_root):
     work = tmp_path / "a"
     Trainer(cfg_for(data_root, **{"training.max_iters": 1}), work, progress=False).train()
-    cfg = cfg_for(data_root, **{"training.init_from": str(work / "final.pth"),
-                                "model.neck.channels": 24})
+    cfg = cfg_for(
+        data_root, **{"training.init_from": str(work / "final.pth"), "model.neck.channels": 24}
+    )
     with pytest.raises(RuntimeError, match="do not fit this student"):
         Trainer(cfg, tmp_path / "b", progress=False).train()
 
 
 def test_ddp_two_processes_on_cpu(tmp_path, data_root):
     """torchrun with 2 gloo processes: ranks see disjoint data, rank 0 writes one run."""
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29517", "-m", "pipeline", "train", "--config",
-            str(ROOT / "configs/reg_sam/baseline.yaml"), "--work-dir", str(tmp_path / "ddp"),
-            "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "pipeline",
+        "train",
+        "--config",
+        str(ROOT / "configs/reg_sam/baseline.yaml"),
+        "--work-dir",
+        str(tmp_path / "ddp"),
+        "--no-progress",
+    ]
     for o in tiny_overrides(data_root, **{"training.max_iters": 3, "training.eval_interval": 2}):
         args += ["-o", o]
-    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        args,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((tmp_path / "ddp" / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["status"] == "done"
@@ -259,8 +335,10 @@ def test_init_from_starts_from_the_previous_stage(tmp_path, data_root):
     first = tmp_path / "stage0"
     Trainer(cfg_for(data_root, **{"training.max_iters": 2}), first, progress=False).train()
     prev = torch.load(first / "final.pth", weights_only=True)["student"]
-    cfg = cfg_for(data_root, **{"training.init_from": str(first / "final.pth"),
-                                "model.use_learnable_fusion": "true"})
+    cfg = cfg_for(
+        data_root,
+        **{"training.init_from": str(first / "final.pth"), "model.use_learnable_fusion": "true"},
+    )
     trainer = Trainer(cfg, tmp_path / "stage1", progress=False)
     trainer.build()
     start = trainer.step_module.student.state_dict()

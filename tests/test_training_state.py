@@ -17,12 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(data_root: Path, *extra: str):
-    return load_config(ROOT / "configs/reg_sam/baseline.yaml", [
-        f"data.root={data_root}", "data.crop_size=[64, 64]", "data.num_workers=0",
-        "model.neck.channels=16", "model.head.num_queries=4", "model.head.num_stages=1",
-        "model.head.ffn_dim=32", "model.loss.num_points=64", "training.batch_size=2",
-        "training.max_iters=4", "training.warmup_iters=1", "training.checkpoint_interval=1",
-        "training.num_threads=1", *extra])
+    return load_config(
+        ROOT / "configs/reg_sam/baseline.yaml",
+        [
+            f"data.root={data_root}",
+            "data.crop_size=[64, 64]",
+            "data.num_workers=0",
+            "model.neck.channels=16",
+            "model.head.num_queries=4",
+            "model.head.num_stages=1",
+            "model.head.ffn_dim=32",
+            "model.loss.num_points=64",
+            "training.batch_size=2",
+            "training.max_iters=4",
+            "training.warmup_iters=1",
+            "training.checkpoint_interval=1",
+            "training.num_threads=1",
+            *extra,
+        ],
+    )
 
 
 def all_finite(state: dict) -> bool:
@@ -106,7 +119,9 @@ def test_no_readable_checkpoint_says_no_resume(tmp_path, data_root):
         p.write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointReadError, match="--no-resume"):
         Trainer(cfg_for(data_root), work, progress=False).train()
-    assert Trainer(cfg_for(data_root), work, resume=False, progress=False).train()["status"] == "done"
+    assert (
+        Trainer(cfg_for(data_root), work, resume=False, progress=False).train()["status"] == "done"
+    )
 
 
 def test_finiteness_screen_is_exact():
@@ -115,6 +130,10 @@ def test_finiteness_screen_is_exact():
 
     huge = [("a", torch.ones(3)), ("b", torch.tensor([1e30, -3e38]))]
     assert first_non_finite(iter(huge)) == (None, 0, 2)
-    bad = [("a", torch.ones(3)), ("c", torch.tensor([1.0, float("nan")])),
-           ("d", torch.tensor([float("-inf")])), ("i", torch.arange(3))]
+    bad = [
+        ("a", torch.ones(3)),
+        ("c", torch.tensor([1.0, float("nan")])),
+        ("d", torch.tensor([float("-inf")])),
+        ("i", torch.arange(3)),
+    ]
     assert first_non_finite(iter(bad)) == ("c", 2, 3)

@@ -32,19 +32,34 @@ class _Payload:
 
 def malicious_file(path: Path, marker: Path, wrap: str | None = None) -> Path:
     payload = _Payload(marker)
-    obj = {"iteration": 1, "model": payload, "student": payload} if wrap is None else {wrap: payload}
+    obj = (
+        {"iteration": 1, "model": payload, "student": payload} if wrap is None else {wrap: payload}
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
     return path
 
 
 def tiny_cfg(data_root: Path, *extra: str):
-    return load_config(ROOT / "configs/reg_sam/baseline.yaml", [
-        f"data.root={data_root}", "data.crop_size=[64, 64]", "data.test_size=64",
-        "data.num_workers=0", "model.neck.channels=16", "model.head.num_queries=4",
-        "model.head.num_stages=1", "model.head.ffn_dim=32", "model.loss.num_points=64",
-        "training.batch_size=2", "training.max_iters=2", "training.warmup_iters=1",
-        "training.num_threads=1", *extra])
+    return load_config(
+        ROOT / "configs/reg_sam/baseline.yaml",
+        [
+            f"data.root={data_root}",
+            "data.crop_size=[64, 64]",
+            "data.test_size=64",
+            "data.num_workers=0",
+            "model.neck.channels=16",
+            "model.head.num_queries=4",
+            "model.head.num_stages=1",
+            "model.head.ffn_dim=32",
+            "model.loss.num_points=64",
+            "training.batch_size=2",
+            "training.max_iters=2",
+            "training.warmup_iters=1",
+            "training.num_threads=1",
+            *extra,
+        ],
+    )
 
 
 def _refused(exc: BaseException, path: Path, marker: Path) -> None:
@@ -99,7 +114,9 @@ def test_teacher_checkpoint_refuses_a_malicious_file(tmp_path):
     from pipeline.teacher.sam_builder import CheckpointError, build_teacher
 
     marker = tmp_path / "pwned"
-    path = malicious_file(tmp_path / "sam.pth", marker, wrap="image_encoder.patch_embed.proj.weight")
+    path = malicious_file(
+        tmp_path / "sam.pth", marker, wrap="image_encoder.patch_embed.proj.weight"
+    )
     with pytest.raises(CheckpointError) as info:
         build_teacher("sam_tiny", path)
     _refused(info.value, path, marker)

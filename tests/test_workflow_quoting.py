@@ -22,18 +22,23 @@ def train_args(spec: Path, run: str) -> str:
 def test_override_with_quotes_reaches_the_config_verbatim_and_runs_nothing(tmp_path):
     marker = tmp_path / "INJECTED"
     evil = f"cpu' ; touch {marker} ; echo '"
-    odd = "it's \"quoted\" $HOME `id` ; | &"
+    odd = 'it\'s "quoted" $HOME `id` ; | &'
     spec = tmp_path / "ablation.yaml"
-    spec.write_text(yaml.safe_dump({
-        "base": str(ROOT / "configs/reg_sam/regnet_distill.yaml"),
-        "variants": {"evil": {"training.device": evil}, "odd": {"training.device": odd}},
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "configs/reg_sam/regnet_distill.yaml"),
+                "variants": {"evil": {"training.device": evil}, "odd": {"training.device": odd}},
+            }
+        )
+    )
     for name, value in (("evil", evil), ("odd", odd)):
         args = train_args(spec, name)
         # the rule's shell line, with `train` swapped for `check-config --print`
         cmd = f"{sys.executable} -m pipeline check-config --print {args}"
-        res = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run(
+            ["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         resolved = json.loads(res.stdout)
         assert resolved["training"]["device"] == value

@@ -22,8 +22,13 @@ COCO_CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1, "color": [220, 20, 60], "supercategory": "person"},
     {"id": 18, "name": "dog", "isthing": 1, "color": [0, 0, 230], "supercategory": "animal"},
     {"id": 119, "name": "wall", "isthing": 0, "color": [102, 102, 156], "supercategory": "wall"},
-    {"id": 187, "name": "sky-other-merged", "isthing": 0, "color": [70, 130, 180],
-     "supercategory": "sky"},
+    {
+        "id": 187,
+        "name": "sky-other-merged",
+        "isthing": 0,
+        "color": [70, 130, 180],
+        "supercategory": "sky",
+    },
 ]
 
 
@@ -31,25 +36,36 @@ def _coco_image(index: int, size: int) -> tuple[np.ndarray, np.ndarray, list[dic
     """(RGB image, panoptic id map, segments_info) of one synthetic-looking COCO image."""
     rng = np.random.default_rng(index)
     ids = np.zeros((size, size), np.int64)
-    ids[: size // 2] = 5_000_187          # sky (id uses all three PNG channels)
-    ids[size // 2:] = 7_119               # wall
+    ids[: size // 2] = 5_000_187  # sky (id uses all three PNG channels)
+    ids[size // 2 :] = 7_119  # wall
     segments = [{"id": 5_000_187, "category_id": 187}, {"id": 7_119, "category_id": 119}]
     for k, cat in enumerate((1, 18)):
         y, x = rng.integers(2, size // 2, 2)
         h, w = rng.integers(size // 6, size // 3, 2)
         seg_id = 300 + 17 * k + index
-        ids[y:y + h, x:x + w] = seg_id
+        ids[y : y + h, x : x + w] = seg_id
         segments.append({"id": seg_id, "category_id": cat})
     ids[:2, :2] = 0  # a little void
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     for seg in segments:
-        image[ids == seg["id"]] = (np.array(COCO_CATEGORIES[[c["id"] for c in COCO_CATEGORIES]
-                                                            .index(seg["category_id"])]["color"])
-                                   * 0.8 + image[ids == seg["id"]] * 0.2).astype(np.uint8)
+        image[ids == seg["id"]] = (
+            np.array(
+                COCO_CATEGORIES[[c["id"] for c in COCO_CATEGORIES].index(seg["category_id"])][
+                    "color"
+                ]
+            )
+            * 0.8
+            + image[ids == seg["id"]] * 0.2
+        ).astype(np.uint8)
     info = []
     for seg in segments:
         ys, xs = np.nonzero(ids == seg["id"])
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+        bbox = [
+            int(xs.min()),
+            int(ys.min()),
+            int(xs.max() - xs.min() + 1),
+            int(ys.max() - ys.min() + 1),
+        ]
         info.append({**seg, "iscrowd": 0, "bbox": bbox, "area": int(len(ys))})
     return image, ids, info
 
@@ -72,9 +88,16 @@ def write_coco_panoptic(root: Path, num_train: int = 4, num_val: int = 2, size: 
             rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
             Image.fromarray(rgb).save(png_dir / f"{stem}.png")
             images.append({"id": index, "file_name": f"{stem}.jpg", "width": size, "height": size})
-            annotations.append({"image_id": index, "file_name": f"{stem}.png", "segments_info": info})
-        doc = {"info": {"description": "tiny COCO panoptic"}, "licenses": [], "images": images,
-               "annotations": annotations, "categories": COCO_CATEGORIES}
+            annotations.append(
+                {"image_id": index, "file_name": f"{stem}.png", "segments_info": info}
+            )
+        doc = {
+            "info": {"description": "tiny COCO panoptic"},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": COCO_CATEGORIES,
+        }
         (root / "annotations" / f"panoptic_{split}2017.json").write_text(json.dumps(doc))
     return root
 
@@ -88,12 +111,16 @@ def write_cityscapes_raw(root: Path, size: tuple[int, int] = (32, 64)) -> Path:
         for k in range(2):
             ids = np.full((h, w), 7, np.uint16)
             ids[: h // 3] = 23
-            ids[h // 2: h // 2 + 6, 4 + 8 * k: 20 + 8 * k] = 26000 + k
+            ids[h // 2 : h // 2 + 6, 4 + 8 * k : 20 + 8 * k] = 26000 + k
             stem = f"{city}_{k:06d}_000019"
-            for sub, name, arr in (("gtFine", f"{stem}_gtFine_instanceIds.png", ids),
-                                   ("leftImg8bit", f"{stem}_leftImg8bit.png",
-                                    np.random.default_rng(k).integers(0, 256, (h, w, 3),
-                                                                       dtype=np.uint8))):
+            for sub, name, arr in (
+                ("gtFine", f"{stem}_gtFine_instanceIds.png", ids),
+                (
+                    "leftImg8bit",
+                    f"{stem}_leftImg8bit.png",
+                    np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8),
+                ),
+            ):
                 d = root / sub / split / city
                 d.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).save(d / name)
@@ -141,20 +168,33 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_snakemake(command: str, cwd: Path, *extra: str, timeout: int = 600,
-                  ) -> subprocess.CompletedProcess:
+def run_snakemake(
+    command: str,
+    cwd: Path,
+    *extra: str,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
     """Run a README command (``snakemake ...``) in ``cwd`` with this checkout's Snakefile;
     ``extra`` (e.g. ``-n``) goes right after ``snakemake``, before any ``--config``."""
     argv = shlex.split(command)
     assert argv[0] == "snakemake", command
-    argv = [sys.executable, "-m", "snakemake", *extra, "--snakefile", str(ROOT / "Snakefile"),
-            *argv[1:]]
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=env())
+    argv = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *extra,
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        *argv[1:],
+    ]
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env())
 
 
 def job_counts(out: str) -> dict[str, int]:
     assert "Job stats:" in out, out[-3000:]
     stats = out.split("Job stats:", 1)[1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)
-            if m.group(1) != "total"}
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)
+        if m.group(1) != "total"
+    }

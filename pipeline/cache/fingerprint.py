@@ -67,27 +67,45 @@ def resolve_layers(teacher: TeacherConfig) -> list[int | str]:
     spec = spec_for(teacher.type, teacher.tiny)
     last = spec.depth - 1
     glob = set(spec.global_attn_indexes)
-    return [i for i in range(spec.depth)
-            if (spec.window_size == 0 or i in glob) and i != last] + ["neck"]
+    return [i for i in range(spec.depth) if (spec.window_size == 0 or i in glob) and i != last] + [
+        "neck"
+    ]
 
 
 def _annotation_identity(cfg: Config, split: str) -> dict[str, Any]:
     paths = getattr(cfg.data, split)
-    where = {"root": cfg.data.root, "images": paths.images, "json": paths.json_file,
-             "png_dir": paths.png_dir}
+    where = {
+        "root": cfg.data.root,
+        "images": paths.images,
+        "json": paths.json_file,
+        "png_dir": paths.png_dir,
+    }
     if cfg.data.dataset == "synthetic":
         from pipeline.data.synthetic import GENERATOR_VERSION
 
-        return {"synthetic": {**cfg.data.synthetic.model_dump(mode="json"),
-                              "generator_version": GENERATOR_VERSION}, **where}
+        return {
+            "synthetic": {
+                **cfg.data.synthetic.model_dump(mode="json"),
+                "generator_version": GENERATOR_VERSION,
+            },
+            **where,
+        }
     if cfg.data.dataset == "cityscapes":
-        return {"cityscapes": {"split": split, "converter": "cityscapesscripts csCreatePanopticImgs",
-                               "cityscapes_root": cfg.data.cityscapes_root}, **where}
+        return {
+            "cityscapes": {
+                "split": split,
+                "converter": "cityscapesscripts csCreatePanopticImgs",
+                "cityscapes_root": cfg.data.cityscapes_root,
+            },
+            **where,
+        }
     json_path = cfg.split_paths(split)[1]  # type: ignore[arg-type]
     if not json_path.is_file():
-        raise FileNotFoundError(f"panoptic annotations of split {split!r} not found: {json_path} "
-                                f"(data.root + data.{split}.json); the cache fingerprint needs "
-                                "their sha256")
+        raise FileNotFoundError(
+            f"panoptic annotations of split {split!r} not found: {json_path} "
+            f"(data.root + data.{split}.json); the cache fingerprint needs "
+            "their sha256"
+        )
     return {"sha256": sha256_file(json_path)}
 
 
@@ -95,8 +113,11 @@ def teacher_fingerprint(cfg: Config, split: str) -> dict[str, Any]:
     """The fingerprint dict of the cache of ``split`` under ``cfg``."""
     t, c = effective_teacher(cfg), cfg.cache
     spec = spec_for(t.type, t.tiny)
-    weights = (f"sha256:{sha256_file(t.checkpoint)}" if t.checkpoint
-               else f"random-init seed {TEACHER_INIT_SEED}")
+    weights = (
+        f"sha256:{sha256_file(t.checkpoint)}"
+        if t.checkpoint
+        else f"random-init seed {TEACHER_INIT_SEED}"
+    )
     return {
         "schema_version": CACHE_SCHEMA_VERSION,
         "split": split,
@@ -113,8 +134,12 @@ def teacher_fingerprint(cfg: Config, split: str) -> dict[str, Any]:
             "padding": "image top-left, zeros to input_size x input_size after normalisation",
         },
         "layers": resolve_layers(t),
-        "prompts": {"points_per_stuff": t.points_per_stuff, "seed": PROMPT_SEEDING,
-                    "things": "box", "stuff": "points"},
+        "prompts": {
+            "points_per_stuff": t.points_per_stuff,
+            "seed": PROMPT_SEEDING,
+            "things": "box",
+            "stuff": "points",
+        },
         "channels": c.channels,
         "dtype": c.dtype,
         "mask_size": c.mask_size,
@@ -140,7 +165,8 @@ def check_annotations(cache_path: Path, recorded_sha256: str | None, json_path: 
             f"teacher cache {cache_path} was built from other annotations than asked:\n  "
             f"annotation_sha256: cache {recorded_sha256[:12]}, asked {actual[:12]} ({json_path})\n"
             f"The panoptic JSON changed after the cache was built. Move or delete {cache_path} and "
-            "run `snakemake cache_teacher` (or `python -m pipeline cache-teacher`) to rebuild it.")
+            "run `snakemake cache_teacher` (or `python -m pipeline cache-teacher`) to rebuild it."
+        )
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ def bytes_per_image(path: str | Path) -> dict[int, int]:
         rel = Path(root).relative_to(path).parts
         if not rel or rel[0] in ("pca", "prototypes") or "c" not in rel:
             continue
-        after = rel[rel.index("c") + 1:]  # chunk key components below <array>/c/
+        after = rel[rel.index("c") + 1 :]  # chunk key components below <array>/c/
         for f in files:
             if f.endswith(".partial"):
                 continue
@@ -94,15 +94,20 @@ def inspect_cache(path: str | Path, max_images: int | None = 64) -> dict[str, An
             a[3] = max(a[3], float(x.max()))
             a[4] += x.size
     pca = (store.manifest.get("pca") or {}).get("levels", {})
-    for n, c, tc, g in zip(lay.level_names, lay.level_channels, lay.teacher_channels, lay.grid_sizes):
+    for n, c, tc, g in zip(
+        lay.level_names, lay.level_channels, lay.teacher_channels, lay.grid_sizes
+    ):
         s, ss, lo, hi, cnt = acc[n]
         mean = s / cnt if cnt else float("nan")
         stats[n] = {
-            "channels": c, "teacher_channels": tc, "grid": list(g),
+            "channels": c,
+            "teacher_channels": tc,
+            "grid": list(g),
             "pca_explained_variance": pca.get(n, {}).get("explained_variance_ratio"),
             "mean": mean,
             "std": float(np.sqrt(max(ss / cnt - mean * mean, 0.0))) if cnt else float("nan"),
-            "min": lo if cnt else float("nan"), "max": hi if cnt else float("nan"),
+            "min": lo if cnt else float("nan"),
+            "max": hi if cnt else float("nan"),
         }
     counts = None
     if store.has_prototypes():
@@ -113,8 +118,12 @@ def inspect_cache(path: str | Path, max_images: int | None = 64) -> dict[str, An
         "fingerprint_sha256": store.fingerprint_sha256,
         "complete": store.complete is not None,
         "dtype": lay.dtype,
-        "images": {"total": lay.num_images, "done": int(done.size), "skipped": int(skipped.size),
-                   "todo": int((status == STATUS_TODO).sum())},
+        "images": {
+            "total": lay.num_images,
+            "done": int(done.size),
+            "skipped": int(skipped.size),
+            "todo": int((status == STATUS_TODO).sum()),
+        },
         "skip_reasons": dict(reasons),
         "bytes_on_disk": int(total_bytes),
         "bytes_per_image": {
@@ -132,20 +141,37 @@ def print_inspection(info: dict[str, Any]) -> None:
     """Print :func:`inspect_cache`'s result as plain-text tables."""
     im, b = info["images"], info["bytes_per_image"]
     print(f"cache        {info['path']}")
-    print(f"fingerprint  {info['fingerprint_sha256'][:12]}  teacher={info['fingerprint']['teacher']['type']}"
-          f"  weights={info['fingerprint']['teacher']['weights']}  dtype={info['dtype']}")
+    print(
+        f"fingerprint  {info['fingerprint_sha256'][:12]}  teacher={info['fingerprint']['teacher']['type']}"
+        f"  weights={info['fingerprint']['teacher']['weights']}  dtype={info['dtype']}"
+    )
     print(f"complete     {info['complete']}")
-    print(f"images       {im['total']} total, {im['done']} done, {im['skipped']} skipped, "
-          f"{im['todo']} todo" + (f"  (skips: {info['skip_reasons']})" if info["skip_reasons"] else ""))
-    print(f"disk         {info['bytes_on_disk'] / 1e6:.2f} MB total; per done image "
-          f"{b['mean'] / 1e3:.1f} KB mean, {b['min'] / 1e3:.1f}-{b['max'] / 1e3:.1f} KB")
+    print(
+        f"images       {im['total']} total, {im['done']} done, {im['skipped']} skipped, "
+        f"{im['todo']} todo"
+        + (f"  (skips: {info['skip_reasons']})" if info["skip_reasons"] else "")
+    )
+    print(
+        f"disk         {info['bytes_on_disk'] / 1e6:.2f} MB total; per done image "
+        f"{b['mean'] / 1e3:.1f} KB mean, {b['min'] / 1e3:.1f}-{b['max'] / 1e3:.1f} KB"
+    )
     header = ("level", "ch", "teacher ch", "grid", "PCA var", "mean", "std", "min", "max")
     rows = []
     for name, s in info["levels"].items():
         var = s["pca_explained_variance"]
-        rows.append((name, str(s["channels"]), str(s["teacher_channels"]), "x".join(map(str, s["grid"])),
-                     "-" if var is None else f"{100 * var:.1f}%", f"{s['mean']:.4g}", f"{s['std']:.4g}",
-                     f"{s['min']:.4g}", f"{s['max']:.4g}"))
+        rows.append(
+            (
+                name,
+                str(s["channels"]),
+                str(s["teacher_channels"]),
+                "x".join(map(str, s["grid"])),
+                "-" if var is None else f"{100 * var:.1f}%",
+                f"{s['mean']:.4g}",
+                f"{s['std']:.4g}",
+                f"{s['min']:.4g}",
+                f"{s['max']:.4g}",
+            )
+        )
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
     print(f"feature statistics over {info['stats_images']} done image(s):")
     for r in (header, *rows):
@@ -173,17 +199,23 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
     lay = store.layout
     sha = fingerprint_sha256(store.fingerprint)
     if sha != store.fingerprint_sha256:
-        problems.append(f"{MANIFEST_FILE}: fingerprint_sha256 {store.fingerprint_sha256[:12]} does "
-                        f"not match its fingerprint (sha256 {sha[:12]}); the manifest was edited")
+        problems.append(
+            f"{MANIFEST_FILE}: fingerprint_sha256 {store.fingerprint_sha256[:12]} does "
+            f"not match its fingerprint (sha256 {sha[:12]}); the manifest was edited"
+        )
     if not path.resolve().name.endswith(sha[:12]):
-        problems.append(f"folder name {path.resolve().name!r} does not end with the fingerprint "
-                        f"digest {sha[:12]}")
+        problems.append(
+            f"folder name {path.resolve().name!r} does not end with the fingerprint "
+            f"digest {sha[:12]}"
+        )
     if store.pca_fitted:
         try:
             actual = basis_sha256(store.read_pca())
             if actual != store.manifest["pca"]["sha256"]:
-                problems.append(f"PCA basis sha256 {actual[:12]} differs from the manifest's "
-                                f"{store.manifest['pca']['sha256'][:12]}")
+                problems.append(
+                    f"PCA basis sha256 {actual[:12]} differs from the manifest's "
+                    f"{store.manifest['pca']['sha256'][:12]}"
+                )
         except (KeyError, ValueError) as exc:
             problems.append(f"PCA basis unreadable: {exc}")
     elif any(lay.pca_levels):
@@ -193,18 +225,22 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
     todo = np.flatnonzero(status == STATUS_TODO)
     if todo.size:
         ids = ", ".join(repr(lay.image_ids[i]) for i in todo[:5])
-        problems.append(f"{todo.size} image(s) incomplete (status todo), e.g. {ids}"
-                        + ("; COMPLETE.json claims the build finished" if store.complete else ""))
+        problems.append(
+            f"{todo.size} image(s) incomplete (status todo), e.g. {ids}"
+            + ("; COMPLETE.json claims the build finished" if store.complete else "")
+        )
     for i in np.flatnonzero(status == STATUS_SKIPPED):
         if store.skip_info(int(i)) is None:
             problems.append(f"image {lay.image_ids[i]!r} is skipped but has no skips/{i:08d}.json")
-    for i in tqdm(np.flatnonzero(status == STATUS_DONE), desc="verify", unit="img",
-                  disable=not progress):
+    for i in tqdm(
+        np.flatnonzero(status == STATUS_DONE), desc="verify", unit="img", disable=not progress
+    ):
         image_id = lay.image_ids[i]
         missing = store.missing_chunks(int(i))
         if missing:
-            problems.extend(f"image {image_id!r} (index {i}): chunk of {name} is missing"
-                            for name in missing)
+            problems.extend(
+                f"image {image_id!r} (index {i}): chunk of {name} is missing" for name in missing
+            )
             continue
         try:
             item = store.read_image(int(i))
@@ -219,8 +255,10 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
                 problems.append(f"image {image_id!r}: NaN/inf in segments/{key}")
         labels = item["labels"]
         if labels.shape != item["segment_ids"].shape:
-            problems.append(f"image {image_id!r}: {labels.size} labels for "
-                            f"{item['segment_ids'].size} segment ids")
+            problems.append(
+                f"image {image_id!r}: {labels.size} labels for "
+                f"{item['segment_ids'].size} segment ids"
+            )
         elif labels.size and (labels.min() < 0 or labels.max() >= lay.num_classes):
             problems.append(f"image {image_id!r}: labels outside [0, {lay.num_classes})")
     if not store.has_prototypes():
@@ -234,8 +272,12 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
         if protos is None:
             pass
         elif protos.shape != (lay.num_classes, lay.embed_dim) or not np.isfinite(protos).all():
-            problems.append(f"class prototypes malformed: shape {protos.shape}, finite "
-                            f"{bool(np.isfinite(protos).all())}")
+            problems.append(
+                f"class prototypes malformed: shape {protos.shape}, finite "
+                f"{bool(np.isfinite(protos).all())}"
+            )
     if store.complete is None and not todo.size:
-        problems.append("COMPLETE.json missing although no image is todo (the final pass did not run)")
+        problems.append(
+            "COMPLETE.json missing although no image is todo (the final pass did not run)"
+        )
     return problems

@@ -45,9 +45,13 @@ class LiveTeacher:
         self.isthing = [bool(c["isthing"]) for c in store.layout.categories]
         t = effective_teacher(cfg)
         sam = build_teacher(t.type, t.checkpoint, t.tiny, seed=TEACHER_INIT_SEED)
-        self.extractor = TeacherExtractor(sam, resolve_layers(t), mask_size=cfg.cache.mask_size,
-                                          points_per_stuff=t.points_per_stuff,
-                                          device=device or t.device)
+        self.extractor = TeacherExtractor(
+            sam,
+            resolve_layers(t),
+            mask_size=cfg.cache.mask_size,
+            points_per_stuff=t.points_per_stuff,
+            device=device or t.device,
+        )
 
     @property
     def level_names(self) -> list[str]:

@@ -81,10 +81,16 @@ class PcaBasis:
     @property
     def explained_variance_ratio(self) -> float:
         """Share of the total variance kept by the k components."""
-        return float(self.explained_variance.sum() / self.total_variance) if self.total_variance > 0 else 1.0
+        return (
+            float(self.explained_variance.sum() / self.total_variance)
+            if self.total_variance > 0
+            else 1.0
+        )
 
 
-def valid_cells(orig_size: tuple[int, int], input_size: int, grid_size: tuple[int, int]) -> np.ndarray:
+def valid_cells(
+    orig_size: tuple[int, int], input_size: int, grid_size: tuple[int, int]
+) -> np.ndarray:
     """Cells of a map over the padded ``S x S`` frame whose centre lies on the image.
 
     The image covers ``[0, W0 s) x [0, H0 s)`` of the frame (``s = S / max(H0, W0)``); cell
@@ -151,8 +157,10 @@ def fit_pca(moments: Moments, k: int) -> PcaBasis:
         raise ValueError(f"PCA to {k} components needs 0 < k <= {c} channels")
     n = moments.count
     if n < 2:
-        raise ValueError(f"PCA needs at least 2 feature vectors, got {n} (are all PCA sample "
-                         "images skipped? raise cache.pca_samples)")
+        raise ValueError(
+            f"PCA needs at least 2 feature vectors, got {n} (are all PCA sample "
+            "images skipped? raise cache.pca_samples)"
+        )
     mean = moments.total / n
     cov = (moments.outer - n * np.outer(mean, mean)) / (n - 1)
     cov = (cov + cov.T) / 2
@@ -163,8 +171,13 @@ def fit_pca(moments: Moments, k: int) -> PcaBasis:
     peak = np.argmax(np.abs(eigvec), axis=0)
     signs = np.sign(eigvec[peak, np.arange(k)])
     signs[signs == 0] = 1.0
-    return PcaBasis(mean=mean, components=eigvec * signs, explained_variance=np.maximum(eigval, 0.0),
-                    total_variance=float(max(np.trace(cov), 0.0)), num_samples=n)
+    return PcaBasis(
+        mean=mean,
+        components=eigvec * signs,
+        explained_variance=np.maximum(eigval, 0.0),
+        total_variance=float(max(np.trace(cov), 0.0)),
+        num_samples=n,
+    )
 
 
 def project(features: np.ndarray, basis: PcaBasis) -> np.ndarray:

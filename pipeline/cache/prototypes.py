@@ -49,7 +49,9 @@ def class_sums(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     """
     labels = np.asarray(labels, np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+        )
     emb = np.asarray(embeddings, np.float64)
     unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), _EPS)
     total = np.zeros((num_classes, emb.shape[1]))

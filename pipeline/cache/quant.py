@@ -94,6 +94,8 @@ def to_float16(x: np.ndarray, what: str = "array") -> np.ndarray:
         raise ValueError(f"{what}: holds NaN or inf")
     peak = float(np.abs(x).max()) if x.size else 0.0
     if peak > FLOAT16_MAX:
-        raise ValueError(f"{what}: |value| reaches {peak:.4g}, beyond float16's range "
-                         f"({FLOAT16_MAX:g}); set cache.dtype: int8")
+        raise ValueError(
+            f"{what}: |value| reaches {peak:.4g}, beyond float16's range "
+            f"({FLOAT16_MAX:g}); set cache.dtype: int8"
+        )
     return x.astype(np.float16)

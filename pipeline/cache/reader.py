@@ -31,7 +31,13 @@ from typing import Any
 import torch
 
 from pipeline.cache.prototypes import class_logits
-from pipeline.cache.store import COMPLETE_FILE, STATUS_DONE, STATUS_NAMES, STATUS_SKIPPED, CacheStore
+from pipeline.cache.store import (
+    COMPLETE_FILE,
+    STATUS_DONE,
+    STATUS_NAMES,
+    STATUS_SKIPPED,
+    CacheStore,
+)
 from pipeline.config import Config
 
 __all__ = ["CacheNotFoundError", "TeacherCache"]
@@ -50,14 +56,17 @@ class TeacherCache:
         (:class:`pipeline.cache.fingerprint.FingerprintMismatchError` lists the differing fields).
     """
 
-    def __init__(self, path: str | Path, expected_fingerprint: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, expected_fingerprint: dict[str, Any] | None = None
+    ) -> None:
         self.path = Path(path)
         self._expected = expected_fingerprint
         if not (self.path / COMPLETE_FILE).is_file():
             raise CacheNotFoundError(
                 f"teacher cache {self.path} is missing or unfinished (no {COMPLETE_FILE}); run "
                 "`snakemake cache_teacher` (or `python -m pipeline cache-teacher --config ...`) "
-                "to build or resume it")
+                "to build or resume it"
+            )
         self._store = CacheStore.open(self.path)
         if expected_fingerprint is not None:
             self._store.check_fingerprint(expected_fingerprint)
@@ -81,10 +90,12 @@ class TeacherCache:
             raise CacheNotFoundError(
                 f"the teacher cache of split {split!r} for this config is {state}: {path}; run "
                 "`snakemake cache_teacher` (or `python -m pipeline cache-teacher --config <this "
-                f"config> --split {split}`) first")
+                f"config> --split {split}`) first"
+            )
         cache = cls(path, expected_fingerprint=fingerprint)
-        check_annotations(path, cache._store.manifest.get("annotation_sha256"),
-                          cfg.split_paths(split)[1])  # type: ignore[arg-type]
+        check_annotations(
+            path, cache._store.manifest.get("annotation_sha256"), cfg.split_paths(split)[1]
+        )  # type: ignore[arg-type]
         return cache
 
     # ------------------------------------------------------------------ metadata
@@ -124,7 +135,9 @@ class TeacherCache:
         try:
             return self._index[str(image_id)]
         except KeyError:
-            raise KeyError(f"image_id {image_id!r} is not part of the teacher cache {self.path}") from None
+            raise KeyError(
+                f"image_id {image_id!r} is not part of the teacher cache {self.path}"
+            ) from None
 
     def status(self, image_id: Any) -> str:
         """``"done"`` or ``"skipped"`` (a finished cache has no ``"todo"`` image)."""
@@ -153,8 +166,10 @@ class TeacherCache:
         index = self._lookup(image_id)
         if index in self._skipped:
             info = self._store.skip_info(index) or {}
-            raise KeyError(f"image_id {image_id!r} was skipped when the teacher cache was built "
-                           f"({info.get('reason', 'unknown reason')}: {info.get('message', '')})")
+            raise KeyError(
+                f"image_id {image_id!r} was skipped when the teacher cache was built "
+                f"({info.get('reason', 'unknown reason')}: {info.get('message', '')})"
+            )
         raw = self._store.read_image(index, keep_float16)
         embeddings = torch.from_numpy(raw["embeddings"])
         h0, w0 = raw["orig_size"]
@@ -178,5 +193,7 @@ class TeacherCache:
         return (type(self), (str(self.path), self._expected))
 
     def __repr__(self) -> str:
-        return (f"TeacherCache({str(self.path)!r}, images={len(self)}, levels={self.level_names}, "
-                f"channels={self.level_channels})")
+        return (
+            f"TeacherCache({str(self.path)!r}, images={len(self)}, levels={self.level_names}, "
+            f"channels={self.level_channels})"
+        )

@@ -36,8 +36,12 @@ def image_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(1, 2, 0))
 
 
-def segment_prompts(masks: torch.Tensor | np.ndarray, segment_ids: Sequence[int],
-                    labels: Sequence[int], isthing: Sequence[bool]) -> list[SegmentPrompt]:
+def segment_prompts(
+    masks: torch.Tensor | np.ndarray,
+    segment_ids: Sequence[int],
+    labels: Sequence[int],
+    isthing: Sequence[bool],
+) -> list[SegmentPrompt]:
     """One :class:`SegmentPrompt` per segment.
 
     Arguments:
@@ -47,27 +51,42 @@ def segment_prompts(masks: torch.Tensor | np.ndarray, segment_ids: Sequence[int]
       isthing: per train id, whether the class is a thing.
     """
     masks = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    return [SegmentPrompt(int(sid), masks[k], bool(isthing[int(lab)]))
-            for k, (sid, lab) in enumerate(zip(segment_ids, labels))]
+    return [
+        SegmentPrompt(int(sid), masks[k], bool(isthing[int(lab)]))
+        for k, (sid, lab) in enumerate(zip(segment_ids, labels))
+    ]
 
 
 def project_output(out: TeacherOutput, bases: Sequence[PcaBasis | None]) -> list[np.ndarray]:
     """The teacher's levels as stored: PCA coefficients where a basis exists, else unchanged."""
     if len(bases) != len(out.features):
         raise ValueError(f"{len(bases)} PCA entries for {len(out.features)} feature levels")
-    return [f.astype(np.float32) if b is None else project(f, b) for f, b in zip(out.features, bases)]
+    return [
+        f.astype(np.float32) if b is None else project(f, b) for f, b in zip(out.features, bases)
+    ]
 
 
-def sample_record(extractor: TeacherExtractor, sample: dict[str, Any], isthing: Sequence[bool],
-                  bases: Sequence[PcaBasis | None]) -> tuple[ImageRecord, TeacherOutput]:
+def sample_record(
+    extractor: TeacherExtractor,
+    sample: dict[str, Any],
+    isthing: Sequence[bool],
+    bases: Sequence[PcaBasis | None],
+) -> tuple[ImageRecord, TeacherOutput]:
     """Run the teacher on an original-resolution sample.
 
     Returns:
       the float32 :class:`ImageRecord` (features projected) and the raw :class:`TeacherOutput`.
     """
-    labels = sample["labels"].numpy() if isinstance(sample["labels"], torch.Tensor) else np.asarray(sample["labels"])
-    seg_ids = (sample["segment_ids"].numpy() if isinstance(sample["segment_ids"], torch.Tensor)
-               else np.asarray(sample["segment_ids"]))
+    labels = (
+        sample["labels"].numpy()
+        if isinstance(sample["labels"], torch.Tensor)
+        else np.asarray(sample["labels"])
+    )
+    seg_ids = (
+        sample["segment_ids"].numpy()
+        if isinstance(sample["segment_ids"], torch.Tensor)
+        else np.asarray(sample["segment_ids"])
+    )
     prompts = segment_prompts(sample["masks"], seg_ids, labels, isthing)
     out = extractor.extract(image_hwc(sample["image"]), prompts, prompt_seed(sample["image_id"]))
     record = ImageRecord(

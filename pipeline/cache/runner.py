@@ -68,7 +68,15 @@ from pipeline.cache.fingerprint import (
     resolve_layers,
     teacher_fingerprint,
 )
-from pipeline.cache.pca import Moments, PcaBasis, feature_moments, fit_pca, merge_moments, tree_reduce, valid_cells
+from pipeline.cache.pca import (
+    Moments,
+    PcaBasis,
+    feature_moments,
+    fit_pca,
+    merge_moments,
+    tree_reduce,
+    valid_cells,
+)
 from pipeline.cache.prototypes import ClassSums, class_sums, merge_class_sums, prototypes_from_sums
 from pipeline.cache.store import (
     STATUS_DONE,
@@ -105,8 +113,10 @@ def cache_layout(cfg: Config, dataset: Any) -> CacheLayout:
     layers = resolve_layers(cfg.teacher)
     bad = [x for x in layers if x != "neck" and not (isinstance(x, int) and 0 <= x < spec.depth)]
     if bad or len(set(map(str, layers))) != len(layers):
-        raise ValueError(f"teacher.layers={layers}: expected distinct block indices in "
-                         f"[0, {spec.depth}) and/or 'neck'")
+        raise ValueError(
+            f"teacher.layers={layers}: expected distinct block indices in "
+            f"[0, {spec.depth}) and/or 'neck'"
+        )
     teacher_channels = [PROMPT_EMBED_DIM if x == "neck" else spec.embed_dim for x in layers]
     g = spec.img_size // PATCH_SIZE
     return CacheLayout(
@@ -122,8 +132,10 @@ def cache_layout(cfg: Config, dataset: Any) -> CacheLayout:
         dtype=cfg.cache.dtype,
         compressor=cfg.cache.compressor,
         clevel=cfg.cache.clevel,
-        categories=[{"id": c.id, "name": c.name, "isthing": bool(c.isthing), "train_id": c.train_id}
-                    for c in dataset.categories],
+        categories=[
+            {"id": c.id, "name": c.name, "isthing": bool(c.isthing), "train_id": c.train_id}
+            for c in dataset.categories
+        ],
     )
 
 
@@ -133,9 +145,10 @@ def raw_bytes_per_image(layout: CacheLayout, num_segments: int | None = None) ->
     item = 1 if layout.dtype == "int8" else 2
     quant = 8 if layout.dtype == "int8" else 0  # float32 scale + offset per channel / segment
     p = layout.max_segments if num_segments is None else num_segments
-    feats = sum(c * h * w * item + c * quant
-                for c, (h, w) in zip(layout.level_channels, layout.grid_sizes))
-    per_segment = layout.mask_size ** 2 * item + quant + 8 + 8 + 4 + 4 * layout.embed_dim
+    feats = sum(
+        c * h * w * item + c * quant for c, (h, w) in zip(layout.level_channels, layout.grid_sizes)
+    )
+    per_segment = layout.mask_size**2 * item + quant + 8 + 8 + 4 + 4 * layout.embed_dim
     return feats + p * per_segment + 8 + 1  # + orig_size + status
 
 
@@ -163,9 +176,11 @@ def _check_segment_counts(dataset: Any, max_segments: int) -> None:
         if n > max_segments:
             over.append(f"image_id {dataset.image_ids[i]!r} ({n} segments)")
     if over:
-        raise ValueError(f"{dataset.json_path}: {len(over)} image(s) list more non-crowd segments "
-                         f"than the cache's max_segments={max_segments}: {', '.join(over[:5])}"
-                         f"{' ...' if len(over) > 5 else ''}; raise cache.max_segments")
+        raise ValueError(
+            f"{dataset.json_path}: {len(over)} image(s) list more non-crowd segments "
+            f"than the cache's max_segments={max_segments}: {', '.join(over[:5])}"
+            f"{' ...' if len(over) > 5 else ''}; raise cache.max_segments"
+        )
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -242,11 +257,16 @@ def _worker_state(job: CacheJob) -> _WorkerState:
         torch.set_num_threads(job.threads)
         t = job.teacher
         sam = build_teacher(t.type, t.checkpoint, t.tiny, seed=TEACHER_INIT_SEED)
-        extractor = TeacherExtractor(sam, resolve_layers(t), mask_size=job.mask_size,
-                                     points_per_stuff=t.points_per_stuff,
-                                     device=_worker_device(t.device))
-        dataset = PanopticDataset(job.image_dir, job.json_path, job.png_dir, transform=None,
-                                  on_bad_sample="skip")
+        extractor = TeacherExtractor(
+            sam,
+            resolve_layers(t),
+            mask_size=job.mask_size,
+            points_per_stuff=t.points_per_stuff,
+            device=_worker_device(t.device),
+        )
+        dataset = PanopticDataset(
+            job.image_dir, job.json_path, job.png_dir, transform=None, on_bad_sample="skip"
+        )
         store = CacheStore(job.path, writable=True)
         isthing = [c.isthing for c in dataset.categories]
         state = _STATE[(job.path, job.key)] = _WorkerState(extractor, dataset, store, isthing)
@@ -254,8 +274,10 @@ def _worker_state(job: CacheJob) -> _WorkerState:
 
 
 def _image_context(exc: BaseException, state: _WorkerState, index: int) -> None:
-    exc.add_note(f"while caching image_id {state.dataset.image_ids[index]!r} (dataset index "
-                 f"{index}, {state.dataset.json_path})")
+    exc.add_note(
+        f"while caching image_id {state.dataset.image_ids[index]!r} (dataset index "
+        f"{index}, {state.dataset.json_path})"
+    )
 
 
 def pca_moments_task(job: CacheJob, index: int, reduced: Sequence[bool]) -> list[Moments | None]:
@@ -269,7 +291,9 @@ def pca_moments_task(job: CacheJob, index: int, reduced: Sequence[bool]) -> list
     try:
         from pipeline.cache.record import image_hwc, prompt_seed
 
-        out = state.extractor.extract(image_hwc(sample["image"]), [], prompt_seed(sample["image_id"]))
+        out = state.extractor.extract(
+            image_hwc(sample["image"]), [], prompt_seed(sample["image_id"])
+        )
         result: list[Moments | None] = []
         for f, r in zip(out.features, reduced):
             if not r:
@@ -285,12 +309,16 @@ def pca_moments_task(job: CacheJob, index: int, reduced: Sequence[bool]) -> list
         raise
 
 
-def merge_level_moments(a: Sequence[Moments | None], b: Sequence[Moments | None]) -> list[Moments | None]:
+def merge_level_moments(
+    a: Sequence[Moments | None], b: Sequence[Moments | None]
+) -> list[Moments | None]:
     """Level-wise :func:`pipeline.cache.pca.merge_moments`."""
     return [None if x is None else merge_moments(x, y) for x, y in zip(a, b)]
 
 
-def fit_level_bases(moments: Sequence[Moments | None], channels: Sequence[int]) -> list[PcaBasis | None]:
+def fit_level_bases(
+    moments: Sequence[Moments | None], channels: Sequence[int]
+) -> list[PcaBasis | None]:
     """:func:`pipeline.cache.pca.fit_pca` per reduced level (None elsewhere)."""
     return [fit_pca(m, k) if m is not None else None for m, k in zip(moments, channels)]
 
@@ -303,10 +331,18 @@ def cache_image_task(job: CacheJob, index: int, pca_sha: str | None) -> dict[str
     start = time.perf_counter()
     sample = state.dataset[index]
     if "skip_reason" in sample:
-        state.store.write_skip(index, sample["skip_reason"], sample.get("message", ""),
-                               file_name=sample.get("file_name"))
-        return {"index": index, "status": STATUS_SKIPPED, "reason": sample["skip_reason"],
-                "seconds": time.perf_counter() - start}
+        state.store.write_skip(
+            index,
+            sample["skip_reason"],
+            sample.get("message", ""),
+            file_name=sample.get("file_name"),
+        )
+        return {
+            "index": index,
+            "status": STATUS_SKIPPED,
+            "reason": sample["skip_reason"],
+            "seconds": time.perf_counter() - start,
+        }
     try:
         bases = state.pca_bases(pca_sha, len(state.store.layout.level_names))
         record, _ = sample_record(state.extractor, sample, state.isthing, bases)
@@ -314,8 +350,12 @@ def cache_image_task(job: CacheJob, index: int, pca_sha: str | None) -> dict[str
     except Exception as exc:
         _image_context(exc, state, index)
         raise
-    return {"index": index, "status": STATUS_DONE, "reason": None,
-            "seconds": time.perf_counter() - start}
+    return {
+        "index": index,
+        "status": STATUS_DONE,
+        "reason": None,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def class_sums_task(job: CacheJob, start: int, stop: int, num_classes: int) -> ClassSums:
@@ -338,8 +378,11 @@ def _dask_client(address: str | None, n_workers: int) -> Iterator[Any]:
 
     if address:
         with Client(address) as client:
-            log.info("joined dask cluster %s (%d workers)", address,
-                     len(client.scheduler_info()["workers"]))
+            log.info(
+                "joined dask cluster %s (%d workers)",
+                address,
+                len(client.scheduler_info()["workers"]),
+            )
             yield client
         return
     chatter = logging.getLogger("distributed")  # its INFO lines would drown the progress bar
@@ -351,9 +394,17 @@ def _dask_client(address: str | None, n_workers: int) -> Iterator[Any]:
     saved_env = dict(os.environ)
     try:
         # memory_limit=0: the teacher's footprint is fixed, no spilling/restarts wanted
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, memory_limit=0,
-                          silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                memory_limit=0,
+                silence_logs=logging.WARNING,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             log.info("started a LocalCluster with %d worker(s)", n_workers)
             yield client
     finally:
@@ -362,12 +413,15 @@ def _dask_client(address: str | None, n_workers: int) -> Iterator[Any]:
         os.environ.update(saved_env)
 
 
-def _gather_with_progress(futures: Sequence[Any], desc: str, progress: bool,
-                          on_result: Any = None) -> None:
+def _gather_with_progress(
+    futures: Sequence[Any], desc: str, progress: bool, on_result: Any = None
+) -> None:
     from distributed import as_completed
     from tqdm import tqdm
 
-    with tqdm(total=len(futures), desc=desc, unit="img", disable=not progress, smoothing=0.05) as bar:
+    with tqdm(
+        total=len(futures), desc=desc, unit="img", disable=not progress, smoothing=0.05
+    ) as bar:
         for fut in as_completed(futures):
             try:
                 result = fut.result()
@@ -382,12 +436,14 @@ def _gather_with_progress(futures: Sequence[Any], desc: str, progress: bool,
             bar.update()
 
 
-def _fit_pca(client: Any, job: CacheJob, layout: CacheLayout, pca_samples: int,
-             progress: bool) -> list[PcaBasis | None]:
+def _fit_pca(
+    client: Any, job: CacheJob, layout: CacheLayout, pca_samples: int, progress: bool
+) -> list[PcaBasis | None]:
     reduced = layout.pca_levels
     indices = pca_sample_indices(layout.num_images, pca_samples)
-    leaves = client.map(pca_moments_task, [job] * len(indices), indices,
-                        reduced=list(reduced), pure=False)
+    leaves = client.map(
+        pca_moments_task, [job] * len(indices), indices, reduced=list(reduced), pure=False
+    )
     root = tree_reduce(leaves, lambda a, b: client.submit(merge_level_moments, a, b, pure=False))
     # fit_pca pins LAPACK to one thread itself (its bits depend on the thread count)
     fitted = client.submit(fit_level_bases, root, list(layout.level_channels), pure=False)
@@ -396,9 +452,14 @@ def _fit_pca(client: Any, job: CacheJob, layout: CacheLayout, pca_samples: int,
     bases = fitted.result()
     for name, b in zip(layout.level_names, bases):
         if b is not None:
-            log.info("PCA %s: %d -> %d channels keep %.1f%% of the variance (%d vectors)", name,
-                     b.mean.shape[0], b.components.shape[1], 100 * b.explained_variance_ratio,
-                     b.num_samples)
+            log.info(
+                "PCA %s: %d -> %d channels keep %.1f%% of the variance (%d vectors)",
+                name,
+                b.mean.shape[0],
+                b.components.shape[1],
+                100 * b.explained_variance_ratio,
+                b.num_samples,
+            )
     return bases
 
 
@@ -411,14 +472,23 @@ def _disk_bytes(path: Path) -> int:
     return total
 
 
-def _write_completion(store: CacheStore, path: Path, split: str, layout: CacheLayout,
-                      prototype_counts: Sequence[int], todo: Sequence[int], workers: Any,
-                      elapsed: float) -> None:
+def _write_completion(
+    store: CacheStore,
+    path: Path,
+    split: str,
+    layout: CacheLayout,
+    prototype_counts: Sequence[int],
+    todo: Sequence[int],
+    workers: Any,
+    elapsed: float,
+) -> None:
     """Check that every image is done or skipped, then write ``COMPLETE.json`` and log it."""
     status = store.status()
     if (status == STATUS_TODO).any():  # cannot happen unless a task was lost silently
-        raise RuntimeError(f"{path}: {int((status == STATUS_TODO).sum())} images still todo after "
-                           "the pass; rerun to resume")
+        raise RuntimeError(
+            f"{path}: {int((status == STATUS_TODO).sum())} images still todo after "
+            "the pass; rerun to resume"
+        )
     skipped = [int(i) for i in np.flatnonzero(status == STATUS_SKIPPED)]
     skip_reasons = Counter(store.skip_info(i)["reason"] for i in skipped)  # type: ignore[index]
     done = int((status == STATUS_DONE).sum())
@@ -443,14 +513,24 @@ def _write_completion(store: CacheStore, path: Path, split: str, layout: CacheLa
     }
     store.write_complete(summary)
     if skipped:
-        log.warning("skipped %d image(s): %s (details in %s/skips/)", len(skipped),
-                    dict(skip_reasons), path)
-    log.info("teacher cache complete: %s (%d done, %.0f KB per image on disk)", path, done,
-             summary["bytes_per_done_image"] / 1024)
+        log.warning(
+            "skipped %d image(s): %s (details in %s/skips/)", len(skipped), dict(skip_reasons), path
+        )
+    log.info(
+        "teacher cache complete: %s (%d done, %.0f KB per image on disk)",
+        path,
+        done,
+        summary["bytes_per_done_image"] / 1024,
+    )
 
 
-def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None = None,
-                n_workers: int | None = None, progress: bool = True) -> Path:
+def build_cache(
+    cfg: Config,
+    split: str = "train",
+    scheduler_address: str | None = None,
+    n_workers: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Build (or resume) the teacher cache of ``split`` and return its directory.
 
     Arguments:
@@ -488,21 +568,40 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
     dataset = PanopticDataset(image_dir, json_path, png_dir, transform=None, on_bad_sample="skip")
     layout = cache_layout(cfg, dataset)
     _check_segment_counts(dataset, layout.max_segments)
-    store = CacheStore.create_or_open(path, fingerprint, layout, annotation_sha256=sha256_file(json_path))
-    job = CacheJob(path=str(path), key=fingerprint_sha256(fingerprint), teacher=effective_teacher(cfg),
-                   mask_size=cfg.cache.mask_size, threads=cfg.cache.threads_per_worker,
-                   image_dir=str(image_dir), json_path=str(json_path), png_dir=str(png_dir))
+    store = CacheStore.create_or_open(
+        path, fingerprint, layout, annotation_sha256=sha256_file(json_path)
+    )
+    job = CacheJob(
+        path=str(path),
+        key=fingerprint_sha256(fingerprint),
+        teacher=effective_teacher(cfg),
+        mask_size=cfg.cache.mask_size,
+        threads=cfg.cache.threads_per_worker,
+        image_dir=str(image_dir),
+        json_path=str(json_path),
+        png_dir=str(png_dir),
+    )
 
     status = store.status()
     todo = [int(i) for i in np.flatnonzero(status == STATUS_TODO)]
-    log.info("teacher cache %s: %d images, %d done, %d skipped, %d to do", path, len(status),
-             int((status == STATUS_DONE).sum()), int((status == STATUS_SKIPPED).sum()), len(todo))
+    log.info(
+        "teacher cache %s: %d images, %d done, %d skipped, %d to do",
+        path,
+        len(status),
+        int((status == STATUS_DONE).sum()),
+        int((status == STATUS_SKIPPED).sum()),
+        len(todo),
+    )
     estimate = len(todo) * raw_bytes_per_image(layout, 16) // 2
     with translate_os_errors(path, "cannot check free space of"):
         free = shutil.disk_usage(path).free
     if free < estimate:
-        log.warning("%s: %.1f GB free, the remaining images may need about %.1f GB", path,
-                    free / 1e9, estimate / 1e9)
+        log.warning(
+            "%s: %.1f GB free, the remaining images may need about %.1f GB",
+            path,
+            free / 1e9,
+            estimate / 1e9,
+        )
 
     address = scheduler_address or cfg.cache.scheduler_address
     workers = n_workers or default_n_workers(cfg.cache.threads_per_worker, cfg.cache.n_workers)
@@ -524,16 +623,29 @@ def build_cache(cfg: Config, split: str = "train", scheduler_address: str | None
         del futures
 
         blocks = list(range(0, layout.num_images, PROTOTYPE_BLOCK))
-        leaves = client.map(class_sums_task, [job] * len(blocks), blocks,
-                            [min(b + PROTOTYPE_BLOCK, layout.num_images) for b in blocks],
-                            num_classes=layout.num_classes, pure=False)
+        leaves = client.map(
+            class_sums_task,
+            [job] * len(blocks),
+            blocks,
+            [min(b + PROTOTYPE_BLOCK, layout.num_images) for b in blocks],
+            num_classes=layout.num_classes,
+            pure=False,
+        )
         sums = tree_reduce(leaves, lambda a, b: client.submit(merge_class_sums, a, b, pure=False))
         del leaves
         sums = sums.result()
     store.write_prototypes(prototypes_from_sums(sums), sums.count)
 
-    _write_completion(store, path, split, layout, sums.count, todo,
-                      workers if not address else address, time.perf_counter() - started)
+    _write_completion(
+        store,
+        path,
+        split,
+        layout,
+        sums.count,
+        todo,
+        workers if not address else address,
+        time.perf_counter() - started,
+    )
     _write_marker(cfg, split, path, fingerprint)
     return path
 
@@ -543,8 +655,11 @@ def _write_marker(cfg: Config, split: str, path: Path, fingerprint: dict[str, An
     marker = cache_marker(cfg, split)
     if marker == path / "COMPLETE.json":
         return
-    record = {"cache_dir": str(path), "fingerprint_sha256": fingerprint_sha256(fingerprint),
-              "teacher_checkpoint": fingerprint["teacher"]["weights"]}
+    record = {
+        "cache_dir": str(path),
+        "fingerprint_sha256": fingerprint_sha256(fingerprint),
+        "teacher_checkpoint": fingerprint["teacher"]["weights"],
+    }
     tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
     with translate_os_errors(marker, "cannot write the cache marker"):
         tmp.write_text(json.dumps(record, indent=1))

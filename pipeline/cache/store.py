@@ -69,7 +69,11 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from pipeline.cache.fingerprint import FingerprintMismatchError, describe_differences, fingerprint_sha256
+from pipeline.cache.fingerprint import (
+    FingerprintMismatchError,
+    describe_differences,
+    fingerprint_sha256,
+)
 from pipeline.cache.pca import PcaBasis, basis_sha256
 from pipeline.cache.quant import dequantize_int8, quantize_int8, to_float16
 
@@ -111,8 +115,10 @@ def blosc_codec(compressor: str, clevel: int) -> BloscCodec:
     """
     available = numcodecs.blosc.list_compressors()
     if compressor not in available:
-        raise ValueError(f"cache.compressor={compressor!r} is not built into this Blosc "
-                         f"(numcodecs {numcodecs.__version__}): choose one of {available}")
+        raise ValueError(
+            f"cache.compressor={compressor!r} is not built into this Blosc "
+            f"(numcodecs {numcodecs.__version__}): choose one of {available}"
+        )
     return BloscCodec(cname=compressor, clevel=clevel, shuffle=BloscShuffle.shuffle)
 
 
@@ -282,16 +288,23 @@ class CacheStore:
             self.manifest: dict[str, Any] = json.loads(manifest.read_text())
             self.layout = CacheLayout.from_json(self.manifest["layout"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{manifest}: unreadable cache manifest ({exc}); delete {self.path} "
-                             "and rebuild the cache") from exc
+            raise ValueError(
+                f"{manifest}: unreadable cache manifest ({exc}); delete {self.path} "
+                "and rebuild the cache"
+            ) from exc
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._pid = -1
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create_or_open(cls, path: str | Path, fingerprint: dict[str, Any], layout: CacheLayout,
-                       annotation_sha256: str | None = None) -> "CacheStore":
+    def create_or_open(
+        cls,
+        path: str | Path,
+        fingerprint: dict[str, Any],
+        layout: CacheLayout,
+        annotation_sha256: str | None = None,
+    ) -> "CacheStore":
         """Open the store at ``path`` for writing, creating it if it has no manifest yet.
 
         An existing store must have the same fingerprint (else :class:`FingerprintMismatchError`
@@ -308,11 +321,14 @@ class CacheStore:
                     f"teacher cache {path} was built from other annotations than asked:\n  "
                     f"annotation_sha256: cache {recorded[:12]}, asked {annotation_sha256[:12]}\n"
                     f"The panoptic JSON changed after the cache was started. Move or delete {path} "
-                    "and run `snakemake cache_teacher` again.")
+                    "and run `snakemake cache_teacher` again."
+                )
             if store.layout != layout:
-                raise ValueError(f"{path}: the cache layout differs from the dataset's (another "
-                                 "image list or category set under the same fingerprint); delete "
-                                 "the folder and rebuild")
+                raise ValueError(
+                    f"{path}: the cache layout differs from the dataset's (another "
+                    "image list or category set under the same fingerprint); delete "
+                    "the folder and rebuild"
+                )
             store.remove_partial_files()
             return store
         with translate_os_errors(path, "cannot create the teacher cache"):
@@ -322,13 +338,16 @@ class CacheStore:
             probe.unlink()
             cls._create_arrays(path, layout)  # mode "w": clears a half-created group first
             (path / SKIPS_DIR).mkdir(exist_ok=True)
-        atomic_write_json(path / MANIFEST_FILE, {
-            "fingerprint": fingerprint,
-            "fingerprint_sha256": fingerprint_sha256(fingerprint),
-            "layout": layout.to_json(),
-            "annotation_sha256": annotation_sha256,
-            "pca": None,
-        })
+        atomic_write_json(
+            path / MANIFEST_FILE,
+            {
+                "fingerprint": fingerprint,
+                "fingerprint_sha256": fingerprint_sha256(fingerprint),
+                "layout": layout.to_json(),
+                "annotation_sha256": annotation_sha256,
+                "pca": None,
+            },
+        )
         return cls(path, writable=True)
 
     @staticmethod
@@ -338,8 +357,15 @@ class CacheStore:
         n, p, m = layout.num_images, layout.max_segments, layout.mask_size
 
         def create(name: str, shape: tuple[int, ...], dtype: str, fill: Any = 0) -> None:
-            group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
-                               compressors=blosc, fill_value=fill, overwrite=True)
+            group.create_array(
+                name,
+                shape=shape,
+                chunks=(1, *shape[1:]),
+                dtype=dtype,
+                compressors=blosc,
+                fill_value=fill,
+                overwrite=True,
+            )
 
         def create_quantized(name: str, shape: tuple[int, ...]) -> None:
             create(f"{name}/values", shape, layout.dtype)
@@ -393,10 +419,19 @@ class CacheStore:
 
     def image_array_names(self) -> list[str]:
         """Every array holding one chunk per image (``status`` first)."""
-        levels = [n for name in self.layout.level_names
-                  for n in self._quantized_names(f"features/{name}")]
-        return ["status", *levels, *self._quantized_names(MASKS), "segments/segment_ids",
-                "segments/labels", "segments/iou", "segments/embeddings", "images/orig_size"]
+        levels = [
+            n for name in self.layout.level_names for n in self._quantized_names(f"features/{name}")
+        ]
+        return [
+            "status",
+            *levels,
+            *self._quantized_names(MASKS),
+            "segments/segment_ids",
+            "segments/labels",
+            "segments/iou",
+            "segments/embeddings",
+            "images/orig_size",
+        ]
 
     def missing_chunks(self, index: int, names: Sequence[str] | None = None) -> list[str]:
         """The arrays among ``names`` (default: :meth:`image_array_names`) whose chunk of image
@@ -405,10 +440,16 @@ class CacheStore:
         arrays = [self.array(n) for n in names]
 
         async def probe() -> list[bool]:
-            return list(await asyncio.gather(*(
-                a.store_path.store.exists(
-                    f"{a.path}/{a.metadata.encode_chunk_key((index,) + (0,) * (a.ndim - 1))}")
-                for a in arrays)))
+            return list(
+                await asyncio.gather(
+                    *(
+                        a.store_path.store.exists(
+                            f"{a.path}/{a.metadata.encode_chunk_key((index,) + (0,) * (a.ndim - 1))}"
+                        )
+                        for a in arrays
+                    )
+                )
+            )
 
         return [n for n, ok in zip(names, sync(probe())) if not ok]
 
@@ -422,7 +463,8 @@ class CacheStore:
             f"teacher cache {self.path}: image {image_id!r} (index {index}) has no data in "
             f"{', '.join(missing)} (chunk file deleted or lost); the store is damaged. Run "
             f"`python -m pipeline cache-verify {self.path}` for the full list, then move the "
-            "folder away and rebuild it with `snakemake cache_teacher`.")
+            "folder away and rebuild it with `snakemake cache_teacher`."
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -438,7 +480,8 @@ class CacheStore:
                 f"teacher cache {self.path} was built with other settings than asked:\n  "
                 + "\n  ".join(diffs)
                 + "\nRun `snakemake cache_teacher` (or `python -m pipeline cache-teacher`) for this "
-                "config; it writes a cache of its own.")
+                "config; it writes a cache of its own."
+            )
 
     def remove_partial_files(self) -> int:
         """Delete temporary ``*.partial`` chunk files left by a killed writer; returns the count."""
@@ -469,15 +512,20 @@ class CacheStore:
         image_id = lay.image_ids[index]
         m = int(record.segment_ids.shape[0])
         if m > lay.max_segments:
-            raise ValueError(f"image {image_id!r} (index {index}) has {m} segments, more than the "
-                             f"cache's max_segments={lay.max_segments}; raise cache.max_segments")
+            raise ValueError(
+                f"image {image_id!r} (index {index}) has {m} segments, more than the "
+                f"cache's max_segments={lay.max_segments}; raise cache.max_segments"
+            )
         if len(record.features) != len(lay.level_names):
-            raise ValueError(f"image {image_id!r}: {len(record.features)} feature levels, the cache "
-                             f"has {len(lay.level_names)}")
+            raise ValueError(
+                f"image {image_id!r}: {len(record.features)} feature levels, the cache "
+                f"has {len(lay.level_names)}"
+            )
         chunks: dict[str, np.ndarray] = {}
         for name, x in zip(lay.level_names, record.features):
-            chunks.update(self._quantized_chunks(f"features/{name}", x,
-                                                 f"image {image_id!r} level {name}"))
+            chunks.update(
+                self._quantized_chunks(f"features/{name}", x, f"image {image_id!r} level {name}")
+            )
         masks = np.zeros((lay.max_segments, lay.mask_size, lay.mask_size), np.float32)
         masks[:m] = record.mask_logits
         chunks.update(self._quantized_chunks(MASKS, masks, f"image {image_id!r} mask logits"))
@@ -488,13 +536,20 @@ class CacheStore:
         chunks["segments/embeddings"] = _padded(record.embeddings, p, np.float32, 0)
         chunks["images/orig_size"] = np.asarray(record.orig_size, np.int32)
         with translate_os_errors(self.path, "cannot write to the teacher cache"):
-            sync(_set_all([self.array(n).async_array for n in chunks], list(chunks.values()), index))
+            sync(
+                _set_all([self.array(n).async_array for n in chunks], list(chunks.values()), index)
+            )
             self.array("status")[index] = STATUS_DONE  # last: the image is complete
 
     def write_skip(self, index: int, reason: str, message: str = "", **extra: Any) -> None:
         """Record why image ``index`` is skipped (sidecar JSON), then mark it skipped."""
-        info = {"index": index, "image_id": self.layout.image_ids[index], "reason": reason,
-                "message": message, **extra}
+        info = {
+            "index": index,
+            "image_id": self.layout.image_ids[index],
+            "reason": reason,
+            "message": message,
+            **extra,
+        }
         atomic_write_json(self.path / SKIPS_DIR / f"{index:08d}.json", info)
         with translate_os_errors(self.path, "cannot write to the teacher cache"):
             self.array("status")[index] = STATUS_SKIPPED
@@ -512,8 +567,9 @@ class CacheStore:
         suffixes = ("values", "scale", "offset") if self.layout.dtype == "int8" else ("values",)
         return [f"{name}/{k}" for k in suffixes]
 
-    def _dequantize(self, parts: Sequence[np.ndarray], rows: int | None = None,
-                    keep_float16: bool = False) -> np.ndarray:
+    def _dequantize(
+        self, parts: Sequence[np.ndarray], rows: int | None = None, keep_float16: bool = False
+    ) -> np.ndarray:
         cut = slice(None) if rows is None else slice(rows)
         if self.layout.dtype == "int8":
             return dequantize_int8(parts[0][cut], parts[1][cut], parts[2][cut])
@@ -539,8 +595,13 @@ class CacheStore:
         """
         levels = [self._quantized_names(f"features/{n}") for n in self.layout.level_names]
         masks = self._quantized_names(MASKS)
-        plain = ["segments/segment_ids", "segments/labels", "segments/iou",
-                 "segments/embeddings", "images/orig_size"]
+        plain = [
+            "segments/segment_ids",
+            "segments/labels",
+            "segments/iou",
+            "segments/embeddings",
+            "images/orig_size",
+        ]
         names = [n for group in levels for n in group] + masks + plain
         missing = self.missing_chunks(index, ["status", *names])
         if missing:
@@ -549,8 +610,9 @@ class CacheStore:
         ids = got["segments/segment_ids"]
         m = int((ids >= 0).sum())
         return {
-            "features": [self._dequantize([got[n] for n in group], None, keep_float16)
-                         for group in levels],
+            "features": [
+                self._dequantize([got[n] for n in group], None, keep_float16) for group in levels
+            ],
             "segment_ids": ids[:m],
             "labels": got["segments/labels"][:m],
             "mask_logits": self._dequantize([got[n] for n in masks], m, keep_float16),
@@ -574,16 +636,28 @@ class CacheStore:
             for name, b in zip(self.layout.level_names, bases):
                 if b is None:
                     continue
-                for key, value in (("mean", b.mean), ("components", b.components),
-                                   ("explained_variance", b.explained_variance)):
-                    arr = self.group.create_array(f"pca/{name}/{key}", shape=value.shape,
-                                                  dtype="float64", compressors=blosc,
-                                                  overwrite=True, config=_WRITE_ALL_CHUNKS,
-                                                  attributes={"total_variance": b.total_variance,
-                                                              "num_samples": b.num_samples})
+                for key, value in (
+                    ("mean", b.mean),
+                    ("components", b.components),
+                    ("explained_variance", b.explained_variance),
+                ):
+                    arr = self.group.create_array(
+                        f"pca/{name}/{key}",
+                        shape=value.shape,
+                        dtype="float64",
+                        compressors=blosc,
+                        overwrite=True,
+                        config=_WRITE_ALL_CHUNKS,
+                        attributes={
+                            "total_variance": b.total_variance,
+                            "num_samples": b.num_samples,
+                        },
+                    )
                     arr[...] = value
-                levels[name] = {"explained_variance_ratio": b.explained_variance_ratio,
-                                "num_samples": b.num_samples}
+                levels[name] = {
+                    "explained_variance_ratio": b.explained_variance_ratio,
+                    "num_samples": b.num_samples,
+                }
         digest = basis_sha256(bases)
         self.manifest["pca"] = {"sha256": digest, "levels": levels}
         atomic_write_json(self.path / MANIFEST_FILE, self.manifest)
@@ -596,36 +670,57 @@ class CacheStore:
     def read_pca(self) -> list[PcaBasis | None]:
         """Per level the stored basis (None for levels stored unreduced)."""
         if not self.pca_fitted:
-            raise ValueError(f"{self.path}: no PCA basis stored yet (the cache build did not get "
-                             "past its PCA pass)")
+            raise ValueError(
+                f"{self.path}: no PCA basis stored yet (the cache build did not get "
+                "past its PCA pass)"
+            )
         out: list[PcaBasis | None] = []
         for name, reduced in zip(self.layout.level_names, self.layout.pca_levels):
             if not reduced:
                 out.append(None)
                 continue
-            gone = [k for k in ("mean", "components", "explained_variance")
-                    if self._whole_array_missing(f"pca/{name}/{k}")]
+            gone = [
+                k
+                for k in ("mean", "components", "explained_variance")
+                if self._whole_array_missing(f"pca/{name}/{k}")
+            ]
             if gone:
                 raise CacheIntegrityError(
                     f"teacher cache {self.path}: pca/{name}/{gone[0]} has no data (chunk file "
-                    "deleted or lost); move the folder away and rebuild the cache")
+                    "deleted or lost); move the folder away and rebuild the cache"
+                )
             mean = self.array(f"pca/{name}/mean")
-            out.append(PcaBasis(mean=mean[...], components=self.array(f"pca/{name}/components")[...],
-                                explained_variance=self.array(f"pca/{name}/explained_variance")[...],
-                                total_variance=float(mean.attrs["total_variance"]),
-                                num_samples=int(mean.attrs["num_samples"])))
+            out.append(
+                PcaBasis(
+                    mean=mean[...],
+                    components=self.array(f"pca/{name}/components")[...],
+                    explained_variance=self.array(f"pca/{name}/explained_variance")[...],
+                    total_variance=float(mean.attrs["total_variance"]),
+                    num_samples=int(mean.attrs["num_samples"]),
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ prototypes
     def write_prototypes(self, prototypes: np.ndarray, counts: np.ndarray) -> None:
         blosc = blosc_codec(self.layout.compressor, self.layout.clevel)
         with translate_os_errors(self.path, "cannot write the class prototypes to"):
-            self.group.create_array("prototypes/embeddings", shape=prototypes.shape, dtype="float32",
-                                    compressors=blosc, overwrite=True,
-                                    config=_WRITE_ALL_CHUNKS)[...] = prototypes
-            self.group.create_array("prototypes/counts", shape=counts.shape, dtype="int64",
-                                    compressors=blosc, overwrite=True,
-                                    config=_WRITE_ALL_CHUNKS)[...] = counts
+            self.group.create_array(
+                "prototypes/embeddings",
+                shape=prototypes.shape,
+                dtype="float32",
+                compressors=blosc,
+                overwrite=True,
+                config=_WRITE_ALL_CHUNKS,
+            )[...] = prototypes
+            self.group.create_array(
+                "prototypes/counts",
+                shape=counts.shape,
+                dtype="int64",
+                compressors=blosc,
+                overwrite=True,
+                config=_WRITE_ALL_CHUNKS,
+            )[...] = counts
         self._arrays.pop("prototypes/embeddings", None)
         self._arrays.pop("prototypes/counts", None)
 
@@ -635,13 +730,16 @@ class CacheStore:
     def read_prototypes(self) -> np.ndarray:
         """float32 ``[K, 256]`` unit class prototypes."""
         if not self.has_prototypes():
-            raise ValueError(f"{self.path}: no class prototypes stored (the cache build did not "
-                             "finish); rerun `snakemake cache_teacher`")
+            raise ValueError(
+                f"{self.path}: no class prototypes stored (the cache build did not "
+                "finish); rerun `snakemake cache_teacher`"
+            )
         if self._whole_array_missing("prototypes/embeddings"):
             raise CacheIntegrityError(
                 f"teacher cache {self.path}: prototypes/embeddings has no data (chunk file "
                 "deleted or lost); the store is damaged. Move the folder away and rebuild it "
-                "with `snakemake cache_teacher`.")
+                "with `snakemake cache_teacher`."
+            )
         return self.array("prototypes/embeddings")[...]
 
     # ------------------------------------------------------------------ completion

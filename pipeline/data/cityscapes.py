@@ -23,8 +23,11 @@ def cityscapes_paths(root: str | Path, split: str) -> tuple[Path, Path, Path]:
     """``(image_dir, json_path, png_dir)`` of a converted Cityscapes split under ``root``."""
     root = Path(root)
     gt = root / "gtFine"
-    return (root / "leftImg8bit" / split, gt / f"cityscapes_panoptic_{split}.json",
-            gt / f"cityscapes_panoptic_{split}")
+    return (
+        root / "leftImg8bit" / split,
+        gt / f"cityscapes_panoptic_{split}.json",
+        gt / f"cityscapes_panoptic_{split}",
+    )
 
 
 def convert_cityscapes(
@@ -49,8 +52,10 @@ def convert_cityscapes(
     try:
         from cityscapesscripts.preparation.createPanopticImgs import convert2panoptic
     except ImportError as e:
-        raise ImportError("Cityscapes conversion needs the 'cityscapesscripts' package "
-                          "(pip install cityscapesscripts)") from e
+        raise ImportError(
+            "Cityscapes conversion needs the 'cityscapesscripts' package "
+            "(pip install cityscapesscripts)"
+        ) from e
     root = Path(cityscapes_root)
     gt = root / "gtFine"
     out: dict[str, tuple[Path, Path, Path]] = {}
@@ -59,8 +64,10 @@ def convert_cityscapes(
         paths = cityscapes_paths(root, split)
         out[split] = paths
         if not any((gt / split).glob("*/*_instanceIds.png")):
-            raise FileNotFoundError(f"{gt / split}: no <city>/*_gtFine_instanceIds.png found; "
-                                    "expected the official Cityscapes gtFine layout")
+            raise FileNotFoundError(
+                f"{gt / split}: no <city>/*_gtFine_instanceIds.png found; "
+                "expected the official Cityscapes gtFine layout"
+            )
         if not paths[0].is_dir():
             raise FileNotFoundError(f"{paths[0]}: Cityscapes image folder not found")
         if paths[1].is_file() and not overwrite:
@@ -68,6 +75,7 @@ def convert_cityscapes(
             continue
         todo.append(split)
     if todo:
-        convert2panoptic(cityscapesPath=str(gt), outputFolder=str(gt), useTrainId=False,
-                         setNames=list(todo))
+        convert2panoptic(
+            cityscapesPath=str(gt), outputFolder=str(gt), useTrainId=False, setNames=list(todo)
+        )
     return out

@@ -51,8 +51,14 @@ __all__ = [
 
 # Reasons a sample can be skipped (``skip_reason``); also ``DataError.kind``.
 SKIP_REASONS = (
-    "missing_image", "corrupt_image", "missing_png", "corrupt_png", "png_not_rgb",
-    "size_mismatch", "unknown_png_id", "no_segments",
+    "missing_image",
+    "corrupt_image",
+    "missing_png",
+    "corrupt_png",
+    "png_not_rgb",
+    "size_mismatch",
+    "unknown_png_id",
+    "no_segments",
 )
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error)
 
@@ -144,7 +150,9 @@ def read_image_rgb(path: str | Path) -> tuple[np.ndarray, str]:
             rgb = im if mode == "RGB" else im.convert("RGB")
             array = np.array(rgb, dtype=np.uint8)
     except _DECODE_ERRORS as e:
-        raise DataError("corrupt_image", path, f"cannot decode image ({type(e).__name__}: {e})") from e
+        raise DataError(
+            "corrupt_image", path, f"cannot decode image ({type(e).__name__}: {e})"
+        ) from e
     return array, mode
 
 
@@ -167,9 +175,12 @@ def load_panoptic_png(path: str | Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             if im.mode != "RGB":
-                raise DataError("png_not_rgb", path,
-                                f"panoptic PNG must be 8-bit RGB (id = R + 256 G + 256^2 B), "
-                                f"got PIL mode {im.mode!r}")
+                raise DataError(
+                    "png_not_rgb",
+                    path,
+                    f"panoptic PNG must be 8-bit RGB (id = R + 256 G + 256^2 B), "
+                    f"got PIL mode {im.mode!r}",
+                )
             rgb = np.array(im, dtype=np.uint8)
     except DataError:
         raise
@@ -179,16 +190,23 @@ def load_panoptic_png(path: str | Path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ JSON
-def _require(obj: Any, key: str, types: type | tuple[type, ...], where: str, json_path: Path) -> Any:
+def _require(
+    obj: Any, key: str, types: type | tuple[type, ...], where: str, json_path: Path
+) -> Any:
     if not isinstance(obj, dict):
-        raise DataError("bad_json", json_path, f"{where} must be an object, got {type(obj).__name__}")
+        raise DataError(
+            "bad_json", json_path, f"{where} must be an object, got {type(obj).__name__}"
+        )
     if key not in obj:
         raise DataError("bad_json", json_path, f"{where} has no field {key!r}")
     value = obj[key]
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         names = "/".join(t.__name__ for t in _as_tuple(types))
-        raise DataError("bad_json", json_path,
-                        f"field {key!r} of {where} must be {names}, got {type(value).__name__}")
+        raise DataError(
+            "bad_json",
+            json_path,
+            f"field {key!r} of {where} must be {names}, got {type(value).__name__}",
+        )
     return value
 
 
@@ -215,15 +233,22 @@ def _parse_categories(raw: list, json_path: Path) -> list[Category]:
         color = c.get("color")
         if color is None:
             color = _default_color(cid)
-        elif not (isinstance(color, (list, tuple)) and len(color) == 3
-                  and all(isinstance(v, int) and 0 <= v < 256 for v in color)):
-            raise DataError("bad_json", json_path, f"field 'color' of {where} must be 3 ints in [0, 255]")
+        elif not (
+            isinstance(color, (list, tuple))
+            and len(color) == 3
+            and all(isinstance(v, int) and 0 <= v < 256 for v in color)
+        ):
+            raise DataError(
+                "bad_json", json_path, f"field 'color' of {where} must be 3 ints in [0, 255]"
+            )
         parsed.append((cid, name, bool(isthing), tuple(int(v) for v in color)))
     if not parsed:
         raise DataError("bad_json", json_path, "field 'categories' is empty")
     parsed.sort(key=lambda t: t[0])
-    return [Category(cid, name, isthing, color, train_id)  # type: ignore[arg-type]
-            for train_id, (cid, name, isthing, color) in enumerate(parsed)]
+    return [
+        Category(cid, name, isthing, color, train_id)  # type: ignore[arg-type]
+        for train_id, (cid, name, isthing, color) in enumerate(parsed)
+    ]
 
 
 def parse_panoptic_json(json_path: str | Path) -> tuple[list[Category], list[_Record]]:
@@ -246,8 +271,9 @@ def parse_panoptic_json(json_path: str | Path) -> tuple[list[Category], list[_Re
         raise DataError("bad_json", json_path, f"not valid JSON ({e})") from e
     images = _require(data, "images", list, "the top level", json_path)
     annotations = _require(data, "annotations", list, "the top level", json_path)
-    categories = _parse_categories(_require(data, "categories", list, "the top level", json_path),
-                                   json_path)
+    categories = _parse_categories(
+        _require(data, "categories", list, "the top level", json_path), json_path
+    )
     by_cat = {c.id: c for c in categories}
 
     image_info: dict[Any, dict] = {}
@@ -267,10 +293,13 @@ def parse_panoptic_json(json_path: str | Path) -> tuple[list[Category], list[_Re
         png_name = _require(ann, "file_name", str, where, json_path)
         seg_list = _require(ann, "segments_info", list, where, json_path)
         if iid not in image_info:
-            raise DataError("bad_json", json_path,
-                            f"{where} has image_id {iid!r}, which is not in 'images'")
+            raise DataError(
+                "bad_json", json_path, f"{where} has image_id {iid!r}, which is not in 'images'"
+            )
         if iid in annotated:
-            raise DataError("bad_json", json_path, f"{where}: second annotation for image_id {iid!r}")
+            raise DataError(
+                "bad_json", json_path, f"{where}: second annotation for image_id {iid!r}"
+            )
         annotated.add(iid)
         segments = []
         seen: set[int] = set()
@@ -280,24 +309,36 @@ def parse_panoptic_json(json_path: str | Path) -> tuple[list[Category], list[_Re
             cat_id = _require(s, "category_id", int, swhere, json_path)
             crowd = s.get("iscrowd", 0)
             if not isinstance(crowd, (int, bool)):
-                raise DataError("bad_json", json_path, f"field 'iscrowd' of {swhere} must be 0 or 1")
+                raise DataError(
+                    "bad_json", json_path, f"field 'iscrowd' of {swhere} must be 0 or 1"
+                )
             if not 0 < sid < 1 << 24:
-                raise DataError("bad_json", json_path, f"{swhere}: segment id {sid} outside [1, 2^24)")
+                raise DataError(
+                    "bad_json", json_path, f"{swhere}: segment id {sid} outside [1, 2^24)"
+                )
             if sid in seen:
                 raise DataError("bad_json", json_path, f"{swhere}: duplicate segment id {sid}")
             seen.add(sid)
             if cat_id not in by_cat:
-                raise DataError("bad_json", json_path,
-                                f"{swhere}: segment id {sid} has unknown category_id {cat_id}")
+                raise DataError(
+                    "bad_json",
+                    json_path,
+                    f"{swhere}: segment id {sid} has unknown category_id {cat_id}",
+                )
             cat = by_cat[cat_id]
             segments.append(_Segment(sid, cat_id, cat.train_id, cat.isthing, bool(crowd)))
         im = image_info[iid]
         width, height = im.get("width"), im.get("height")
-        records.append(_Record(
-            image_id=iid, file_name=im["file_name"], png_name=png_name,
-            width=width if isinstance(width, int) else None,
-            height=height if isinstance(height, int) else None,
-            segments=tuple(segments)))
+        records.append(
+            _Record(
+                image_id=iid,
+                file_name=im["file_name"],
+                png_name=png_name,
+                width=width if isinstance(width, int) else None,
+                height=height if isinstance(height, int) else None,
+                segments=tuple(segments),
+            )
+        )
     return categories, records
 
 
@@ -389,8 +430,16 @@ class PanopticDataset(Dataset):
     def segments(self, index: int) -> list[dict[str, Any]]:
         """Raw JSON segments of sample ``index``: dicts with ``id``, ``category_id``, ``train_id``,
         ``isthing`` and ``iscrowd`` (crowd and pixel-less segments included)."""
-        return [dict(id=s.id, category_id=s.category_id, train_id=s.train_id, isthing=s.isthing,
-                     iscrowd=s.iscrowd) for s in self._records[index].segments]
+        return [
+            dict(
+                id=s.id,
+                category_id=s.category_id,
+                train_id=s.train_id,
+                isthing=s.isthing,
+                iscrowd=s.iscrowd,
+            )
+            for s in self._records[index].segments
+        ]
 
     def image_path(self, index: int) -> Path:
         """The image file of sample ``index`` (see :func:`image_path_candidates`).
@@ -432,8 +481,12 @@ class PanopticDataset(Dataset):
         except DataError as e:
             if self.on_bad_sample == "error":
                 raise
-            return {"skip_reason": e.kind, "message": str(e), "file_name": rec.file_name,
-                    "image_id": str(rec.image_id)}
+            return {
+                "skip_reason": e.kind,
+                "message": str(e),
+                "file_name": rec.file_name,
+                "image_id": str(rec.image_id),
+            }
         if self.transform is not None:
             sample = self.transform(sample, self.generator(index))
         return sample
@@ -451,27 +504,43 @@ class PanopticDataset(Dataset):
         ids = load_panoptic_png(png)
         events: list[str] = [] if mode == "RGB" else [f"converted_to_rgb:{mode}"]
         if image.shape[:2] != ids.shape:
-            raise DataError("size_mismatch", png,
-                            f"PNG is {ids.shape[1]}x{ids.shape[0]} (WxH) but image {rec.file_name} "
-                            f"is {image.shape[1]}x{image.shape[0]}")
-        if rec.width is not None and rec.height is not None and (rec.height, rec.width) != ids.shape:
-            raise DataError("size_mismatch", png,
-                            f"PNG is {ids.shape[1]}x{ids.shape[0]} (WxH) but {self.json_path} "
-                            f"says image {rec.image_id!r} is {rec.width}x{rec.height}")
+            raise DataError(
+                "size_mismatch",
+                png,
+                f"PNG is {ids.shape[1]}x{ids.shape[0]} (WxH) but image {rec.file_name} "
+                f"is {image.shape[1]}x{image.shape[0]}",
+            )
+        if (
+            rec.width is not None
+            and rec.height is not None
+            and (rec.height, rec.width) != ids.shape
+        ):
+            raise DataError(
+                "size_mismatch",
+                png,
+                f"PNG is {ids.shape[1]}x{ids.shape[0]} (WxH) but {self.json_path} "
+                f"says image {rec.image_id!r} is {rec.width}x{rec.height}",
+            )
         present = set(np.unique(ids).tolist())
         known = {s.id for s in rec.segments}
         unknown = sorted(present - known - {0})
         if unknown:
             shown = ", ".join(str(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            raise DataError("unknown_png_id", png,
-                            f"PNG holds segment id(s) {shown} absent from segments_info of image_id "
-                            f"{rec.image_id!r} in {self.json_path}")
+            raise DataError(
+                "unknown_png_id",
+                png,
+                f"PNG holds segment id(s) {shown} absent from segments_info of image_id "
+                f"{rec.image_id!r} in {self.json_path}",
+            )
         kept = [s for s in rec.segments if s.id in present]
         events += ["dropped_empty_segment"] * (len(rec.segments) - len(kept))
         things = [s for s in kept if not s.iscrowd]
         if not things and self.require_segments:
-            raise DataError("no_segments", png,
-                            f"image_id {rec.image_id!r} has no non-crowd segment with pixels")
+            raise DataError(
+                "no_segments",
+                png,
+                f"image_id {rec.image_id!r} has no non-crowd segment with pixels",
+            )
 
         ids_t = torch.from_numpy(ids)
         seg_ids = torch.tensor([s.id for s in things], dtype=torch.int64)
@@ -500,7 +569,9 @@ def _pad_to(t: Tensor, size: tuple[int, int], value: bool | int) -> Tensor:
     return out
 
 
-def collate_panoptic(batch: Sequence[Mapping[str, Any]], size_divisibility: int = 32) -> dict[str, Any]:
+def collate_panoptic(
+    batch: Sequence[Mapping[str, Any]], size_divisibility: int = 32
+) -> dict[str, Any]:
     """Batch data samples, dropping skip records.
 
     Arguments:
@@ -518,8 +589,12 @@ def collate_panoptic(batch: Sequence[Mapping[str, Any]], size_divisibility: int 
     skipped = [(b["file_name"], b["skip_reason"]) for b in batch if "skip_reason" in b]
     events = [(s["file_name"], e) for s in samples for e in s.get("events", ())]
     if not samples:
-        return {"images": torch.zeros((0, 3, 0, 0), dtype=torch.uint8), "targets": [],
-                "skipped": skipped, "events": events}
+        return {
+            "images": torch.zeros((0, 3, 0, 0), dtype=torch.uint8),
+            "targets": [],
+            "skipped": skipped,
+            "events": events,
+        }
     d = size_divisibility
     Hp = math.ceil(max(s["image"].shape[-2] for s in samples) / d) * d
     Wp = math.ceil(max(s["image"].shape[-1] for s in samples) / d) * d
@@ -553,7 +628,9 @@ class SkipSummary(Counter):
         """One human-readable line, e.g. ``skipped 2 samples (missing_image 2); converted_to_rgb:L 1``."""
         if not self:
             return "no samples skipped, converted or trimmed"
-        skipped = {k.split(":", 1)[1]: n for k, n in sorted(self.items()) if k.startswith("skipped:")}
+        skipped = {
+            k.split(":", 1)[1]: n for k, n in sorted(self.items()) if k.startswith("skipped:")
+        }
         parts = []
         if skipped:
             detail = ", ".join(f"{k} {n}" for k, n in skipped.items())

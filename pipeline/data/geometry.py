@@ -45,14 +45,19 @@ def hflip_matrix(width: float) -> np.ndarray:
 
 def _as_matrices(matrix: Tensor | np.ndarray, batch: int | None) -> Tensor:
     """Any 3x3 / Bx3x3 matrix -> float64 CPU tensor [B', 3, 3] (B' = batch or 1)."""
-    m = torch.as_tensor(np.asarray(matrix.detach().cpu() if isinstance(matrix, Tensor) else matrix,
-                                   dtype=np.float64))
+    m = torch.as_tensor(
+        np.asarray(
+            matrix.detach().cpu() if isinstance(matrix, Tensor) else matrix, dtype=np.float64
+        )
+    )
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3 or m.shape[-2:] != (3, 3):
         raise ValueError(f"matrix must be [3, 3] or [B, 3, 3], got {tuple(m.shape)}")
     if batch is None and m.shape[0] != 1:
-        raise ValueError(f"an unbatched src [C, h, w] takes one [3, 3] matrix, got {tuple(m.shape)}")
+        raise ValueError(
+            f"an unbatched src [C, h, w] takes one [3, 3] matrix, got {tuple(m.shape)}"
+        )
     if batch is not None and m.shape[0] not in (1, batch):
         raise ValueError(f"matrix batch {m.shape[0]} does not match src batch {batch}")
     if not torch.all(m[:, 2] == torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)):
@@ -172,18 +177,26 @@ def warp_affine(
         out = out.view(B, C, H, W)
     else:
         if not torch.is_floating_point(src):
-            raise ValueError(f"bilinear mode needs a floating point src, got {src.dtype}; "
-                             "use mode='nearest' for label maps")
+            raise ValueError(
+                f"bilinear mode needs a floating point src, got {src.dtype}; "
+                "use mode='nearest' for label maps"
+            )
         xs, ys = _source_coords(m, (H, W))
         valid = ((xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)).to(src.device)
         gdtype = src.dtype if src.dtype in (torch.float32, torch.float64) else torch.float32
         grid = torch.stack((2.0 * xs / w - 1.0, 2.0 * ys / h - 1.0), dim=-1)
-        out = F.grid_sample(x.to(gdtype), grid.to(device=src.device, dtype=gdtype),
-                            mode="bilinear", padding_mode="border", align_corners=False)
+        out = F.grid_sample(
+            x.to(gdtype),
+            grid.to(device=src.device, dtype=gdtype),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )
         out = out.to(src.dtype)
     if fill is not None and not bool(valid.all()):
-        out = torch.where(valid[:, None], out, torch.as_tensor(fill, dtype=out.dtype,
-                                                                   device=out.device))
+        out = torch.where(
+            valid[:, None], out, torch.as_tensor(fill, dtype=out.dtype, device=out.device)
+        )
     if not batched:
         return out[0], valid[0]
     return out, valid

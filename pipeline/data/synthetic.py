@@ -52,7 +52,11 @@ _OWN_FILE = re.compile(r"^\d{12}\.(jpg|png)$")
 def synthetic_paths(root: str | Path, split: str) -> tuple[Path, Path, Path]:
     """``(image_dir, json_path, png_dir)`` of a split of a generated dataset."""
     root = Path(root)
-    return root / split, root / "annotations" / f"panoptic_{split}.json", root / "annotations" / f"panoptic_{split}"
+    return (
+        root / split,
+        root / "annotations" / f"panoptic_{split}.json",
+        root / "annotations" / f"panoptic_{split}",
+    )
 
 
 def _thing_id(k: int) -> int:
@@ -75,27 +79,41 @@ def synthetic_categories(num_thing_classes: int, num_stuff_classes: int) -> list
     for k in range(num_thing_classes):
         shape = THING_SHAPES[k % len(THING_SHAPES)]
         suffix = "" if k < len(THING_SHAPES) else f"_{k // len(THING_SHAPES)}"
-        cats.append({"id": _thing_id(k), "name": shape + suffix, "isthing": 1,
-                     "color": _rgb(k / max(num_thing_classes, 1), 0.85, 0.95),
-                     "supercategory": "shape", "_shape": shape,
-                     "_texture": THING_TEXTURES[k % len(THING_TEXTURES)]})
+        cats.append(
+            {
+                "id": _thing_id(k),
+                "name": shape + suffix,
+                "isthing": 1,
+                "color": _rgb(k / max(num_thing_classes, 1), 0.85, 0.95),
+                "supercategory": "shape",
+                "_shape": shape,
+                "_texture": THING_TEXTURES[k % len(THING_TEXTURES)],
+            }
+        )
     for k in range(num_stuff_classes):
         name = STUFF_NAMES[k % len(STUFF_NAMES)]
         suffix = "" if k < len(STUFF_NAMES) else f"_{k // len(STUFF_NAMES)}"
-        cats.append({"id": _stuff_id(k), "name": name + suffix, "isthing": 0,
-                     "color": _rgb((k + 0.5) / max(num_stuff_classes, 1) + 0.08, 0.35, 0.6),
-                     "supercategory": "background",
-                     "_texture": STUFF_TEXTURES[k % len(STUFF_TEXTURES)]})
+        cats.append(
+            {
+                "id": _stuff_id(k),
+                "name": name + suffix,
+                "isthing": 0,
+                "color": _rgb((k + 0.5) / max(num_stuff_classes, 1) + 0.08, 0.35, 0.6),
+                "supercategory": "background",
+                "_texture": STUFF_TEXTURES[k % len(STUFF_TEXTURES)],
+            }
+        )
     return cats
 
 
 # ------------------------------------------------------------------------------ drawing
-def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float,
-                aspect: float) -> np.ndarray:
+def _shape_mask(
+    shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float, aspect: float
+) -> np.ndarray:
     """Pixels whose centre lies in a shape of radius ``r`` centred at ``(cx, cy)``."""
     dx, dy = xx - cx, yy - cy
     if shape == "circle":
-        return dx ** 2 + dy ** 2 <= r ** 2
+        return dx**2 + dy**2 <= r**2
     if shape == "rectangle":
         return (np.abs(dx) <= r) & (np.abs(dy) <= r * aspect)
     if shape == "triangle":  # apex up
@@ -115,7 +133,8 @@ def _texture(name: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator
     """A zero-mean-ish brightness pattern ``[H, W]`` in roughly ``[-30, 30]``."""
     if name in ("noise", "speckle"):
         return rng.normal(0.0, 14.0 if name == "noise" else 4.0, xx.shape) - (
-            40.0 * (rng.random(xx.shape) < 0.06) if name == "speckle" else 0.0)
+            40.0 * (rng.random(xx.shape) < 0.06) if name == "speckle" else 0.0
+        )
     if name == "hstripes":
         return 22.0 * np.sign(np.sin(2 * np.pi * yy / 6.0))
     if name == "vstripes":
@@ -133,8 +152,9 @@ def _texture(name: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator
     raise ValueError(f"unknown texture {name!r}")
 
 
-def _render(rng: np.random.Generator, size: tuple[int, int], things: list[dict],
-            stuff: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def _render(
+    rng: np.random.Generator, size: tuple[int, int], things: list[dict], stuff: list[dict]
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Draw one image.
 
     Returns:
@@ -149,9 +169,9 @@ def _render(rng: np.random.Generator, size: tuple[int, int], things: list[dict],
 
     # Stuff: two classes split by a wavy boundary.
     picks = rng.choice(len(stuff), size=min(2, len(stuff)), replace=False)
-    boundary = (H * rng.uniform(0.35, 0.65)
-                + H * rng.uniform(0.03, 0.1) * np.sin(2 * np.pi * rng.uniform(1, 3) * xx / W
-                                                      + rng.uniform(0, 2 * np.pi)))
+    boundary = H * rng.uniform(0.35, 0.65) + H * rng.uniform(0.03, 0.1) * np.sin(
+        2 * np.pi * rng.uniform(1, 3) * xx / W + rng.uniform(0, 2 * np.pi)
+    )
     regions = [yy < boundary, yy >= boundary] if len(picks) == 2 else [np.ones((H, W), bool)]
     for cat_idx, region in zip(picks, regions):
         cat = stuff[int(cat_idx)]
@@ -165,7 +185,9 @@ def _render(rng: np.random.Generator, size: tuple[int, int], things: list[dict],
         blob = np.zeros((H, W), bool)
         for _ in range(3):
             r = s * rng.uniform(0.03, 0.07)
-            blob |= _shape_mask("circle", xx, yy, cx + rng.normal(0, r), cy + rng.normal(0, r), r, 1)
+            blob |= _shape_mask(
+                "circle", xx, yy, cx + rng.normal(0, r), cy + rng.normal(0, r), r, 1
+            )
         image[blob] = 128 + rng.normal(0, 30, (int(blob.sum()), 1))
         ids[blob] = 0
 
@@ -181,9 +203,15 @@ def _render(rng: np.random.Generator, size: tuple[int, int], things: list[dict],
         cx, cy = rng.uniform(0.2 * W, 0.8 * W), rng.uniform(0.2 * H, 0.8 * H)
         mask = np.zeros((H, W), bool)
         for _ in range(int(rng.integers(4, 8))):
-            mask |= _shape_mask(cat["_shape"], xx, yy, cx + rng.uniform(-0.12, 0.12) * s,
-                                cy + rng.uniform(-0.12, 0.12) * s,
-                                max(2.0, s * rng.uniform(0.025, 0.045)), 0.8)
+            mask |= _shape_mask(
+                cat["_shape"],
+                xx,
+                yy,
+                cx + rng.uniform(-0.12, 0.12) * s,
+                cy + rng.uniform(-0.12, 0.12) * s,
+                max(2.0, s * rng.uniform(0.025, 0.045)),
+                0.8,
+            )
         paint(cat, mask, cat["id"] * 1000 + 999)
         crowd_ids.add(cat["id"] * 1000 + 999)
 
@@ -205,10 +233,20 @@ def _render(rng: np.random.Generator, size: tuple[int, int], things: list[dict],
         m = ids == seg_id
         rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
         cat_id = seg_id // 1000
-        segments.append({"id": int(seg_id), "category_id": int(cat_id),
-                         "iscrowd": int(seg_id in crowd_ids), "area": int(m.sum()),
-                         "bbox": [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1),
-                                  int(rows[-1] - rows[0] + 1)]})
+        segments.append(
+            {
+                "id": int(seg_id),
+                "category_id": int(cat_id),
+                "iscrowd": int(seg_id in crowd_ids),
+                "area": int(m.sum()),
+                "bbox": [
+                    int(cols[0]),
+                    int(rows[0]),
+                    int(cols[-1] - cols[0] + 1),
+                    int(rows[-1] - rows[0] + 1),
+                ],
+            }
+        )
     return np.clip(np.round(image), 0, 255).astype(np.uint8), ids, segments
 
 
@@ -259,17 +297,27 @@ def generate_synthetic_coco_panoptic(
     if H < 16 or W < 16:
         raise ValueError(f"image_size must be at least 16x16, got {image_size}")
     if num_train < 1 or num_val < 1 or num_tune < 0:
-        raise ValueError(f"num_train and num_val must be >= 1 and num_tune >= 0, got {num_train}, "
-                         f"{num_val}, {num_tune}")
+        raise ValueError(
+            f"num_train and num_val must be >= 1 and num_tune >= 0, got {num_train}, "
+            f"{num_val}, {num_tune}"
+        )
     if not (1 <= num_thing_classes <= 10 and 1 <= num_stuff_classes <= 100):
-        raise ValueError("num_thing_classes must lie in [1, 10] and num_stuff_classes in [1, 100] "
-                         f"(thing ids stay below the stuff ids 100+), got {num_thing_classes}, "
-                         f"{num_stuff_classes}")
+        raise ValueError(
+            "num_thing_classes must lie in [1, 10] and num_stuff_classes in [1, 100] "
+            f"(thing ids stay below the stuff ids 100+), got {num_thing_classes}, "
+            f"{num_stuff_classes}"
+        )
     root = Path(root)
-    meta = {"generator_version": GENERATOR_VERSION, "num_train": int(num_train),
-            "num_val": int(num_val), "num_tune": int(num_tune), "image_size": [H, W],
-            "num_thing_classes": int(num_thing_classes),
-            "num_stuff_classes": int(num_stuff_classes), "seed": int(seed)}
+    meta = {
+        "generator_version": GENERATOR_VERSION,
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "num_tune": int(num_tune),
+        "image_size": [H, W],
+        "num_thing_classes": int(num_thing_classes),
+        "num_stuff_classes": int(num_stuff_classes),
+        "seed": int(seed),
+    }
     splits = [split for split in SPLITS if meta[f"num_{split}"] > 0]
     paths = {split: synthetic_paths(root, split) for split in splits}
     meta_path = root / META_FILE
@@ -310,11 +358,16 @@ def generate_synthetic_coco_panoptic(
             Image.fromarray(image).save(image_dir / f"{stem}.jpg", quality=95)
             Image.fromarray(id_to_rgb(ids)).save(png_dir / f"{stem}.png")
             images.append({"id": image_id, "file_name": f"{stem}.jpg", "width": W, "height": H})
-            annotations.append({"image_id": image_id, "file_name": f"{stem}.png",
-                                "segments_info": segments})
-        doc = {"info": {"description": "RegSAM synthetic COCO panoptic", **meta},
-               "licenses": [], "images": images, "annotations": annotations,
-               "categories": public_cats}
+            annotations.append(
+                {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments}
+            )
+        doc = {
+            "info": {"description": "RegSAM synthetic COCO panoptic", **meta},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": public_cats,
+        }
         json_path.write_text(json.dumps(doc, sort_keys=True, indent=1))
     meta_path.write_text(json.dumps(meta, sort_keys=True, indent=1))
     return paths

@@ -94,7 +94,7 @@ def _crop_pad(t: Tensor, top: int, left: int, size: tuple[int, int], fill: float
     y0, y1 = max(top, 0), min(top + H, h)
     x0, x1 = max(left, 0), min(left + W, w)
     if y1 > y0 and x1 > x0:
-        out[..., y0 - top:y1 - top, x0 - left:x1 - left] = t[..., y0:y1, x0:x1]
+        out[..., y0 - top : y1 - top, x0 - left : x1 - left] = t[..., y0:y1, x0:x1]
     return out
 
 
@@ -123,8 +123,9 @@ def resize_sample(
     step = translate_matrix(-left, -top) @ scale_matrix(W / w, H / h)
     image = sample["image"]
     if (H, W) != (h, w):
-        image = F.interpolate(image[None].float(), size=(H, W), mode="bilinear",
-                              align_corners=False, antialias=True)[0]
+        image = F.interpolate(
+            image[None].float(), size=(H, W), mode="bilinear", align_corners=False, antialias=True
+        )[0]
         image = image.round_().clamp_(0, 255).to(torch.uint8)
     image = _crop_pad(image, top, left, (Hc, Wc), 0)
     labels, _ = warp_affine(_label_stack(sample), step, (Hc, Wc), mode="nearest")
@@ -195,8 +196,10 @@ class TrainTransform:
         self.hflip_prob = float(hflip_prob)
 
     def __repr__(self) -> str:
-        return (f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
-                f"hflip_prob={self.hflip_prob})")
+        return (
+            f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
+            f"hflip_prob={self.hflip_prob})"
+        )
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         """Augment one sample; all randomness comes from ``generator``."""
@@ -237,7 +240,9 @@ class EvalTransform:
         self.size_divisibility = int(size_divisibility)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(test_size={self.test_size}, size_divisibility={self.size_divisibility})"
+        return (
+            f"EvalTransform(test_size={self.test_size}, size_divisibility={self.size_divisibility})"
+        )
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         """Resize and pad one sample (deterministic; ``generator`` is ignored)."""

@@ -26,9 +26,19 @@ from torch import Tensor, nn
 from pipeline.evaluation.predict import categories_to_json
 from pipeline.models.student import RegSAMStudent
 
-__all__ = ["DeployStudent", "ExportError", "fold_batchnorm", "check_input_size",
-           "load_student_for_export", "export_onnx", "export_torch", "quantize_onnx_dynamic",
-           "export_checkpoint", "METADATA_KEY", "OUTPUT_NAMES"]
+__all__ = [
+    "DeployStudent",
+    "ExportError",
+    "fold_batchnorm",
+    "check_input_size",
+    "load_student_for_export",
+    "export_onnx",
+    "export_torch",
+    "quantize_onnx_dynamic",
+    "export_checkpoint",
+    "METADATA_KEY",
+    "OUTPUT_NAMES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +104,11 @@ def _conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
 
 def _bn_activation(bn: nn.BatchNorm2d) -> nn.Module:
     """What is left of a BatchNorm once folded: timm's ``BatchNormAct2d`` keeps its drop + act."""
-    parts = [getattr(bn, attr) for attr in ("drop", "act") if isinstance(getattr(bn, attr, None),
-                                                                         nn.Module)]
+    parts = [
+        getattr(bn, attr)
+        for attr in ("drop", "act")
+        if isinstance(getattr(bn, attr, None), nn.Module)
+    ]
     parts = [p for p in parts if not isinstance(p, nn.Identity)]
     return nn.Sequential(*parts) if parts else nn.Identity()
 
@@ -126,8 +139,11 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> int:
         if not bn.track_running_stats or bn.running_var is None:
             continue
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-                1.0 / torch.sqrt(bn.running_var + bn.eps)
+            scale = (
+                bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                if bn.affine
+                else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+            )
             shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
@@ -153,7 +169,8 @@ def check_input_size(size: Sequence[int], stride: int) -> tuple[int, int]:
             f"--size {height} {width}: both sides must be positive multiples of the model's "
             f"stride {stride} (its coarsest backbone level), e.g. "
             f"{max(stride, round(height / stride) * stride)} "
-            f"{max(stride, round(width / stride) * stride)}")
+            f"{max(stride, round(width / stride) * stride)}"
+        )
     return height, width
 
 
@@ -171,7 +188,8 @@ def load_student_for_export(path: Path) -> tuple[RegSAMStudent, Any, list]:
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise ExportError(
             f"--checkpoint {path} is not a RegSAM student (pass a run's final.pth written by "
-            f"`python -m pipeline train`, or its checkpoints/last.pth): {exc}") from exc
+            f"`python -m pipeline train`, or its checkpoints/last.pth): {exc}"
+        ) from exc
 
 
 def _deploy_module(student: RegSAMStudent, example: Tensor, fold: bool) -> DeployStudent:
@@ -184,10 +202,12 @@ def _deploy_module(student: RegSAMStudent, example: Tensor, fold: bool) -> Deplo
     return module
 
 
-def _example_and_shapes(size: tuple[int, int], dynamic: bool, stride: int
-                        ) -> tuple[Tensor, dict | None]:
-    example = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))
+def _example_and_shapes(
+    size: tuple[int, int], dynamic: bool, stride: int
+) -> tuple[Tensor, dict | None]:
+    example = torch.randint(
+        0, 256, (1, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     if not dynamic:
         return example, None
     height = torch.export.Dim("height", min=1, max=MAX_DYNAMIC_SIDE // stride)
@@ -195,9 +215,15 @@ def _example_and_shapes(size: tuple[int, int], dynamic: bool, stride: int
     return example, {"images": {2: stride * height, 3: stride * width}}
 
 
-def export_torch(student: RegSAMStudent, path: Path, size: tuple[int, int], *,
-                 dynamic: bool = False, metadata: dict[str, Any] | None = None,
-                 fold: bool = True) -> Path:
+def export_torch(
+    student: RegSAMStudent,
+    path: Path,
+    size: tuple[int, int],
+    *,
+    dynamic: bool = False,
+    metadata: dict[str, Any] | None = None,
+    fold: bool = True,
+) -> Path:
     """``torch.export`` program of :class:`DeployStudent` saved as ``path`` (``.pt2``)."""
     stride = max(student.strides)
     size = check_input_size(size, stride)
@@ -206,8 +232,9 @@ def export_torch(student: RegSAMStudent, path: Path, size: tuple[int, int], *,
     program = torch.export.export(module, (example,), dynamic_shapes=shapes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, path,
-                      extra_files={f"{METADATA_KEY}.json": json.dumps(metadata or {})})
+    torch.export.save(
+        program, path, extra_files={f"{METADATA_KEY}.json": json.dumps(metadata or {})}
+    )
     return path
 
 
@@ -217,13 +244,22 @@ def _require(module: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ExportError(f"{what} needs the package {module!r}, which is not installed: "
-                          f"pip install -e \".[deploy]\" (onnx, onnxscript, onnxruntime)") from exc
+        raise ExportError(
+            f"{what} needs the package {module!r}, which is not installed: "
+            f'pip install -e ".[deploy]" (onnx, onnxscript, onnxruntime)'
+        ) from exc
 
 
-def export_onnx(student: RegSAMStudent, path: Path, size: tuple[int, int], *,
-                dynamic: bool = False, metadata: dict[str, Any] | None = None,
-                fold: bool = True, opset: int = 18) -> Path:
+def export_onnx(
+    student: RegSAMStudent,
+    path: Path,
+    size: tuple[int, int],
+    *,
+    dynamic: bool = False,
+    metadata: dict[str, Any] | None = None,
+    fold: bool = True,
+    opset: int = 18,
+) -> Path:
     """ONNX file of :class:`DeployStudent` (torch's dynamo exporter), metadata attached.
 
     The batch is 1 (the head's per-query grouped convolutions fix ``B * Q`` as ONNX ``group``);
@@ -237,9 +273,19 @@ def export_onnx(student: RegSAMStudent, path: Path, size: tuple[int, int], *,
     module = _deploy_module(student, example, fold)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
-                      input_names=["images"], output_names=list(OUTPUT_NAMES),
-                      dynamic_shapes=shapes, optimize=True, external_data=False, verbose=False)
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["images"],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes=shapes,
+        optimize=True,
+        external_data=False,
+        verbose=False,
+    )
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata or {})})
     onnx.save(model, str(path))
@@ -262,8 +308,13 @@ def quantize_onnx_dynamic(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
-def deploy_metadata(student: RegSAMStudent, cfg: Any, categories: Sequence[Any],
-                    size: tuple[int, int], dynamic: bool) -> dict[str, Any]:
+def deploy_metadata(
+    student: RegSAMStudent,
+    cfg: Any,
+    categories: Sequence[Any],
+    size: tuple[int, int],
+    dynamic: bool,
+) -> dict[str, Any]:
     """What the runner needs to reproduce ``predict``'s output from the exported file alone."""
     return {
         "format": "regsam-student/1",
@@ -283,9 +334,15 @@ def deploy_metadata(student: RegSAMStudent, cfg: Any, categories: Sequence[Any],
     }
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, fmt: Literal["onnx", "torch-export"],
-                      size: Sequence[int], dynamic: bool = False,
-                      quantize: Literal["dynamic"] | None = None) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    *,
+    fmt: Literal["onnx", "torch-export"],
+    size: Sequence[int],
+    dynamic: bool = False,
+    quantize: Literal["dynamic"] | None = None,
+) -> dict[str, Any]:
     """``python -m pipeline export``: the student of ``checkpoint`` written to ``out``.
 
     Returns:
@@ -314,14 +371,21 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: Literal["onnx", "torc
     from pipeline.deploy.runner import load_exported
 
     runner = load_exported(out)
-    example = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(1))
+    example = torch.randint(
+        0, 256, (1, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         ref = student.forward_pixels(example)
     got = runner.forward_pixels(example)
     diffs = {k: float((got[k] - ref[k]).abs().max()) for k in OUTPUT_NAMES}
-    result = {"path": str(out), "format": fmt, "size": list(size), "dynamic": dynamic,
-              "max_abs_diff": diffs, "quantized": None}
+    result = {
+        "path": str(out),
+        "format": fmt,
+        "size": list(size),
+        "dynamic": dynamic,
+        "max_abs_diff": diffs,
+        "quantized": None,
+    }
     log.info("exported %s (%s); max |exported - eager| on a random image: %s", out, fmt, diffs)
     if quantize:
         qpath = out.with_name(out.stem + ".int8" + out.suffix)

@@ -21,8 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExportedStudent", "RunnerError", "load_exported", "predict_exported",
-           "evaluate_exported"]
+__all__ = [
+    "ExportedStudent",
+    "RunnerError",
+    "load_exported",
+    "predict_exported",
+    "evaluate_exported",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,10 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:
-        raise RunnerError("--backend onnxruntime needs onnxruntime, which is not installed: "
-                          "pip install -e \".[deploy]\" (or pip install onnxruntime)") from exc
+        raise RunnerError(
+            "--backend onnxruntime needs onnxruntime, which is not installed: "
+            'pip install -e ".[deploy]" (or pip install onnxruntime)'
+        ) from exc
     return onnxruntime
 
 
@@ -57,8 +64,15 @@ class ExportedStudent(nn.Module):
     every view as is.
     """
 
-    def __init__(self, *, path: Path, backend: Backend, metadata: dict[str, Any],
-                 session: Any = None, program: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        path: Path,
+        backend: Backend,
+        metadata: dict[str, Any],
+        session: Any = None,
+        program: Any = None,
+    ) -> None:
         super().__init__()
         self.path = Path(path)
         self.backend = backend
@@ -100,20 +114,23 @@ class ExportedStudent(nn.Module):
             images = images.round().clamp(0, 255).to(torch.uint8)
         if self.dynamic:
             if height % self.stride or width % self.stride:
-                raise RunnerError(f"{self.path}: input {height}x{width} is not a multiple of the "
-                                  f"model's stride {self.stride}; pad it (EvalTransform does)")
+                raise RunnerError(
+                    f"{self.path}: input {height}x{width} is not a multiple of the "
+                    f"model's stride {self.stride}; pad it (EvalTransform does)"
+                )
         else:
             in_h, in_w = self.input_size
             if height > in_h or width > in_w:
                 raise RunnerError(
                     f"{self.path} was exported for a fixed {in_h}x{in_w} input and cannot take "
                     f"{height}x{width}; export with --dynamic or a larger --size (or lower "
-                    f"--test-size)")
+                    f"--test-size)"
+                )
             if (height, width) != (in_h, in_w):
                 padded = images.new_zeros((images.shape[0], 3, in_h, in_w))
                 padded[:, :, :height, :width] = images
                 images = padded
-        rows = [self._run_one(images[b:b + 1]) for b in range(images.shape[0])]
+        rows = [self._run_one(images[b : b + 1]) for b in range(images.shape[0])]
         logits, masks, iou = (torch.cat(parts, 0) for parts in zip(*rows))
         r = self.mask_stride
         masks = masks[..., : -(-height // r), : -(-width // r)]
@@ -123,8 +140,9 @@ class ExportedStudent(nn.Module):
         raise RunnerError("an exported student takes raw RGB: call forward_pixels(images)")
 
 
-def load_exported(path: Path, *, threads: int | None = None,
-                  providers: list[str] | None = None) -> ExportedStudent:
+def load_exported(
+    path: Path, *, threads: int | None = None, providers: list[str] | None = None
+) -> ExportedStudent:
     """Open an exported student: ``.onnx`` through onnxruntime, ``.pt2`` through torch.export.
 
     Arguments:
@@ -133,8 +151,9 @@ def load_exported(path: Path, *, threads: int | None = None,
     """
     path = Path(path)
     if not path.is_file():
-        raise RunnerError(f"--model {path}: no such file (write it with "
-                          "`python -m pipeline export`)")
+        raise RunnerError(
+            f"--model {path}: no such file (write it with `python -m pipeline export`)"
+        )
     backend = _backend_of(path)
     if backend == "onnxruntime":
         ort = _onnxruntime()
@@ -143,8 +162,9 @@ def load_exported(path: Path, *, threads: int | None = None,
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         try:
-            session = ort.InferenceSession(str(path), options,
-                                           providers=providers or ["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(path), options, providers=providers or ["CPUExecutionProvider"]
+            )
         except Exception as exc:  # noqa: BLE001
             raise RunnerError(f"--model {path} is not a readable ONNX file: {exc}") from exc
         raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -154,32 +174,48 @@ def load_exported(path: Path, *, threads: int | None = None,
         try:
             program = torch.export.load(str(path), extra_files=extra).module()
         except Exception as exc:  # noqa: BLE001
-            raise RunnerError(f"--model {path} is not a torch.export program (.pt2): "
-                              f"{exc}") from exc
+            raise RunnerError(
+                f"--model {path} is not a torch.export program (.pt2): {exc}"
+            ) from exc
         raw, session = extra[f"{METADATA_KEY}.json"] or None, None
     if not raw:
-        raise RunnerError(f"--model {path} has no RegSAM metadata: export it with "
-                          "`python -m pipeline export`")
-    return ExportedStudent(path=path, backend=backend, metadata=json.loads(raw),
-                           session=session, program=program)
+        raise RunnerError(
+            f"--model {path} has no RegSAM metadata: export it with `python -m pipeline export`"
+        )
+    return ExportedStudent(
+        path=path, backend=backend, metadata=json.loads(raw), session=session, program=program
+    )
 
 
-def predict_exported(model_path: Path, image_dir: Path, out_dir: Path, *,
-                     test_size: int | None = None, threads: int | None = None):
+def predict_exported(
+    model_path: Path,
+    image_dir: Path,
+    out_dir: Path,
+    *,
+    test_size: int | None = None,
+    threads: int | None = None,
+):
     """``predict --backend onnxruntime|torch-export``: PNG + JSON + overlays as the PyTorch path."""
     from pipeline.evaluation.predict import predict_folder
 
     runner = load_exported(model_path, threads=threads)
     meta = runner.metadata
-    return predict_folder(runner, image_dir, out_dir, runner.categories,
-                          test_size=test_size or meta["test_size"], device="cpu",
-                          size_divisibility=meta["size_divisibility"],
-                          object_mask_threshold=meta["object_mask_threshold"],
-                          overlap_threshold=meta["overlap_threshold"])
+    return predict_folder(
+        runner,
+        image_dir,
+        out_dir,
+        runner.categories,
+        test_size=test_size or meta["test_size"],
+        device="cpu",
+        size_divisibility=meta["size_divisibility"],
+        object_mask_threshold=meta["object_mask_threshold"],
+        overlap_threshold=meta["overlap_threshold"],
+    )
 
 
-def evaluate_exported(cfg: Any, model_path: Path, out_dir: Path,
-                      max_images: int | None = None) -> dict[str, Any]:
+def evaluate_exported(
+    cfg: Any, model_path: Path, out_dir: Path, max_images: int | None = None
+) -> dict[str, Any]:
     """PQ/SQ/RQ of an exported student on ``cfg``'s val split (``evaluate --backend ...``),
     with ``cfg.evaluation``'s merge thresholds, as ``evaluate_checkpoint`` uses them."""
     from pipeline.data.coco_panoptic import PanopticDataset
@@ -189,17 +225,29 @@ def evaluate_exported(cfg: Any, model_path: Path, out_dir: Path,
     runner = load_exported(model_path)
     meta = runner.metadata
     image_dir, json_path, png_dir = cfg.split_paths("val")
-    dataset = PanopticDataset(image_dir, json_path, png_dir,
-                              transform=EvalTransform(meta["test_size"], meta["size_divisibility"]),
-                              on_bad_sample=cfg.data.on_bad_sample, seed=cfg.seed,
-                              require_segments=False)
+    dataset = PanopticDataset(
+        image_dir,
+        json_path,
+        png_dir,
+        transform=EvalTransform(meta["test_size"], meta["size_divisibility"]),
+        on_bad_sample=cfg.data.on_bad_sample,
+        seed=cfg.seed,
+        require_segments=False,
+    )
     names = [(c.id, c.isthing) for c in dataset.categories]
     if names != [(c["id"], bool(c["isthing"])) for c in meta["categories"]]:
-        raise RunnerError(f"--model {model_path} was trained on other categories than "
-                          f"{json_path}")
+        raise RunnerError(f"--model {model_path} was trained on other categories than {json_path}")
     ev = cfg.evaluation
-    return evaluate_model(runner, dataset, dataset.categories, "cpu", out_dir=out_dir,
-                          max_images=max_images or ev.max_images,
-                          object_mask_threshold=ev.object_mask_threshold,
-                          overlap_threshold=ev.overlap_threshold, write_predictions=True,
-                          num_visualize=ev.num_visualize, num_workers=0)
+    return evaluate_model(
+        runner,
+        dataset,
+        dataset.categories,
+        "cpu",
+        out_dir=out_dir,
+        max_images=max_images or ev.max_images,
+        object_mask_threshold=ev.object_mask_threshold,
+        overlap_threshold=ev.overlap_threshold,
+        write_predictions=True,
+        num_visualize=ev.num_visualize,
+        num_workers=0,
+    )

@@ -71,8 +71,10 @@ class FlopCount:
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(input_shape)
     if len(shape) == 0 or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(f"input_shape must be a sequence of positive ints such as "
-                         f"(1, 3, 640, 640), got {input_shape!r}")
+        raise ValueError(
+            f"input_shape must be a sequence of positive ints such as "
+            f"(1, 3, 640, 640), got {input_shape!r}"
+        )
     return shape
 
 
@@ -251,8 +253,9 @@ def complexity_table(
 
     def numeric(col: str) -> bool:
         vals = [r[col] for r in rows if r.get(col) is not None]
-        return bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                  for v in vals)
+        return bool(vals) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals
+        )
 
     align = ["---:" if numeric(c) else ":---" for c in columns]
     lines = [

@@ -42,8 +42,12 @@ from tqdm import tqdm
 from pipeline.config import OBJECT_MASK_THRESHOLD, OVERLAP_THRESHOLD
 from pipeline.data.coco_panoptic import Category, PanopticDataset, load_image_rgb, load_panoptic_png
 from pipeline.data.transforms import EvalTransform
-from pipeline.evaluation.inference import (forward_samples, panoptic_from_outputs,
-                                           thing_queries_at_original, to_coco_panoptic)
+from pipeline.evaluation.inference import (
+    forward_samples,
+    panoptic_from_outputs,
+    thing_queries_at_original,
+    to_coco_panoptic,
+)
 from pipeline.evaluation.instance_ap import coco_instance_ap, gt_thing_annotations, thing_detections
 from pipeline.evaluation.pq import PQStat, pq_single_image, summarize_pq
 from pipeline.evaluation.predict import categories_to_json
@@ -106,42 +110,62 @@ class _ShardResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def to_state(self) -> dict[str, Any]:
-        return {"stat": self.stat.state_dict(), "confusion": self.confusion,
-                "gt_things": self.gt_things, "detections": self.detections,
-                "images": self.images, "annotations": self.annotations,
-                "skipped": self.skipped}
+        return {
+            "stat": self.stat.state_dict(),
+            "confusion": self.confusion,
+            "gt_things": self.gt_things,
+            "detections": self.detections,
+            "images": self.images,
+            "annotations": self.annotations,
+            "skipped": self.skipped,
+        }
 
 
-def _check_inputs(dataset: PanopticDataset, categories: Sequence[Category] | None,
-                  batch_size: int) -> list[Category]:
+def _check_inputs(
+    dataset: PanopticDataset, categories: Sequence[Category] | None, batch_size: int
+) -> list[Category]:
     if not isinstance(dataset, PanopticDataset):
         raise TypeError(f"dataset must be a PanopticDataset, got {type(dataset).__name__}")
     if dataset.transform is not None and not isinstance(dataset.transform, EvalTransform):
-        raise ValueError(f"dataset.transform must be an EvalTransform (or None) for evaluation, "
-                         f"got {dataset.transform!r}")
+        raise ValueError(
+            f"dataset.transform must be an EvalTransform (or None) for evaluation, "
+            f"got {dataset.transform!r}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     categories = list(dataset.categories if categories is None else categories)
     if [int(c.id) for c in categories] != [int(c.id) for c in dataset.categories]:
-        raise ValueError("categories differ from dataset.categories (ids in train-id order); "
-                         "the model must be evaluated on the label space it was trained on")
+        raise ValueError(
+            "categories differ from dataset.categories (ids in train-id order); "
+            "the model must be evaluated on the label space it was trained on"
+        )
     return categories
 
 
-def _score_image(result: _ShardResult, dataset: PanopticDataset, index: int,
-                 sample: dict[str, Any], panoptic: tuple[torch.Tensor, list[dict[str, Any]]],
-                 instances: tuple[torch.Tensor, ...] | None,
-                 categories: Sequence[Category], outputs: _Outputs) -> None:
+def _score_image(
+    result: _ShardResult,
+    dataset: PanopticDataset,
+    index: int,
+    sample: dict[str, Any],
+    panoptic: tuple[torch.Tensor, list[dict[str, Any]]],
+    instances: tuple[torch.Tensor, ...] | None,
+    categories: Sequence[Category],
+    outputs: _Outputs,
+) -> None:
     """Add one image's PQ statistics, confusion matrix and AP inputs; write its PNG / panel."""
     id_map, segments = panoptic
     pred_rgb, pred_segments = to_coco_panoptic(id_map, segments, categories)
     pred_ids = id_map.cpu().numpy()
     gt_ids = load_panoptic_png(dataset.png_path(index))
     gt_segments = dataset.segments(index)
-    result.stat += pq_single_image(gt_ids, gt_segments, pred_ids, pred_segments,
-                                   [c.id for c in categories], sample["image_id"])
-    conf = confusion_matrix(semantic_map(gt_ids, gt_segments, "train_id"),
-                            semantic_map(pred_ids, segments, "category_id"), len(categories))
+    result.stat += pq_single_image(
+        gt_ids, gt_segments, pred_ids, pred_segments, [c.id for c in categories], sample["image_id"]
+    )
+    conf = confusion_matrix(
+        semantic_map(gt_ids, gt_segments, "train_id"),
+        semantic_map(pred_ids, segments, "category_id"),
+        len(categories),
+    )
     result.confusion = conf if result.confusion is None else result.confusion + conf
     result.images.append((index, *gt_ids.shape[:2]))
     if instances is not None:
@@ -151,57 +175,88 @@ def _score_image(result: _ShardResult, dataset: PanopticDataset, index: int,
     if outputs.png_dir is not None:
         name = dataset.png_path(index).name
         save_image(pred_rgb, outputs.png_dir / name)
-        result.annotations.append({
-            "image_id": outputs.raw_ids.get(sample["image_id"], sample["image_id"]),
-            "file_name": name, "segments_info": pred_segments})
+        result.annotations.append(
+            {
+                "image_id": outputs.raw_ids.get(sample["image_id"], sample["image_id"]),
+                "file_name": name,
+                "segments_info": pred_segments,
+            }
+        )
     wants_panel = outputs.out_dir is not None or outputs.on_panel is not None
     if wants_panel and index < outputs.num_visualize:
         image = load_image_rgb(dataset.image_path(index))
-        panel = side_by_side([image, overlay_panoptic(image, gt_ids, gt_segments, categories),
-                              overlay_panoptic(image, pred_ids, pred_segments, categories)])
+        panel = side_by_side(
+            [
+                image,
+                overlay_panoptic(image, gt_ids, gt_segments, categories),
+                overlay_panoptic(image, pred_ids, pred_segments, categories),
+            ]
+        )
         if outputs.out_dir is not None:
             save_image(panel, outputs.out_dir / "visualizations" / f"{sample['image_id']}.jpg")
         if outputs.on_panel is not None:
             outputs.on_panel(str(sample["image_id"]), panel)
 
 
-def _evaluate_shard(model: torch.nn.Module, dataset: PanopticDataset, shard: list[int],
-                    categories: Sequence[Category], device: torch.device | str,
-                    settings: dict[str, Any], outputs: _Outputs, batch_size: int,
-                    num_workers: int, bar: tqdm) -> _ShardResult:
+def _evaluate_shard(
+    model: torch.nn.Module,
+    dataset: PanopticDataset,
+    shard: list[int],
+    categories: Sequence[Category],
+    device: torch.device | str,
+    settings: dict[str, Any],
+    outputs: _Outputs,
+    batch_size: int,
+    num_workers: int,
+    bar: tqdm,
+) -> _ShardResult:
     """Inference and scoring of the images ``shard`` of ``dataset`` (model already in eval)."""
     isthing = [bool(c.isthing) for c in categories]
     topk = settings["instance_topk"]
-    merge = {k: settings[k] for k in ("object_mask_threshold", "overlap_threshold",
-                                      "iou_score_weight")}
+    merge = {
+        k: settings[k] for k in ("object_mask_threshold", "overlap_threshold", "iou_score_weight")
+    }
     # a seeded generator: creating the loader's iterator draws its base seed from it, not from
     # the global RNG (evaluation during training must not move the training's random stream)
-    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_as_list,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        Subset(dataset, shard),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+        generator=torch.Generator().manual_seed(0),
+    )
     result = _ShardResult()
     position = 0
     for batch in loader:
-        indices = shard[position:position + len(batch)]
+        indices = shard[position : position + len(batch)]
         position += len(batch)
         good = [(i, s) for i, s in zip(indices, batch) if "skip_reason" not in s]
-        result.skipped += [{"image_id": s["image_id"], "file_name": s["file_name"],
-                            "reason": s["skip_reason"]} for s in batch if "skip_reason" in s]
+        result.skipped += [
+            {"image_id": s["image_id"], "file_name": s["file_name"], "reason": s["skip_reason"]}
+            for s in batch
+            if "skip_reason" in s
+        ]
         if good:
             samples = [s for _, s in good]
             raw, input_size = forward_samples(model, samples, device)
             for (index, sample), out in zip(good, raw):
                 panoptic = panoptic_from_outputs(out, sample, input_size, isthing, **merge)
-                instances = (thing_queries_at_original(out, sample, input_size, isthing, topk)
-                             if topk and any(isthing) else None)
-                _score_image(result, dataset, index, sample, panoptic, instances, categories,
-                             outputs)
+                instances = (
+                    thing_queries_at_original(out, sample, input_size, isthing, topk)
+                    if topk and any(isthing)
+                    else None
+                )
+                _score_image(
+                    result, dataset, index, sample, panoptic, instances, categories, outputs
+                )
         bar.update(len(batch))
     return result
 
 
-def _summarize(parts: list[dict[str, Any]], categories: Sequence[Category], num: int,
-               settings: dict[str, Any]) -> dict[str, Any]:
+def _summarize(
+    parts: list[dict[str, Any]], categories: Sequence[Category], num: int, settings: dict[str, Any]
+) -> dict[str, Any]:
     """Metrics of the gathered shard results."""
     total = PQStat()
     for part in parts:
@@ -210,23 +265,37 @@ def _summarize(parts: list[dict[str, Any]], categories: Sequence[Category], num:
     metrics = summarize_pq(total, categories)
     names = [str(getattr(c, "name", c.id)) for c in categories]
     confusions = [part["confusion"] for part in parts if part["confusion"] is not None]
-    conf = (sum(confusions) if confusions
-            else np.zeros((len(categories) + 1, len(categories)), np.int64))
+    conf = (
+        sum(confusions)
+        if confusions
+        else np.zeros((len(categories) + 1, len(categories)), np.int64)
+    )
     metrics["semantic"] = summarize_miou(conf, names)
     things = [t for t, c in enumerate(categories) if c.isthing]
     if settings["instance_topk"] and things:
         metrics["instance"] = coco_instance_ap(
             [a for part in parts for a in part["gt_things"]],
             [d for part in parts for d in part["detections"]],
-            sorted(i for part in parts for i in part["images"]), things,
-            {t: names[t] for t in things})
+            sorted(i for part in parts for i in part["images"]),
+            things,
+            {t: names[t] for t in things},
+        )
     else:
         metrics["instance"] = None
-    metrics.update({"num_images": num - len(skipped), "num_skipped": len(skipped),
-                    "skipped": skipped, "settings": settings})
+    metrics.update(
+        {
+            "num_images": num - len(skipped),
+            "num_skipped": len(skipped),
+            "skipped": skipped,
+            "settings": settings,
+        }
+    )
     if skipped:
-        log.warning("evaluation skipped %d image(s): %s", len(skipped),
-                    ", ".join(f"{s['file_name']} ({s['reason']})" for s in skipped))
+        log.warning(
+            "evaluation skipped %d image(s): %s",
+            len(skipped),
+            ", ".join(f"{s['file_name']} ({s['reason']})" for s in skipped),
+        )
     return metrics
 
 
@@ -286,21 +355,43 @@ def evaluate_model(
     png_dir = None if out_dir is None or not write_predictions else out_dir / "panoptic"
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)
-    outputs = _Outputs(out_dir, png_dir, _raw_image_ids(dataset.json_path) if png_dir else {},
-                       num_visualize, on_panel)
-    settings = {"object_mask_threshold": object_mask_threshold,
-                "overlap_threshold": overlap_threshold, "iou_score_weight": iou_score_weight,
-                "instance_topk": instance_topk or None,
-                "test_size": getattr(dataset.transform, "test_size", None), "world_size": world,
-                **(extra_settings or {})}
+    outputs = _Outputs(
+        out_dir,
+        png_dir,
+        _raw_image_ids(dataset.json_path) if png_dir else {},
+        num_visualize,
+        on_panel,
+    )
+    settings = {
+        "object_mask_threshold": object_mask_threshold,
+        "overlap_threshold": overlap_threshold,
+        "iou_score_weight": iou_score_weight,
+        "instance_topk": instance_topk or None,
+        "test_size": getattr(dataset.transform, "test_size", None),
+        "world_size": world,
+        **(extra_settings or {}),
+    }
 
     was_training = model.training
     model.to(device).eval()
     try:
-        with tqdm(total=len(shard), desc=f"evaluate[{rank}]" if world > 1 else "evaluate",
-                  disable=not progress) as bar:
-            part = _evaluate_shard(model, dataset, shard, categories, device, settings, outputs,
-                                   batch_size, num_workers, bar)
+        with tqdm(
+            total=len(shard),
+            desc=f"evaluate[{rank}]" if world > 1 else "evaluate",
+            disable=not progress,
+        ) as bar:
+            part = _evaluate_shard(
+                model,
+                dataset,
+                shard,
+                categories,
+                device,
+                settings,
+                outputs,
+                batch_size,
+                num_workers,
+                bar,
+            )
     finally:
         model.train(was_training)
 
@@ -311,7 +402,10 @@ def evaluate_model(
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if png_dir is not None:
             all_annotations = [a for part in gathered for a in part["annotations"]]
-            (out_dir / "predictions.json").write_text(json.dumps(
-                {"annotations": all_annotations, "categories": categories_to_json(categories)},
-                indent=1))
+            (out_dir / "predictions.json").write_text(
+                json.dumps(
+                    {"annotations": all_annotations, "categories": categories_to_json(categories)},
+                    indent=1,
+                )
+            )
     return metrics

@@ -85,12 +85,15 @@ def panoptic_merge(
     """
     num_classes = len(isthing)
     if pred_logits.ndim != 2 or pred_logits.shape[1] != num_classes + 1:
-        raise ValueError(f"pred_logits must be [Q, K + 1] = [Q, {num_classes + 1}] for "
-                         f"{num_classes} categories, got {tuple(pred_logits.shape)}")
+        raise ValueError(
+            f"pred_logits must be [Q, K + 1] = [Q, {num_classes + 1}] for "
+            f"{num_classes} categories, got {tuple(pred_logits.shape)}"
+        )
     num_queries = pred_logits.shape[0]
     if pred_masks.ndim != 3 or pred_masks.shape[0] != num_queries:
-        raise ValueError(f"pred_masks must be [Q={num_queries}, H, W], got "
-                         f"{tuple(pred_masks.shape)}")
+        raise ValueError(
+            f"pred_masks must be [Q={num_queries}, H, W], got {tuple(pred_masks.shape)}"
+        )
     if pred_iou is not None and tuple(pred_iou.shape) != (num_queries,):
         raise ValueError(f"pred_iou must be [Q={num_queries}], got {tuple(pred_iou.shape)}")
 
@@ -121,8 +124,12 @@ def panoptic_merge(
         if not isthing[label] and label in stuff_segment:
             id_map[mask] = stuff_segment[label]["id"]
             continue
-        segment = {"id": len(segments) + 1, "category_id": label, "isthing": bool(isthing[label]),
-                   "score": float(scores[query])}
+        segment = {
+            "id": len(segments) + 1,
+            "category_id": label,
+            "isthing": bool(isthing[label]),
+            "score": float(scores[query]),
+        }
         id_map[mask] = segment["id"]
         segments.append(segment)
         if not isthing[label]:
@@ -161,8 +168,13 @@ def mask_logits_to_original(
     if view_from_orig.shape != (3, 3):
         raise ValueError(f"transform must be a 3x3 matrix, got shape {view_from_orig.shape}")
     matrix = np.linalg.inv(view_from_orig) @ grid_to_input
-    out, _ = warp_affine(mask_logits.float(), matrix, (int(orig_size[0]), int(orig_size[1])),
-                         "bilinear", fill=OUTSIDE_LOGIT)
+    out, _ = warp_affine(
+        mask_logits.float(),
+        matrix,
+        (int(orig_size[0]), int(orig_size[1])),
+        "bilinear",
+        fill=OUTSIDE_LOGIT,
+    )
     return out
 
 
@@ -190,10 +202,14 @@ def postprocess(
             raise KeyError(f"sample has no {key!r}")
     if input_size is None:
         input_size = tuple(sample["image"].shape[-2:])
-    masks = mask_logits_to_original(outputs["pred_masks"], sample["transform"], input_size,
-                                    tuple(sample["orig_size"]))
-    return {"pred_logits": outputs["pred_logits"], "pred_masks": masks,
-            "pred_iou": outputs.get("pred_iou")}
+    masks = mask_logits_to_original(
+        outputs["pred_masks"], sample["transform"], input_size, tuple(sample["orig_size"])
+    )
+    return {
+        "pred_logits": outputs["pred_logits"],
+        "pred_masks": masks,
+        "pred_iou": outputs.get("pred_iou"),
+    }
 
 
 def unbatch_outputs(outputs: Mapping[str, Any]) -> list[dict[str, Tensor | None]]:
@@ -201,8 +217,14 @@ def unbatch_outputs(outputs: Mapping[str, Any]) -> list[dict[str, Tensor | None]
     and ``pred_iou [B, Q]`` (other keys, e.g. ``aux_outputs``, are dropped)."""
     batch = outputs["pred_logits"].shape[0]
     iou = outputs.get("pred_iou")
-    return [{"pred_logits": outputs["pred_logits"][b], "pred_masks": outputs["pred_masks"][b],
-             "pred_iou": None if iou is None else iou[b]} for b in range(batch)]
+    return [
+        {
+            "pred_logits": outputs["pred_logits"][b],
+            "pred_masks": outputs["pred_masks"][b],
+            "pred_iou": None if iou is None else iou[b],
+        }
+        for b in range(batch)
+    ]
 
 
 def pad_images(images: Sequence[Tensor]) -> Tensor:
@@ -215,8 +237,9 @@ def pad_images(images: Sequence[Tensor]) -> Tensor:
     return batch
 
 
-def _drop_unused_queries(outputs: dict[str, Tensor | None], object_mask_threshold: float
-                         ) -> dict[str, Tensor | None]:
+def _drop_unused_queries(
+    outputs: dict[str, Tensor | None], object_mask_threshold: float
+) -> dict[str, Tensor | None]:
     """Keep the queries :func:`panoptic_merge` would keep by class alone (before upsampling)."""
     class_prob, labels = outputs["pred_logits"].float().softmax(-1).max(-1)
     keep = (labels != outputs["pred_logits"].shape[-1] - 1) & (class_prob > object_mask_threshold)
@@ -235,9 +258,9 @@ def forward_pixels(model: torch.nn.Module, images: Tensor) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def forward_samples(model: torch.nn.Module, samples: Sequence[Mapping[str, Any]],
-                    device: torch.device | str
-                    ) -> tuple[list[dict[str, Tensor | None]], tuple[int, int]]:
+def forward_samples(
+    model: torch.nn.Module, samples: Sequence[Mapping[str, Any]], device: torch.device | str
+) -> tuple[list[dict[str, Tensor | None]], tuple[int, int]]:
     """Model forward on a list of eval-transformed samples.
 
     The views are zero-padded to a common size and run through ``model`` by
@@ -268,9 +291,15 @@ def panoptic_from_outputs(
     to the original size (:func:`postprocess`) and merged."""
     out = _drop_unused_queries(outputs, object_mask_threshold)
     full = postprocess(out, sample, input_size)
-    return panoptic_merge(full["pred_logits"], full["pred_masks"], full["pred_iou"], isthing,
-                          object_mask_threshold=object_mask_threshold,
-                          overlap_threshold=overlap_threshold, iou_score_weight=iou_score_weight)
+    return panoptic_merge(
+        full["pred_logits"],
+        full["pred_masks"],
+        full["pred_iou"],
+        isthing,
+        object_mask_threshold=object_mask_threshold,
+        overlap_threshold=overlap_threshold,
+        iou_score_weight=iou_score_weight,
+    )
 
 
 @torch.no_grad()
@@ -290,8 +319,9 @@ def thing_queries_at_original(
     """
     queries, labels, class_prob = select_thing_queries(outputs["pred_logits"], isthing, topk)
     unique, inverse = queries.unique(return_inverse=True)
-    masks = mask_logits_to_original(outputs["pred_masks"][unique], sample["transform"],
-                                    input_size, tuple(sample["orig_size"]))
+    masks = mask_logits_to_original(
+        outputs["pred_masks"][unique], sample["transform"], input_size, tuple(sample["orig_size"])
+    )
     return masks, labels, class_prob, inverse
 
 
@@ -313,11 +343,18 @@ def run_panoptic_inference(
     if not samples:
         return []
     outputs, input_size = forward_samples(model, samples, device)
-    return [panoptic_from_outputs(out, sample, input_size, isthing,
-                                  object_mask_threshold=object_mask_threshold,
-                                  overlap_threshold=overlap_threshold,
-                                  iou_score_weight=iou_score_weight)
-            for out, sample in zip(outputs, samples)]
+    return [
+        panoptic_from_outputs(
+            out,
+            sample,
+            input_size,
+            isthing,
+            object_mask_threshold=object_mask_threshold,
+            overlap_threshold=overlap_threshold,
+            iou_score_weight=iou_score_weight,
+        )
+        for out, sample in zip(outputs, samples)
+    ]
 
 
 def to_coco_panoptic(
@@ -342,11 +379,20 @@ def to_coco_panoptic(
     for i, seg in enumerate(segments_info):
         train_id = int(seg["category_id"])
         if not 0 <= train_id < len(categories):
-            raise ValueError(f"segments_info[{i}] has category_id (train id) {train_id}, "
-                             f"outside [0, {len(categories)})")
+            raise ValueError(
+                f"segments_info[{i}] has category_id (train id) {train_id}, "
+                f"outside [0, {len(categories)})"
+            )
         cat = categories[train_id]
         area = seg["area"] if "area" in seg else (ids == seg["id"]).sum()
-        out.append({"id": int(seg["id"]), "category_id": int(cat.id), "iscrowd": 0,
-                    "isthing": bool(cat.isthing), "area": int(area),
-                    "score": float(seg.get("score", 1.0))})
+        out.append(
+            {
+                "id": int(seg["id"]),
+                "category_id": int(cat.id),
+                "iscrowd": 0,
+                "isthing": bool(cat.isthing),
+                "area": int(area),
+                "score": float(seg.get("score", 1.0)),
+            }
+        )
     return id_to_rgb(ids), out

@@ -22,8 +22,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-__all__ = ["encode_mask", "gt_thing_annotations", "thing_detections", "select_thing_queries",
-           "coco_instance_ap"]
+__all__ = [
+    "encode_mask",
+    "gt_thing_annotations",
+    "thing_detections",
+    "select_thing_queries",
+    "coco_instance_ap",
+]
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 
@@ -33,8 +38,9 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     return mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
 
 
-def gt_thing_annotations(gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
-                         image_id: int) -> list[dict[str, Any]]:
+def gt_thing_annotations(
+    gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]], image_id: int
+) -> list[dict[str, Any]]:
     """COCO instance annotations of the thing segments of one panoptic GT image.
 
     Arguments:
@@ -55,14 +61,22 @@ def gt_thing_annotations(gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, 
         if not mask.any():
             continue
         rle = encode_mask(mask)
-        out.append({"image_id": int(image_id), "category_id": int(seg["train_id"]),
-                    "segmentation": rle, "area": float(mask_util.area(rle)),
-                    "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": int(bool(seg["iscrowd"]))})
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(seg["train_id"]),
+                "segmentation": rle,
+                "area": float(mask_util.area(rle)),
+                "bbox": mask_util.toBbox(rle).tolist(),
+                "iscrowd": int(bool(seg["iscrowd"])),
+            }
+        )
     return out
 
 
-def select_thing_queries(pred_logits: Tensor, isthing: Sequence[bool], topk: int
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+def select_thing_queries(
+    pred_logits: Tensor, isthing: Sequence[bool], topk: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """The ``topk`` best (query, thing class) pairs of one image by class probability.
 
     Arguments:
@@ -74,18 +88,26 @@ def select_thing_queries(pred_logits: Tensor, isthing: Sequence[bool], topk: int
     """
     num_classes = len(isthing)
     if pred_logits.ndim != 2 or pred_logits.shape[1] != num_classes + 1:
-        raise ValueError(f"pred_logits must be [Q, K + 1] = [Q, {num_classes + 1}], got "
-                         f"{tuple(pred_logits.shape)}")
-    things = torch.tensor([i for i, t in enumerate(isthing) if t], dtype=torch.int64,
-                          device=pred_logits.device)
+        raise ValueError(
+            f"pred_logits must be [Q, K + 1] = [Q, {num_classes + 1}], got "
+            f"{tuple(pred_logits.shape)}"
+        )
+    things = torch.tensor(
+        [i for i, t in enumerate(isthing) if t], dtype=torch.int64, device=pred_logits.device
+    )
     probs = pred_logits.float().softmax(-1)[:, things]  # [Q, T]
     k = min(int(topk), probs.numel())
     scores, flat = probs.flatten().topk(k)
     return flat // len(things), things[flat % len(things)], scores
 
 
-def thing_detections(mask_logits: Tensor, labels: Tensor, class_prob: Tensor, image_id: int,
-                     query_index: Tensor | None = None) -> list[dict[str, Any]]:
+def thing_detections(
+    mask_logits: Tensor,
+    labels: Tensor,
+    class_prob: Tensor,
+    image_id: int,
+    query_index: Tensor | None = None,
+) -> list[dict[str, Any]]:
     """COCO results of one image from selected thing queries.
 
     Arguments:
@@ -112,15 +134,24 @@ def thing_detections(mask_logits: Tensor, labels: Tensor, class_prob: Tensor, im
     for i, row in enumerate(query_index.tolist()):
         if int(area[row]) == 0:
             continue
-        out.append({"image_id": int(image_id), "category_id": int(labels[i]),
-                    "segmentation": rles[row], "score": scores[i]})
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(labels[i]),
+                "segmentation": rles[row],
+                "score": scores[i],
+            }
+        )
     return out
 
 
-def coco_instance_ap(gt_annotations: Sequence[Mapping[str, Any]],
-                     detections: Sequence[Mapping[str, Any]],
-                     images: Sequence[tuple[int, int, int]], thing_classes: Sequence[int], names: Mapping[int, str] | None = None
-                     ) -> dict[str, Any]:
+def coco_instance_ap(
+    gt_annotations: Sequence[Mapping[str, Any]],
+    detections: Sequence[Mapping[str, Any]],
+    images: Sequence[tuple[int, int, int]],
+    thing_classes: Sequence[int],
+    names: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
     """COCOeval ``segm`` AP (percent) of ``detections`` against ``gt_annotations``.
 
     Arguments:

@@ -199,8 +199,10 @@ def pq_single_image(
     gt_ids = np.asarray(gt_ids).astype(np.int64)
     pred_ids = np.asarray(pred_ids).astype(np.int64)
     if gt_ids.shape != pred_ids.shape or gt_ids.ndim != 2:
-        raise ValueError(f"image {image_id}: GT id map {gt_ids.shape} and prediction "
-                         f"{pred_ids.shape} must be 2-D of equal size")
+        raise ValueError(
+            f"image {image_id}: GT id map {gt_ids.shape} and prediction "
+            f"{pred_ids.shape} must be 2-D of equal size"
+        )
     gt_segms = _segments_by_id(gt_segments, f"image {image_id}: GT")
     pred_segms = _segments_by_id(pred_segments, f"image {image_id}: prediction")
     known = None if category_ids is None else {int(c) for c in category_ids}
@@ -211,18 +213,23 @@ def pq_single_image(
     if set(pred_area) != set(pred_segms):
         only_png = sorted(set(pred_area) - set(pred_segms))
         only_json = sorted(set(pred_segms) - set(pred_area))
-        raise ValueError(f"image {image_id}: predicted ids {only_png} are in the PNG but not in "
-                         f"segments_info, ids {only_json} in segments_info but not in the PNG")
+        raise ValueError(
+            f"image {image_id}: predicted ids {only_png} are in the PNG but not in "
+            f"segments_info, ids {only_json} in segments_info but not in the PNG"
+        )
     for seg_id, seg in pred_segms.items():
         if known is not None and int(seg["category_id"]) not in known:
-            raise ValueError(f"image {image_id}: predicted segment {seg_id} has unknown "
-                             f"category_id {seg['category_id']}")
+            raise ValueError(
+                f"image {image_id}: predicted segment {seg_id} has unknown "
+                f"category_id {seg['category_id']}"
+            )
     gt_area = dict(zip(*(a.tolist() for a in np.unique(gt_ids, return_counts=True))))
     gt_area.pop(VOID, None)
     unlisted = sorted(set(gt_area) - set(gt_segms))
     if unlisted:
-        raise ValueError(f"image {image_id}: GT ids {unlisted} are in the PNG but not in "
-                         f"segments_info")
+        raise ValueError(
+            f"image {image_id}: GT ids {unlisted} are in the PNG but not in segments_info"
+        )
 
     # intersections of every (gt, pred) id pair, including void on either side
     joint = gt_ids * OFFSET + pred_ids
@@ -293,8 +300,9 @@ def _evaluate_pairs(
         image_id = gt_ann["image_id"]
         gt = load_panoptic_png(Path(gt_png_dir) / gt_ann["file_name"])
         pred = load_panoptic_png(Path(pred_png_dir) / pred_ann["file_name"])
-        stat += pq_single_image(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"],
-                                category_ids, image_id)
+        stat += pq_single_image(
+            gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], category_ids, image_id
+        )
     return stat
 
 
@@ -324,20 +332,24 @@ def evaluate_from_files(
     pred = _load_json(pred_json)
     for name, data in (("gt_json", gt), ("pred_json", pred)):
         if "annotations" not in data:
-            raise ValueError(f"{name} {gt_json if name == 'gt_json' else pred_json} has no "
-                             f"'annotations' field")
+            raise ValueError(
+                f"{name} {gt_json if name == 'gt_json' else pred_json} has no 'annotations' field"
+            )
     if "categories" not in gt:
         raise ValueError(f"gt_json {gt_json} has no 'categories' field")
-    categories = [PQCategory(int(c["id"]), str(c.get("name", c["id"])), bool(c.get("isthing", 0)))
-                  for c in gt["categories"]]
+    categories = [
+        PQCategory(int(c["id"]), str(c.get("name", c["id"])), bool(c.get("isthing", 0)))
+        for c in gt["categories"]
+    ]
     category_ids = [c.id for c in categories]
     # image ids are compared as strings (a JSON may hold 139 or "139")
     pred_by_image = {str(ann["image_id"]): ann for ann in pred["annotations"]}
     pairs = []
     for ann in gt["annotations"]:
         if str(ann["image_id"]) not in pred_by_image:
-            raise ValueError(f"pred_json {pred_json} has no prediction for image_id "
-                             f"{ann['image_id']!r}")
+            raise ValueError(
+                f"pred_json {pred_json} has no prediction for image_id {ann['image_id']!r}"
+            )
         pairs.append((ann, pred_by_image[str(ann["image_id"])]))
 
     if num_workers <= 0 or len(pairs) < 2:
@@ -346,8 +358,10 @@ def evaluate_from_files(
         chunks = [pairs[i::num_workers] for i in range(num_workers) if pairs[i::num_workers]]
         stat = PQStat()
         with ProcessPoolExecutor(max_workers=len(chunks)) as pool:
-            futures = [pool.submit(_evaluate_pairs, c, str(gt_png_dir), str(pred_png_dir),
-                                   category_ids) for c in chunks]
+            futures = [
+                pool.submit(_evaluate_pairs, c, str(gt_png_dir), str(pred_png_dir), category_ids)
+                for c in chunks
+            ]
             for fut in tqdm(futures, desc="PQ workers"):
                 stat += fut.result()
     return summarize_pq(stat, categories)

@@ -30,8 +30,13 @@ from pipeline.evaluation.inference import run_panoptic_inference, to_coco_panopt
 from pipeline.evaluation.pq import CategoryLike
 from pipeline.evaluation.visualize import overlay_panoptic, save_image
 
-__all__ = ["IMAGE_SUFFIXES", "PredictionSummary", "bare_sample", "predict_folder",
-           "categories_to_json"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PredictionSummary",
+    "bare_sample",
+    "predict_folder",
+    "categories_to_json",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +119,9 @@ def predict_folder(
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    files = sorted(p for p in image_dir.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
     png_dir, overlay_dir = out_dir / "panoptic", out_dir / "overlays"
     png_dir.mkdir(parents=True, exist_ok=True)
     if write_overlays:
@@ -139,23 +145,41 @@ def predict_folder(
         stems.add(path.stem)
         sample = transform(bare_sample(image, path.name))
         [(id_map, segments)] = run_panoptic_inference(
-            model, [sample], isthing, device, object_mask_threshold=object_mask_threshold,
-            overlap_threshold=overlap_threshold, iou_score_weight=iou_score_weight)
+            model,
+            [sample],
+            isthing,
+            device,
+            object_mask_threshold=object_mask_threshold,
+            overlap_threshold=overlap_threshold,
+            iou_score_weight=iou_score_weight,
+        )
         rgb, coco_segments = to_coco_panoptic(id_map, segments, categories)
         save_image(rgb, png_dir / f"{path.stem}.png")
         if write_overlays:
             ids = id_map.cpu().numpy()
-            save_image(overlay_panoptic(image, ids, coco_segments, categories),
-                       overlay_dir / f"{path.stem}.jpg")
-        annotations.append({"image_id": path.stem, "file_name": f"{path.stem}.png",
-                            "segments_info": coco_segments})
-        images.append({"id": path.stem, "file_name": path.name,
-                       "height": int(image.shape[0]), "width": int(image.shape[1])})
+            save_image(
+                overlay_panoptic(image, ids, coco_segments, categories),
+                overlay_dir / f"{path.stem}.jpg",
+            )
+        annotations.append(
+            {"image_id": path.stem, "file_name": f"{path.stem}.png", "segments_info": coco_segments}
+        )
+        images.append(
+            {
+                "id": path.stem,
+                "file_name": path.name,
+                "height": int(image.shape[0]),
+                "width": int(image.shape[1]),
+            }
+        )
         summary.num_predicted += 1
 
-    result = {"annotations": annotations, "images": images,
-              "categories": categories_to_json(categories),
-              "skipped": [{"file_name": n, "reason": r} for n, r in summary.skipped]}
+    result = {
+        "annotations": annotations,
+        "images": images,
+        "categories": categories_to_json(categories),
+        "skipped": [{"file_name": n, "reason": r} for n, r in summary.skipped],
+    }
     (out_dir / "predictions.json").write_text(json.dumps(result, indent=1))
     log.info("%s", summary)
     return summary

@@ -19,8 +19,9 @@ __all__ = ["IGNORE", "semantic_map", "confusion_matrix", "summarize_miou"]
 IGNORE = -1  # semantic label of void pixels (GT) and of uncovered pixels (prediction)
 
 
-def semantic_map(ids: np.ndarray, segments: Sequence[Mapping[str, Any]],
-                 key: str = "train_id") -> np.ndarray:
+def semantic_map(
+    ids: np.ndarray, segments: Sequence[Mapping[str, Any]], key: str = "train_id"
+) -> np.ndarray:
     """int64 ``[H, W]`` class map from a panoptic id map and its segments.
 
     Arguments:
@@ -53,11 +54,15 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.n
         raise ValueError(f"GT classes must be in [0, {num_classes}), got {gt.min()}..{gt.max()}")
     pred = np.where(pred == IGNORE, num_classes, pred)
     if pred.size and (pred.min() < 0 or pred.max() > num_classes):
-        raise ValueError(f"predicted classes must be in [0, {num_classes}), got "
-                         f"{pred.min()}..{pred.max()}")
+        raise ValueError(
+            f"predicted classes must be in [0, {num_classes}), got {pred.min()}..{pred.max()}"
+        )
     flat = pred * num_classes + gt
-    return np.bincount(flat, minlength=(num_classes + 1) * num_classes).reshape(
-        num_classes + 1, num_classes).astype(np.int64)
+    return (
+        np.bincount(flat, minlength=(num_classes + 1) * num_classes)
+        .reshape(num_classes + 1, num_classes)
+        .astype(np.int64)
+    )
 
 
 def summarize_miou(conf: np.ndarray, names: Sequence[str] | None = None) -> dict[str, Any]:

@@ -33,7 +33,12 @@ from pipeline.cache.fingerprint import TEACHER_INIT_SEED, resolve_layers
 from pipeline.cache.record import image_hwc, prompt_seed
 from pipeline.config import Config
 from pipeline.data.coco_panoptic import PanopticDataset
-from pipeline.teacher.extractor import TeacherExtractor, box_prompts, frame_scale, sample_stuff_points
+from pipeline.teacher.extractor import (
+    TeacherExtractor,
+    box_prompts,
+    frame_scale,
+    sample_stuff_points,
+)
 from pipeline.teacher.sam_builder import build_teacher, sha256_file
 
 __all__ = ["evaluate_teacher", "segment_iou", "summarize_teacher_eval"]
@@ -71,6 +76,7 @@ def summarize_teacher_eval(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
       ``num_segments``, ``miou``, ``miou_things``, ``miou_stuff``, ``miou_class_mean``,
       ``iou_pearson`` (None where undefined) and ``miou_per_class`` (train id -> mean).
     """
+
     def mean(vals: list[float]) -> float | None:
         return float(np.mean(vals)) if vals else None
 
@@ -91,9 +97,15 @@ def summarize_teacher_eval(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_teacher(cfg: Config, checkpoint: str | None, out_path: str | Path | None = None,
-                     *, split: str = "val", max_images: int | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+def evaluate_teacher(
+    cfg: Config,
+    checkpoint: str | None,
+    out_path: str | Path | None = None,
+    *,
+    split: str = "val",
+    max_images: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Prompted-mask quality of a teacher on ``split`` (see the module docstring).
 
     Arguments:
@@ -107,11 +119,18 @@ def evaluate_teacher(cfg: Config, checkpoint: str | None, out_path: str | Path |
     started = time.perf_counter()
     t = cfg.teacher
     sam = build_teacher(t.type, checkpoint, t.tiny, seed=TEACHER_INIT_SEED)
-    ext = TeacherExtractor(sam, resolve_layers(t), points_per_stuff=t.points_per_stuff,
-                           device=t.device)
+    ext = TeacherExtractor(
+        sam, resolve_layers(t), points_per_stuff=t.points_per_stuff, device=t.device
+    )
     image_dir, json_path, png_dir = cfg.split_paths(split)  # type: ignore[arg-type]
-    data = PanopticDataset(image_dir, json_path, png_dir, transform=None,
-                           on_bad_sample=cfg.data.on_bad_sample, require_segments=False)
+    data = PanopticDataset(
+        image_dir,
+        json_path,
+        png_dir,
+        transform=None,
+        on_bad_sample=cfg.data.on_bad_sample,
+        require_segments=False,
+    )
     isthing = [c.isthing for c in data.categories]
     n = len(data) if max_images is None else min(len(data), max_images)
     rows: list[dict[str, Any]] = []
@@ -142,17 +161,32 @@ def evaluate_teacher(cfg: Config, checkpoint: str | None, out_path: str | Path |
             low[things, 0], pred_iou[things] = lg.float(), iou.float()
         if stuff:
             seed = prompt_seed(sample["image_id"])
-            pts = np.stack([sample_stuff_points(masks[k].numpy(), t.points_per_stuff, seed,
-                                                int(sample["segment_ids"][k])) for k in stuff])
-            lg, iou = ext.decode(embedding, points=torch.as_tensor(
-                pts * scale, dtype=torch.float32, device=ext.device))
+            pts = np.stack(
+                [
+                    sample_stuff_points(
+                        masks[k].numpy(), t.points_per_stuff, seed, int(sample["segment_ids"][k])
+                    )
+                    for k in stuff
+                ]
+            )
+            lg, iou = ext.decode(
+                embedding,
+                points=torch.as_tensor(pts * scale, dtype=torch.float32, device=ext.device),
+            )
             low[stuff, 0], pred_iou[stuff] = lg.float(), iou.float()
         full = sam.postprocess_masks(low, resized, (H0, W0))[:, 0] > 0
         ious = segment_iou(full.cpu(), masks, sample["ignore"])
         for k in range(len(labels)):
-            rows.append({"image_id": sample["image_id"], "segment_id": int(sample["segment_ids"][k]),
-                         "train_id": int(labels[k]), "isthing": kinds[k],
-                         "iou": round(float(ious[k]), 6), "pred_iou": round(float(pred_iou[k]), 6)})
+            rows.append(
+                {
+                    "image_id": sample["image_id"],
+                    "segment_id": int(sample["segment_ids"][k]),
+                    "train_id": int(labels[k]),
+                    "isthing": kinds[k],
+                    "iou": round(float(ious[k]), 6),
+                    "pred_iou": round(float(pred_iou[k]), 6),
+                }
+            )
     result = {
         "split": split,
         "json": str(json_path),
@@ -160,8 +194,11 @@ def evaluate_teacher(cfg: Config, checkpoint: str | None, out_path: str | Path |
         "checkpoint": checkpoint,
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
         "weights": "checkpoint" if checkpoint else f"random init (seed {TEACHER_INIT_SEED})",
-        "prompts": {"things": "tight box", "stuff": f"{t.points_per_stuff} interior points",
-                    "output": "single mask, logits > 0 at the original resolution"},
+        "prompts": {
+            "things": "tight box",
+            "stuff": f"{t.points_per_stuff} interior points",
+            "output": "single mask, logits > 0 at the original resolution",
+        },
         "num_images": n,
         "skipped": skipped,
         **summarize_teacher_eval(rows),
@@ -172,8 +209,15 @@ def evaluate_teacher(cfg: Config, checkpoint: str | None, out_path: str | Path |
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1))
-    log.info("teacher %s on %s: mIoU %.4f (things %s, stuff %s) over %d segments, IoU-head "
-             "correlation %s", checkpoint or "random init", split, result["miou"] or math.nan,
-             result["miou_things"], result["miou_stuff"], result["num_segments"],
-             result["iou_pearson"])
+    log.info(
+        "teacher %s on %s: mIoU %.4f (things %s, stuff %s) over %d segments, IoU-head "
+        "correlation %s",
+        checkpoint or "random init",
+        split,
+        result["miou"] or math.nan,
+        result["miou_things"],
+        result["miou_stuff"],
+        result["num_segments"],
+        result["iou_pearson"],
+    )
     return result

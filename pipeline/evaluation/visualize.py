@@ -130,7 +130,7 @@ def side_by_side(
     x = 0
     offsets = []
     for p in panels:
-        canvas[title_height:, x:x + p.shape[1]] = p
+        canvas[title_height:, x : x + p.shape[1]] = p
         offsets.append(x)
         x += p.shape[1] + gap
     pil = Image.fromarray(canvas)

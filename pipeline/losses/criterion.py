@@ -54,8 +54,9 @@ def dice_loss(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> T
 
 
 @torch.no_grad()
-def mask_iou(pred_logits: Tensor, targets: Tensor, ignore: Tensor | None = None,
-             chunk_size: int = 16) -> Tensor:
+def mask_iou(
+    pred_logits: Tensor, targets: Tensor, ignore: Tensor | None = None, chunk_size: int = 16
+) -> Tensor:
     """IoU of binarised predictions (``logit > 0``) with bool targets, ignored pixels skipped.
 
     Arguments:
@@ -68,13 +69,24 @@ def mask_iou(pred_logits: Tensor, targets: Tensor, ignore: Tensor | None = None,
         Masks are processed ``chunk_size`` at a time to bound the full-resolution memory.
     """
     if pred_logits.shape[0] > chunk_size:
-        return torch.cat([
-            mask_iou(pred_logits[i:i + chunk_size], targets[i:i + chunk_size],
-                     None if ignore is None else ignore[i:i + chunk_size], chunk_size)
-            for i in range(0, pred_logits.shape[0], chunk_size)])
+        return torch.cat(
+            [
+                mask_iou(
+                    pred_logits[i : i + chunk_size],
+                    targets[i : i + chunk_size],
+                    None if ignore is None else ignore[i : i + chunk_size],
+                    chunk_size,
+                )
+                for i in range(0, pred_logits.shape[0], chunk_size)
+            ]
+        )
     if pred_logits.shape[-2:] != targets.shape[-2:]:
-        pred_logits = F.interpolate(pred_logits[:, None].float(), size=targets.shape[-2:],
-                                    mode="bilinear", align_corners=False)[:, 0]
+        pred_logits = F.interpolate(
+            pred_logits[:, None].float(),
+            size=targets.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0]
     pred = pred_logits > 0
     tgt = targets.bool()
     if ignore is not None:
@@ -138,20 +150,33 @@ class SetCriterion(nn.Module):
         class_weight[-1] = no_object_weight
         self.register_buffer("class_weight", class_weight, persistent=False)
 
-    def loss_cls(self, logits: Tensor, targets: Sequence[dict[str, Any]],
-                 indices: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    def loss_cls(
+        self,
+        logits: Tensor,
+        targets: Sequence[dict[str, Any]],
+        indices: Sequence[tuple[Tensor, Tensor]],
+    ) -> Tensor:
         """Weighted cross-entropy; unmatched queries target "no object". logits ``[B, Q, K+1]``."""
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=logits.device)
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )
         for b, (query_idx, target_idx) in enumerate(indices):
-            target_classes[b, query_idx.to(logits.device)] = targets[b]["labels"][target_idx.to(
-                targets[b]["labels"].device)].to(logits.device)
-        return F.cross_entropy(logits.float().transpose(1, 2), target_classes,
-                               weight=self.class_weight.to(logits.device))
+            target_classes[b, query_idx.to(logits.device)] = targets[b]["labels"][
+                target_idx.to(targets[b]["labels"].device)
+            ].to(logits.device)
+        return F.cross_entropy(
+            logits.float().transpose(1, 2),
+            target_classes,
+            weight=self.class_weight.to(logits.device),
+        )
 
-    def loss_masks(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Any]],
-                   indices: Sequence[tuple[Tensor, Tensor]],
-                   num_masks: float) -> dict[str, Tensor]:
+    def loss_masks(
+        self,
+        outputs: dict[str, Tensor],
+        targets: Sequence[dict[str, Any]],
+        indices: Sequence[tuple[Tensor, Tensor]],
+        num_masks: float,
+    ) -> dict[str, Tensor]:
         """BCE and dice at uncertainty-sampled points, and the IoU-score loss, for matched pairs."""
         pred_masks, pred_iou = outputs["pred_masks"], outputs["pred_iou"]
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
@@ -162,13 +187,17 @@ class SetCriterion(nn.Module):
         device = pred_masks.device
         src = pred_masks[batch_idx.to(device), query_idx.to(device)].float()  # [M, h, w]
         src_iou = pred_iou[batch_idx.to(device), query_idx.to(device)].float()  # [M]
-        tgt = torch.cat([t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)])
-        ignore = torch.cat([t["ignore"][None].expand(len(j), -1, -1)
-                            for t, (_, j) in zip(targets, indices)])
+        tgt = torch.cat(
+            [t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)]
+        )
+        ignore = torch.cat(
+            [t["ignore"][None].expand(len(j), -1, -1) for t, (_, j) in zip(targets, indices)]
+        )
         tgt, ignore = tgt.to(device), ignore.to(device)
 
-        coords = uncertainty_points(src, self.num_points, self.oversample_ratio,
-                                    self.importance_sample_ratio, ignore=ignore)
+        coords = uncertainty_points(
+            src, self.num_points, self.oversample_ratio, self.importance_sample_ratio, ignore=ignore
+        )
         point_logits = point_sample(src, coords)  # [M, P]
         point_targets = sample_pixels(tgt, coords)  # [M, P] bool
         valid = ~sample_pixels(ignore, coords)
@@ -179,16 +208,18 @@ class SetCriterion(nn.Module):
             "loss_iou": iou_score_loss(src_iou, target_iou).sum() / num_masks,
         }
 
-    def stage_losses(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Any]],
-                     num_masks: float) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+    def stage_losses(
+        self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Any]], num_masks: float
+    ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
         """Unweighted losses of one stage and its matching."""
         indices = self.matcher(outputs, targets)
         losses = {"loss_cls": self.loss_cls(outputs["pred_logits"], targets, indices)}
         losses.update(self.loss_masks(outputs, targets, indices, num_masks))
         return losses, indices
 
-    def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Any]]
-                ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+    def forward(
+        self, outputs: dict[str, Any], targets: Sequence[dict[str, Any]]
+    ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
         """
         Arguments:
             outputs: student head outputs (``pred_logits [B, Q, K+1]``, ``pred_masks
@@ -202,15 +233,19 @@ class SetCriterion(nn.Module):
         """
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         if logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(f"pred_logits has {logits.shape[-1]} classes, expected "
-                             f"num_classes + 1 = {self.num_classes + 1}")
+            raise ValueError(
+                f"pred_logits has {logits.shape[-1]} classes, expected "
+                f"num_classes + 1 = {self.num_classes + 1}"
+            )
         check_targets(targets, logits.shape[0])
         h, w = masks.shape[-2:]
         for b, t in enumerate(targets):
             H, W = t["masks"].shape[-2:]
             if H * w != W * h:
-                raise ValueError(f"targets[{b}]['masks'] is {H}x{W}, which does not cover the "
-                                 f"same extent as pred_masks {h}x{w}")
+                raise ValueError(
+                    f"targets[{b}]['masks'] is {H}x{W}, which does not cover the "
+                    f"same extent as pred_masks {h}x{w}"
+                )
         num_masks = num_masks_across_ranks(targets, logits.device)
 
         total: dict[str, Tensor] = {}

@@ -47,8 +47,10 @@ def affinity_matrix(feat: Tensor, subscale: float) -> Tensor:
     k = pool_factor(subscale)
     height, width = feat.shape[-2:]
     if height < k or width < k:
-        raise ValueError(f"fa_subscale={subscale} pools by {k}, but the feature map is only "
-                         f"{height}x{width}; use a larger fa_subscale or larger images")
+        raise ValueError(
+            f"fa_subscale={subscale} pools by {k}, but the feature map is only "
+            f"{height}x{width}; use a larger fa_subscale or larger images"
+        )
     feat = feat.float()
     if k > 1:
         feat = F.avg_pool2d(feat, kernel_size=k, stride=k)
@@ -70,11 +72,17 @@ def fa_loss(student_feat: Tensor, teacher_feat: Tensor, subscale: float) -> Tens
         samples of the per-sample loss for any batch size.
     """
     if student_feat.ndim != 4 or teacher_feat.ndim != 4:
-        raise ValueError(f"fa_loss expects [B, C, H, W] maps, got {tuple(student_feat.shape)} "
-                         f"and {tuple(teacher_feat.shape)}")
-    if student_feat.shape[0] != teacher_feat.shape[0] or \
-            student_feat.shape[-2:] != teacher_feat.shape[-2:]:
-        raise ValueError(f"fa_loss needs the same batch and spatial size, got "
-                         f"{tuple(student_feat.shape)} and {tuple(teacher_feat.shape)}")
+        raise ValueError(
+            f"fa_loss expects [B, C, H, W] maps, got {tuple(student_feat.shape)} "
+            f"and {tuple(teacher_feat.shape)}"
+        )
+    if (
+        student_feat.shape[0] != teacher_feat.shape[0]
+        or student_feat.shape[-2:] != teacher_feat.shape[-2:]
+    ):
+        raise ValueError(
+            f"fa_loss needs the same batch and spatial size, got "
+            f"{tuple(student_feat.shape)} and {tuple(teacher_feat.shape)}"
+        )
     diff = affinity_matrix(student_feat, subscale) - affinity_matrix(teacher_feat, subscale)
     return diff.abs().mean()

@@ -66,19 +66,28 @@ def check_targets(targets: Sequence[dict[str, Any]], batch: int) -> None:
                 raise ValueError(f"targets[{b}] has no {key!r}")
         masks, labels, ignore = t["masks"], t["labels"], t["ignore"]
         if masks.ndim != 3 or labels.ndim != 1 or masks.shape[0] != labels.shape[0]:
-            raise ValueError(f"targets[{b}]: 'masks' must be [N, H, W] and 'labels' [N], got "
-                             f"{tuple(masks.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"targets[{b}]: 'masks' must be [N, H, W] and 'labels' [N], got "
+                f"{tuple(masks.shape)} and {tuple(labels.shape)}"
+            )
         if ignore.shape != masks.shape[-2:]:
-            raise ValueError(f"targets[{b}]: 'ignore' must be [H, W] = {tuple(masks.shape[-2:])}, "
-                             f"got {tuple(ignore.shape)}")
+            raise ValueError(
+                f"targets[{b}]: 'ignore' must be [H, W] = {tuple(masks.shape[-2:])}, "
+                f"got {tuple(ignore.shape)}"
+            )
 
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising
     ``cost_class * C_cls + cost_mask * C_bce + cost_dice * C_dice``."""
 
-    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
-                 num_points: int = 12544) -> None:
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 5.0,
+        num_points: int = 12544,
+    ) -> None:
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("at least one matching cost weight must be non-zero")
@@ -95,16 +104,19 @@ class HungarianMatcher(nn.Module):
         pred = point_sample(masks.float().unsqueeze(0), coords.unsqueeze(0)).squeeze(0)  # [Q, P]
         tgt = sample_pixels(tgt_masks.to(masks.device), coords)  # [N, P] bool
         valid = ~sample_pixels(ignore.to(masks.device)[None], coords)[0]  # [P]
-        cost = (self.cost_class * cost_class(logits, labels)
-                + self.cost_mask * cost_mask_bce(pred, tgt, valid)
-                + self.cost_dice * cost_dice(pred, tgt, valid))
+        cost = (
+            self.cost_class * cost_class(logits, labels)
+            + self.cost_mask * cost_mask_bce(pred, tgt, valid)
+            + self.cost_dice * cost_dice(pred, tgt, valid)
+        )
         if not torch.isfinite(cost).all():
             raise ValueError("matching cost is not finite; the predictions contain NaN or inf")
         return cost
 
     @torch.no_grad()
-    def forward(self, outputs: dict[str, Tensor],
-                targets: Sequence[dict[str, Any]]) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Any]]
+    ) -> list[tuple[Tensor, Tensor]]:
         """
         Arguments:
             outputs: ``pred_logits [B, Q, K+1]`` and ``pred_masks [B, Q, h, w]``.
@@ -125,6 +137,7 @@ class HungarianMatcher(nn.Module):
                 continue
             cost = self.cost_matrix(logits[b], masks[b], target)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64),
-                            torch.as_tensor(cols, dtype=torch.int64)))
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
         return indices

@@ -28,9 +28,16 @@ def point_sample(input: Tensor, coords: Tensor, mode: str = "bilinear") -> Tenso
     squeeze = input.ndim == 3
     if squeeze:
         input = input.unsqueeze(1)
-    if input.ndim != 4 or coords.ndim != 3 or coords.shape[-1] != 2 or coords.shape[0] != input.shape[0]:
-        raise ValueError(f"point_sample expects input [N, C, H, W] and coords [N, P, 2], got "
-                         f"{tuple(input.shape)} and {tuple(coords.shape)}")
+    if (
+        input.ndim != 4
+        or coords.ndim != 3
+        or coords.shape[-1] != 2
+        or coords.shape[0] != input.shape[0]
+    ):
+        raise ValueError(
+            f"point_sample expects input [N, C, H, W] and coords [N, P, 2], got "
+            f"{tuple(input.shape)} and {tuple(coords.shape)}"
+        )
     grid = (2.0 * coords - 1.0).unsqueeze(2).to(input.dtype)  # [N, P, 1, 2]
     out = F.grid_sample(input, grid, mode=mode, padding_mode="border", align_corners=False)
     out = out.squeeze(3)
@@ -56,8 +63,10 @@ def sample_pixels(maps: Tensor, coords: Tensor) -> Tensor:
     if coords.ndim == 2:
         return maps[:, rows, cols]
     if coords.ndim != 3 or coords.shape[0] != maps.shape[0]:
-        raise ValueError(f"sample_pixels expects coords [P, 2] or [N={maps.shape[0]}, P, 2], "
-                         f"got {tuple(coords.shape)}")
+        raise ValueError(
+            f"sample_pixels expects coords [P, 2] or [N={maps.shape[0]}, P, 2], "
+            f"got {tuple(coords.shape)}"
+        )
     index = torch.arange(maps.shape[0], device=maps.device)[:, None]
     return maps[index, rows, cols]
 
@@ -91,8 +100,10 @@ def uncertainty_points(
         ``[N, num_points, 2]`` points ``(x, y)`` in ``[0, 1]``.
     """
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, got "
-                         f"{oversample_ratio} and {importance_sample_ratio}")
+        raise ValueError(
+            f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, got "
+            f"{oversample_ratio} and {importance_sample_ratio}"
+        )
     num = logits.shape[0]
     device = logits.device
     num_sampled = int(num_points * oversample_ratio)

@@ -35,8 +35,13 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-               alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
     """Sigmoid focal loss (torchvision's) averaged over each mask's valid pixels: ``[K, M]``."""
     tgt = target[:, None].expand_as(logits).to(logits.dtype)
     w = _expand(valid, logits)
@@ -56,10 +61,16 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
     return 1 - num / den
 
 
-def promptable_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
-                    valid: torch.Tensor, focal_weight: float = 20.0, dice_weight: float = 1.0,
-                    iou_weight: float = 1.0, focal_alpha: float = 0.25
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def promptable_loss(
+    logits: torch.Tensor,
+    iou_pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    focal_weight: float = 20.0,
+    dice_weight: float = 1.0,
+    iou_weight: float = 1.0,
+    focal_alpha: float = 0.25,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The weighted loss terms of one round of prompts.
 
     Arguments:

@@ -20,9 +20,10 @@ from typing import Any
 __all__ = ["TASK_TERMS", "DISTILL_TERMS", "loss_weight_table"]
 
 TASK_TERMS = ("loss_cls", "loss_mask", "loss_dice", "loss_iou")  # SetCriterion's terms
-DISTILL_TERMS = {"loss_resolution_distill": ("loss_sr", "loss_fa"),
-                 "loss_sam_distill": ("loss_feat_distill", "loss_cls_distill",
-                                      "loss_mask_distill")}  # total -> its logged parts
+DISTILL_TERMS = {
+    "loss_resolution_distill": ("loss_sr", "loss_fa"),
+    "loss_sam_distill": ("loss_feat_distill", "loss_cls_distill", "loss_mask_distill"),
+}  # total -> its logged parts
 
 
 def loss_weight_table(model_cfg: Any) -> dict[str, float]:
@@ -32,8 +33,12 @@ def loss_weight_table(model_cfg: Any) -> dict[str, float]:
     ``use_sam_distill``. The order is the summation order of the total.
     """
     lc = model_cfg.loss
-    table = {"loss_cls": float(lc.cls_weight), "loss_mask": float(lc.mask_weight),
-             "loss_dice": float(lc.dice_weight), "loss_iou": float(lc.iou_weight)}
+    table = {
+        "loss_cls": float(lc.cls_weight),
+        "loss_mask": float(lc.mask_weight),
+        "loss_dice": float(lc.dice_weight),
+        "loss_iou": float(lc.iou_weight),
+    }
     if model_cfg.use_resolution_distill:
         table["loss_resolution_distill"] = 1.0
     if model_cfg.use_sam_distill:

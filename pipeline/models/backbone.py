@@ -21,8 +21,9 @@ __all__ = ["TimmBackbone", "RegNetBackbone", "REQUIRED_STRIDES", "pretrained_mea
 REQUIRED_STRIDES = (4, 8, 16, 32)
 
 
-def pretrained_mean_std(body: nn.Module, name: str
-                        ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+def pretrained_mean_std(
+    body: nn.Module, name: str
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """RGB ``(mean, std)`` in [0, 1] units from the timm pretrained config of ``body``/``name``.
 
     Falls back to timm's ImageNet defaults when the model has no pretrained config.
@@ -33,8 +34,10 @@ def pretrained_mean_std(body: nn.Module, name: str
     mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_DEFAULT_MEAN))
     std = tuple(float(v) for v in cfg.get("std", IMAGENET_DEFAULT_STD))
     if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"model.backbone.name: timm model {name!r} has a pretrained config with "
-                         f"mean {mean} and std {std}; the student needs 3-channel RGB values")
+        raise ValueError(
+            f"model.backbone.name: timm model {name!r} has a pretrained config with "
+            f"mean {mean} and std {std}; the student needs 3-channel RGB values"
+        )
     return mean, std  # type: ignore[return-value]
 
 
@@ -55,7 +58,8 @@ def _check_checkpoint_fits(body: nn.Module, path: Path, name: str) -> None:
         raise ValueError(
             f"model.backbone.pretrained_path: {path} does not hold weights of the timm model "
             f"{name!r}: {len(missing)} missing (e.g. {missing[:3]}), {len(mismatched)} with another "
-            f"shape (e.g. {mismatched[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+            f"shape (e.g. {mismatched[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
 
 
 class TimmBackbone(nn.Module):
@@ -92,32 +96,41 @@ class TimmBackbone(nn.Module):
         """
         super().__init__()
         if not timm.is_model(name):
-            raise ValueError(f"model.backbone.name: {name!r} is not a timm model (e.g. "
-                             "regnetx_002, resnet18, mobilenetv3_large_100, efficientnet_b0)")
+            raise ValueError(
+                f"model.backbone.name: {name!r} is not a timm model (e.g. "
+                "regnetx_002, resnet18, mobilenetv3_large_100, efficientnet_b0)"
+            )
         kwargs: dict = {}
         if pretrained_path is not None:
             path = Path(pretrained_path)
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"model.backbone.pretrained_path: no checkpoint file at {path}")
+                    f"model.backbone.pretrained_path: no checkpoint file at {path}"
+                )
             kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
         try:
-            self.body = timm.create_model(name, features_only=True,
-                                          out_indices=tuple(out_indices), **kwargs)
+            self.body = timm.create_model(
+                name, features_only=True, out_indices=tuple(out_indices), **kwargs
+            )
         except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
             if pretrained_path is None:
-                raise ValueError(f"model.backbone.name: timm cannot build {name!r} with "
-                                 f"features_only=True, out_indices={tuple(out_indices)}: "
-                                 f"{exc}") from exc
+                raise ValueError(
+                    f"model.backbone.name: timm cannot build {name!r} with "
+                    f"features_only=True, out_indices={tuple(out_indices)}: "
+                    f"{exc}"
+                ) from exc
             raise ValueError(
                 f"model.backbone.pretrained_path: {pretrained_path} does not hold weights of the "
-                f"timm model {name!r} (wrong architecture or not a state dict): {exc}") from exc
+                f"timm model {name!r} (wrong architecture or not a state dict): {exc}"
+            ) from exc
         strides = list(self.body.feature_info.reduction())
         if tuple(strides) != REQUIRED_STRIDES:
-            raise ValueError(f"model.backbone.name: timm model {name!r} gives features at strides "
-                             f"{strides}; the student needs {list(REQUIRED_STRIDES)} (a "
-                             "convolutional backbone such as regnetx_002, resnet18, "
-                             "mobilenetv3_large_100, efficientnet_b0)")
+            raise ValueError(
+                f"model.backbone.name: timm model {name!r} gives features at strides "
+                f"{strides}; the student needs {list(REQUIRED_STRIDES)} (a "
+                "convolutional backbone such as regnetx_002, resnet18, "
+                "mobilenetv3_large_100, efficientnet_b0)"
+            )
         if pretrained_path is not None:
             _check_checkpoint_fits(self.body, Path(pretrained_path), name)
         self.name = name

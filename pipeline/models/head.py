@@ -75,14 +75,18 @@ class DynamicSeparableConv(nn.Module):
         """
         batch, num_queries, dim = value.shape
         if num_queries != self.num_queries:
-            raise ValueError(f"DynamicSeparableConv built for {self.num_queries} queries, "
-                             f"got {num_queries}")
+            raise ValueError(
+                f"DynamicSeparableConv built for {self.num_queries} queries, got {num_queries}"
+            )
         weights = self.weight_generator(query)
-        pointwise = weights[..., :num_queries] * num_queries ** -0.5  # [B, Q, Q]
+        pointwise = weights[..., :num_queries] * num_queries**-0.5  # [B, Q, Q]
         depthwise = weights[..., num_queries:]  # [B, Q, k]
-        out = F.conv1d(value.reshape(1, batch * num_queries, dim),
-                       depthwise.reshape(batch * num_queries, 1, self.kernel_size),
-                       padding=self.kernel_size // 2, groups=batch * num_queries)
+        out = F.conv1d(
+            value.reshape(1, batch * num_queries, dim),
+            depthwise.reshape(batch * num_queries, 1, self.kernel_size),
+            padding=self.kernel_size // 2,
+            groups=batch * num_queries,
+        )
         out = F.relu(out.reshape(batch, num_queries, dim))
         out = F.relu(torch.bmm(pointwise, out))
         return self.norm(out)
@@ -93,8 +97,9 @@ class FFN(nn.Module):
 
     def __init__(self, *, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True),
-                                    nn.Linear(hidden_dim, dim))
+        self.layers = nn.Sequential(
+            nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., dim]`` -> ``[..., dim]``."""
@@ -123,10 +128,15 @@ class ClassIoUPredictor(nn.Module):
 
     def __init__(self, *, dim: int, num_classes: int) -> None:
         super().__init__()
-        self.cls_branch = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim),
-                                        nn.ReLU(inplace=True), nn.Linear(dim, num_classes + 1))
-        self.iou_branch = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True),
-                                        nn.Linear(dim, 1))
+        self.cls_branch = nn.Sequential(
+            nn.Linear(dim, dim, bias=False),
+            nn.LayerNorm(dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(dim, num_classes + 1),
+        )
+        self.iou_branch = nn.Sequential(
+            nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, 1)
+        )
 
     def forward(self, kernels: Tensor) -> tuple[Tensor, Tensor]:
         return self.cls_branch(kernels), self.iou_branch(kernels).squeeze(-1).sigmoid()
@@ -141,23 +151,34 @@ class KernelUpdateStage(nn.Module):
     mask kernel, whose dot product with the features gives the new mask logits.
     """
 
-    def __init__(self, *, dim: int, num_queries: int, num_classes: int, ffn_dim: int,
-                 num_mask_fcs: int = 1, kernel_size: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_queries: int,
+        num_classes: int,
+        ffn_dim: int,
+        num_mask_fcs: int = 1,
+        kernel_size: int = 3,
+    ) -> None:
         super().__init__()
         self.pool_norm = nn.LayerNorm(dim)
-        self.feature_conv = DynamicSeparableConv(dim=dim, num_queries=num_queries,
-                                                 kernel_size=kernel_size)
+        self.feature_conv = DynamicSeparableConv(
+            dim=dim, num_queries=num_queries, kernel_size=kernel_size
+        )
         self.norm1 = nn.LayerNorm(dim)
-        self.query_conv = DynamicSeparableConv(dim=dim, num_queries=num_queries,
-                                                 kernel_size=kernel_size)
+        self.query_conv = DynamicSeparableConv(
+            dim=dim, num_queries=num_queries, kernel_size=kernel_size
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FFN(dim=dim, hidden_dim=ffn_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.predictor = ClassIoUPredictor(dim=dim, num_classes=num_classes)
         self.mask_embed = MaskEmbedding(dim=dim, num_layers=num_mask_fcs)
 
-    def forward(self, kernels: Tensor, mask_logits: Tensor,
-                features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, kernels: Tensor, mask_logits: Tensor, features: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """
         Arguments:
             kernels: ``[B, Q, C]``; mask_logits: ``[B, Q, H, W]``; features: ``[B, C, H, W]``.
@@ -182,13 +203,23 @@ class KernelHead(nn.Module):
     ``LayerNorm(kernels + mask_pool(masks, features))``, which also seeds stage 1.
     """
 
-    def __init__(self, *, num_classes: int, dim: int = 128, num_queries: int = 100,
-                 num_stages: int = 3, ffn_dim: int = 512, num_mask_fcs: int = 1,
-                 kernel_size: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        dim: int = 128,
+        num_queries: int = 100,
+        num_stages: int = 3,
+        ffn_dim: int = 512,
+        num_mask_fcs: int = 1,
+        kernel_size: int = 3,
+    ) -> None:
         super().__init__()
         if num_classes < 1 or num_queries < 1 or num_stages < 1:
-            raise ValueError(f"num_classes ({num_classes}), num_queries ({num_queries}) and "
-                             f"num_stages ({num_stages}) must be >= 1")
+            raise ValueError(
+                f"num_classes ({num_classes}), num_queries ({num_queries}) and "
+                f"num_stages ({num_stages}) must be >= 1"
+            )
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.num_stages = num_stages
@@ -197,10 +228,17 @@ class KernelHead(nn.Module):
         self.proposal_norm = nn.LayerNorm(dim)
         self.proposal_predictor = ClassIoUPredictor(dim=dim, num_classes=num_classes)
         self.stages = nn.ModuleList(
-            KernelUpdateStage(dim=dim, num_queries=num_queries, num_classes=num_classes,
-                              ffn_dim=ffn_dim, num_mask_fcs=num_mask_fcs, kernel_size=kernel_size)
-            for _ in range(num_stages))
-        nn.init.normal_(self.kernels.weight, std=dim ** -0.5)
+            KernelUpdateStage(
+                dim=dim,
+                num_queries=num_queries,
+                num_classes=num_classes,
+                ffn_dim=ffn_dim,
+                num_mask_fcs=num_mask_fcs,
+                kernel_size=kernel_size,
+            )
+            for _ in range(num_stages)
+        )
+        nn.init.normal_(self.kernels.weight, std=dim**-0.5)
 
     def forward(self, mask_features: Tensor) -> dict[str, Any]:
         """
@@ -212,8 +250,10 @@ class KernelHead(nn.Module):
             the last stage and ``aux_outputs``: the same three keys for stages 0..S-1.
         """
         if mask_features.ndim != 4 or mask_features.shape[1] != self.dim:
-            raise ValueError(f"KernelHead expects mask features [B, {self.dim}, H, W], "
-                             f"got {tuple(mask_features.shape)}")
+            raise ValueError(
+                f"KernelHead expects mask features [B, {self.dim}, H, W], "
+                f"got {tuple(mask_features.shape)}"
+            )
         batch = mask_features.shape[0]
         kernels = self.kernels.weight.unsqueeze(0).expand(batch, -1, -1)
         masks = torch.einsum("bqc,bchw->bqhw", kernels, mask_features)

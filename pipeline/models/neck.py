@@ -20,8 +20,9 @@ __all__ = ["ConvNormAct", "LevelFusion", "FPNNeck", "resize_to_stride", "coord_c
 class ConvNormAct(nn.Sequential):
     """Conv2d (no bias) -> GroupNorm -> optional ReLU."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 activation: bool = True) -> None:
+    def __init__(
+        self, *, in_channels: int, out_channels: int, kernel_size: int = 3, activation: bool = True
+    ) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
             nn.GroupNorm(math.gcd(32, out_channels), out_channels),
@@ -31,8 +32,9 @@ class ConvNormAct(nn.Sequential):
         super().__init__(*layers)
 
 
-def resize_to_stride(x: Tensor, from_stride: int, to_stride: int,
-                     size: tuple[int, int] | None = None) -> Tensor:
+def resize_to_stride(
+    x: Tensor, from_stride: int, to_stride: int, size: tuple[int, int] | None = None
+) -> Tensor:
     """Resample ``[B, C, h, w]`` at ``from_stride`` to ``to_stride`` (strides are powers of 2).
 
     Returns ``[B, C, h * from_stride / to_stride, w * from_stride / to_stride]``, or exactly
@@ -112,8 +114,10 @@ class FPNNeck(nn.Module):
     ) -> None:
         super().__init__()
         if len(in_channels) != len(strides):
-            raise ValueError(f"in_channels {list(in_channels)} and strides {list(strides)} "
-                             "must have the same length")
+            raise ValueError(
+                f"in_channels {list(in_channels)} and strides {list(strides)} "
+                "must have the same length"
+            )
         if mask_stride not in (4, 8):
             raise ValueError(f"model.neck.mask_stride must be 4 or 8, got {mask_stride}")
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
@@ -123,14 +127,15 @@ class FPNNeck(nn.Module):
         self.channels = channels
         self.mask_stride = mask_stride
         self.use_coord = use_coord
-        self.lateral = nn.ModuleList(
-            nn.Conv2d(c, channels, kernel_size=1) for c in in_channels)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, kernel_size=1) for c in in_channels)
         self.output = nn.ModuleList(
             ConvNormAct(in_channels=channels, out_channels=channels, kernel_size=3)
-            for _ in in_channels)
+            for _ in in_channels
+        )
         self.fusion = LevelFusion(num_levels=len(in_channels), learnable=use_learnable_fusion)
-        self.mask_conv = ConvNormAct(in_channels=channels + (2 if use_coord else 0),
-                                     out_channels=channels, kernel_size=3)
+        self.mask_conv = ConvNormAct(
+            in_channels=channels + (2 if use_coord else 0), out_channels=channels, kernel_size=3
+        )
         self.mask_proj = nn.Conv2d(channels, channels, kernel_size=1)
 
     def fusion_weights(self) -> Tensor | None:
@@ -147,19 +152,24 @@ class FPNNeck(nn.Module):
             ``mask_features``: ``[B, channels, H / mask_stride, W / mask_stride]``.
         """
         if len(features) != len(self.lateral):
-            raise ValueError(f"FPNNeck expects {len(self.lateral)} feature maps, got {len(features)}")
+            raise ValueError(
+                f"FPNNeck expects {len(self.lateral)} feature maps, got {len(features)}"
+            )
         for level, (x, c) in enumerate(zip(features, self.in_channels)):
             if x.shape[1] != c:
                 raise ValueError(f"FPNNeck level {level}: expected {c} channels, got {x.shape[1]}")
         laterals = [conv(x) for conv, x in zip(self.lateral, features)]
         for level in range(len(laterals) - 2, -1, -1):
             laterals[level] = laterals[level] + F.interpolate(
-                laterals[level + 1], size=laterals[level].shape[-2:], mode="nearest")
+                laterals[level + 1], size=laterals[level].shape[-2:], mode="nearest"
+            )
         levels = [conv(x) for conv, x in zip(self.output, laterals)]
 
         target = levels[self.strides.index(self.mask_stride)].shape[-2:]
-        resized = [resize_to_stride(x, s, self.mask_stride, size=target)
-                   for x, s in zip(levels, self.strides)]
+        resized = [
+            resize_to_stride(x, s, self.mask_stride, size=target)
+            for x, s in zip(levels, self.strides)
+        ]
         fused = self.fusion(resized)
         if self.use_coord:
             fused = torch.cat([fused, coord_channels(fused)], dim=1)

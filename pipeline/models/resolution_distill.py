@@ -47,8 +47,10 @@ class SRDecoder(nn.Module):
         """
         super().__init__()
         if in_channels < 1 or feat_channels < 1 or upscale < 1:
-            raise ValueError(f"SRDecoder needs positive sizes, got in_channels={in_channels}, "
-                             f"feat_channels={feat_channels}, upscale={upscale}")
+            raise ValueError(
+                f"SRDecoder needs positive sizes, got in_channels={in_channels}, "
+                f"feat_channels={feat_channels}, upscale={upscale}"
+            )
         self.upscale = upscale
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, feat_channels, 3, padding=1, bias=False),
@@ -103,8 +105,10 @@ class ResolutionDistiller(nn.Module):
         if not 0 < lr_scale < 1:
             raise ValueError(f"lr_scale must be in (0, 1), got {lr_scale}")
         if sr_loss_weight < 0 or fa_loss_weight < 0:
-            raise ValueError(f"loss weights must be >= 0, got sr_loss_weight={sr_loss_weight}, "
-                             f"fa_loss_weight={fa_loss_weight}")
+            raise ValueError(
+                f"loss weights must be >= 0, got sr_loss_weight={sr_loss_weight}, "
+                f"fa_loss_weight={fa_loss_weight}"
+            )
         self.sr_loss_weight = float(sr_loss_weight)
         self.fa_loss_weight = float(fa_loss_weight)
         self.fa_subscale = float(fa_subscale)
@@ -112,8 +116,11 @@ class ResolutionDistiller(nn.Module):
         self.mask_stride = int(mask_stride)
         self.size_divisibility = int(size_divisibility)
         # low-resolution mask grid -> full-resolution image
-        self.sr_decoder = SRDecoder(in_channels=in_channels, feat_channels=feat_channels,
-                                    upscale=max(1, round(mask_stride / lr_scale)))
+        self.sr_decoder = SRDecoder(
+            in_channels=in_channels,
+            feat_channels=feat_channels,
+            upscale=max(1, round(mask_stride / lr_scale)),
+        )
 
     def low_resolution(self, images_hr: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Down-scale by ``lr_scale`` (bilinear, antialiased) and zero-pad for the student.
@@ -124,16 +131,18 @@ class ResolutionDistiller(nn.Module):
         """
         height, width = images_hr.shape[-2:]
         h, w = max(1, round(height * self.lr_scale)), max(1, round(width * self.lr_scale))
-        small = F.interpolate(images_hr, size=(h, w), mode="bilinear", align_corners=False,
-                              antialias=True)
+        small = F.interpolate(
+            images_hr, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+        )
         d = self.size_divisibility
         pad_h, pad_w = -h % d, -w % d
         if pad_h or pad_w:
             small = F.pad(small, (0, pad_w, 0, pad_h))
         return small, (h, w)
 
-    def forward(self, student: nn.Module, images_hr: Tensor, feats_hr: dict[str, Any]
-                ) -> dict[str, Tensor]:
+    def forward(
+        self, student: nn.Module, images_hr: Tensor, feats_hr: dict[str, Any]
+    ) -> dict[str, Tensor]:
         """
         Arguments:
             student: any module with ``forward_features(images) -> {"mask_features": ...}``.
@@ -152,16 +161,18 @@ class ResolutionDistiller(nn.Module):
         images_lr, (h, w) = self.low_resolution(images_hr)
         feat_lr = student.forward_features(images_lr)["mask_features"]
         # keep the cells that cover the image content, not the padding
-        feat_lr = feat_lr[..., :math.ceil(h / self.mask_stride), :math.ceil(w / self.mask_stride)]
+        feat_lr = feat_lr[..., : math.ceil(h / self.mask_stride), : math.ceil(w / self.mask_stride)]
 
         recon = self.sr_decoder(feat_lr)
         if recon.shape[-2:] != images_hr.shape[-2:]:
-            recon = F.interpolate(recon, size=images_hr.shape[-2:], mode="bilinear",
-                                  align_corners=False)
+            recon = F.interpolate(
+                recon, size=images_hr.shape[-2:], mode="bilinear", align_corners=False
+            )
         loss_sr = F.mse_loss(recon.float(), images_hr.float())
 
-        feat_up = F.interpolate(feat_lr, size=target_feat.shape[-2:], mode="bilinear",
-                                align_corners=False)
+        feat_up = F.interpolate(
+            feat_lr, size=target_feat.shape[-2:], mode="bilinear", align_corners=False
+        )
         loss_fa = fa_loss(feat_up, target_feat, self.fa_subscale)
         total = self.sr_loss_weight * loss_sr + self.fa_loss_weight * loss_fa
         return {"loss_sr": loss_sr, "loss_fa": loss_fa, "loss_resolution_distill": total}

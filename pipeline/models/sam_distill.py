@@ -60,17 +60,22 @@ class SamDistiller(nn.Module):
         super().__init__()
         student_channels, teacher_channels = list(student_channels), list(teacher_channels)
         if not student_channels or not teacher_channels:
-            raise ValueError(f"need at least one student and one teacher level, got "
-                             f"student_channels={student_channels}, "
-                             f"teacher_channels={teacher_channels}")
+            raise ValueError(
+                f"need at least one student and one teacher level, got "
+                f"student_channels={student_channels}, "
+                f"teacher_channels={teacher_channels}"
+            )
         bad = [i for i in distill_feat_layers if not 0 <= i < len(teacher_channels)]
         if bad or len(set(distill_feat_layers)) != len(distill_feat_layers):
-            raise ValueError(f"model.sam_distill.distill_feat_layers={list(distill_feat_layers)}: "
-                             f"must be distinct teacher levels in [0, {len(teacher_channels)}) "
-                             f"(the cache has {len(teacher_channels)} levels)")
+            raise ValueError(
+                f"model.sam_distill.distill_feat_layers={list(distill_feat_layers)}: "
+                f"must be distinct teacher levels in [0, {len(teacher_channels)}) "
+                f"(the cache has {len(teacher_channels)} levels)"
+            )
         if temperature <= 0 or num_points < 1:
-            raise ValueError(f"need temperature > 0 and num_points >= 1, got {temperature} and "
-                             f"{num_points}")
+            raise ValueError(
+                f"need temperature > 0 and num_points >= 1, got {temperature} and {num_points}"
+            )
         self.teacher_channels = teacher_channels
         self.num_student_levels = len(student_channels)
         self.distill_feat_layers = [int(i) for i in distill_feat_layers]
@@ -78,18 +83,19 @@ class SamDistiller(nn.Module):
         self.output_distill_weight = float(output_distill_weight)
         self.temperature = float(temperature)
         self.num_points = int(num_points)
-        self.adapters = nn.ModuleDict({
-            str(i): nn.Conv2d(student_channels[self.student_level(i)], teacher_channels[i], 1)
-            for i in self.distill_feat_layers
-        })
+        self.adapters = nn.ModuleDict(
+            {
+                str(i): nn.Conv2d(student_channels[self.student_level(i)], teacher_channels[i], 1)
+                for i in self.distill_feat_layers
+            }
+        )
         self.stats: dict[str, int] = {"matched": 0, "distilled": 0, "skipped_not_cached": 0}
 
     def student_level(self, teacher_level: int) -> int:
         """The student neck level paired with a teacher level: ``min(i, L - 1)``."""
         return min(teacher_level, self.num_student_levels - 1)
 
-    def level_sizes(self, student_sizes: Sequence[tuple[int, int]]
-                    ) -> list[tuple[int, int] | None]:
+    def level_sizes(self, student_sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int] | None]:
         """Destination grid of every cached teacher level (None where not distilled).
 
         Arguments:
@@ -99,11 +105,15 @@ class SamDistiller(nn.Module):
             One entry per teacher level, for ``batch_warp_teacher_targets(level_sizes=...)``.
         """
         if len(student_sizes) != self.num_student_levels:
-            raise ValueError(f"expected {self.num_student_levels} student level sizes, got "
-                             f"{len(student_sizes)}")
-        return [tuple(int(v) for v in student_sizes[self.student_level(i)])
-                if i in self.distill_feat_layers else None
-                for i in range(len(self.teacher_channels))]
+            raise ValueError(
+                f"expected {self.num_student_levels} student level sizes, got {len(student_sizes)}"
+            )
+        return [
+            tuple(int(v) for v in student_sizes[self.student_level(i)])
+            if i in self.distill_feat_layers
+            else None
+            for i in range(len(self.teacher_channels))
+        ]
 
     def forward(
         self,
@@ -129,43 +139,63 @@ class SamDistiller(nn.Module):
             ``loss_sam_distill`` (weighted total).
         """
         if not isinstance(teacher, dict):
-            raise TypeError(f"teacher must be the dict returned by batch_warp_teacher_targets "
-                            f"for the batch, got {type(teacher).__name__}")
+            raise TypeError(
+                f"teacher must be the dict returned by batch_warp_teacher_targets "
+                f"for the batch, got {type(teacher).__name__}"
+            )
         neck = feats["neck_features"]
         if len(neck) != self.num_student_levels:
-            raise ValueError(f"student has {len(neck)} neck levels, SamDistiller was built for "
-                             f"{self.num_student_levels}")
+            raise ValueError(
+                f"student has {len(neck)} neck levels, SamDistiller was built for "
+                f"{self.num_student_levels}"
+            )
         if len(teacher["features"]) != len(self.teacher_channels):
-            raise ValueError(f"teacher has {len(teacher['features'])} feature levels, "
-                             f"SamDistiller was built for {len(self.teacher_channels)}")
+            raise ValueError(
+                f"teacher has {len(teacher['features'])} feature levels, "
+                f"SamDistiller was built for {len(self.teacher_channels)}"
+            )
 
         feat_terms = []
         for i in self.distill_feat_layers:
             t_map, t_valid = teacher["features"][i], teacher["feature_valid"][i]
             s_map = neck[self.student_level(i)]
-            if t_map is None or t_map.shape[-2:] != s_map.shape[-2:] or \
-                    t_map.shape[1] != self.teacher_channels[i]:
+            if (
+                t_map is None
+                or t_map.shape[-2:] != s_map.shape[-2:]
+                or t_map.shape[1] != self.teacher_channels[i]
+            ):
                 got = None if t_map is None else tuple(t_map.shape)
-                raise ValueError(f"teacher level {i} must be warped onto student level "
-                                 f"{self.student_level(i)} ([B, {self.teacher_channels[i]}, "
-                                 f"{s_map.shape[-2]}, {s_map.shape[-1]}]), got {got}")
+                raise ValueError(
+                    f"teacher level {i} must be warped onto student level "
+                    f"{self.student_level(i)} ([B, {self.teacher_channels[i]}, "
+                    f"{s_map.shape[-2]}, {s_map.shape[-1]}]), got {got}"
+                )
             adapted = self.adapters[str(i)](s_map)
             feat_terms.append(feat_distill_loss(adapted, t_map, t_valid))
-        loss_feat = torch.stack(feat_terms).mean() if feat_terms else \
-            neck[0].sum() * 0.0
+        loss_feat = torch.stack(feat_terms).mean() if feat_terms else neck[0].sum() * 0.0
 
         s_logits, t_logits, s_masks, t_masks, valid = self._pair_segments(
-            outputs, indices, targets, teacher)
+            outputs, indices, targets, teacher
+        )
         loss_cls = cls_distill_loss(s_logits, t_logits, self.temperature)
         loss_mask = mask_distill_loss(s_masks, t_masks, valid, self.temperature, self.num_points)
-        total = self.feat_distill_weight * loss_feat + \
-            self.output_distill_weight * (loss_cls + loss_mask)
-        return {"loss_feat_distill": loss_feat, "loss_cls_distill": loss_cls,
-                "loss_mask_distill": loss_mask, "loss_sam_distill": total}
+        total = self.feat_distill_weight * loss_feat + self.output_distill_weight * (
+            loss_cls + loss_mask
+        )
+        return {
+            "loss_feat_distill": loss_feat,
+            "loss_cls_distill": loss_cls,
+            "loss_mask_distill": loss_mask,
+            "loss_sam_distill": total,
+        }
 
-    def _pair_segments(self, outputs: dict[str, Any], indices: Sequence[tuple[Tensor, Tensor]],
-                       targets: Sequence[dict], teacher: dict[str, Any]
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _pair_segments(
+        self,
+        outputs: dict[str, Any],
+        indices: Sequence[tuple[Tensor, Tensor]],
+        targets: Sequence[dict],
+        teacher: dict[str, Any],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Student and teacher class logits and masks of matched queries whose segment is cached.
 
         Returns:
@@ -174,11 +204,15 @@ class SamDistiller(nn.Module):
         """
         pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(indices) != pred_logits.shape[0] or len(targets) != pred_logits.shape[0]:
-            raise ValueError(f"batch of {pred_logits.shape[0]} images but {len(indices)} "
-                             f"matchings and {len(targets)} targets")
+            raise ValueError(
+                f"batch of {pred_logits.shape[0]} images but {len(indices)} "
+                f"matchings and {len(targets)} targets"
+            )
         if teacher["mask_valid"].shape[-2:] != pred_masks.shape[-2:]:
-            raise ValueError(f"teacher masks are on a {tuple(teacher['mask_valid'].shape[-2:])} "
-                             f"grid, pred_masks on {tuple(pred_masks.shape[-2:])}")
+            raise ValueError(
+                f"teacher masks are on a {tuple(teacher['mask_valid'].shape[-2:])} "
+                f"grid, pred_masks on {tuple(pred_masks.shape[-2:])}"
+            )
         num_classes = pred_logits.shape[-1] - 1
         parts: list[list[Tensor]] = [[], [], [], [], []]
         matched = distilled = 0
@@ -187,8 +221,10 @@ class SamDistiller(nn.Module):
             matched += int(q_idx.numel())
             t_cls = teacher["cls_logits"][b]
             if t_cls.shape[1] != num_classes:
-                raise ValueError(f"teacher cls_logits have {t_cls.shape[1]} classes, the student "
-                                 f"{num_classes} (+1 no-object)")
+                raise ValueError(
+                    f"teacher cls_logits have {t_cls.shape[1]} classes, the student "
+                    f"{num_classes} (+1 no-object)"
+                )
             seg = targets[b]["segment_ids"].to(pred_logits.device)[t_idx]  # [n]
             cached = teacher["segment_ids"][b].to(pred_logits.device)  # [M]
             same = seg[:, None] == cached[None, :]  # [n, M]
@@ -201,6 +237,9 @@ class SamDistiller(nn.Module):
             parts[2].append(pred_masks[b, q])
             parts[3].append(teacher["mask_logits"][b][pos])
             parts[4].append(teacher["mask_valid"][b].expand(len(q), -1, -1))
-        self.stats = {"matched": matched, "distilled": distilled,
-                      "skipped_not_cached": matched - distilled}
+        self.stats = {
+            "matched": matched,
+            "distilled": distilled,
+            "skipped_not_cached": matched - distilled,
+        }
         return tuple(torch.cat(p) for p in parts)  # type: ignore[return-value]

@@ -23,14 +23,17 @@ from pipeline.models.neck import FPNNeck
 
 __all__ = ["RegSAMStudent", "build_student"]
 
+
 class RegSAMStudent(nn.Module):
     """Backbone + neck + head with the output contract of ``docs/architecture.md``."""
 
     def __init__(self, *, backbone: TimmBackbone, neck: FPNNeck, head: KernelHead) -> None:
         super().__init__()
         if list(backbone.out_channels) != list(neck.in_channels):
-            raise ValueError(f"neck in_channels {neck.in_channels} differ from backbone "
-                             f"out_channels {backbone.out_channels}")
+            raise ValueError(
+                f"neck in_channels {neck.in_channels} differ from backbone "
+                f"out_channels {backbone.out_channels}"
+            )
         if head.dim != neck.channels:
             raise ValueError(f"head dim {head.dim} differs from neck channels {neck.channels}")
         self.backbone = backbone
@@ -38,10 +41,14 @@ class RegSAMStudent(nn.Module):
         self.head = head
         # Same float32 ops as ``data.transforms.normalize_images`` (tuple -> tensor, * 255.0), so
         # an ImageNet-configured backbone sees bit-identical inputs.
-        self.register_buffer("pixel_mean", torch.tensor(backbone.pixel_mean).view(1, 3, 1, 1)
-                             * 255.0, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(backbone.pixel_std).view(1, 3, 1, 1)
-                             * 255.0, persistent=False)
+        self.register_buffer(
+            "pixel_mean",
+            torch.tensor(backbone.pixel_mean).view(1, 3, 1, 1) * 255.0,
+            persistent=False,
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(backbone.pixel_std).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (or float 0-255) RGB ``[B, 3, H, W]`` -> float ``[B, 3, H, W]`` backbone input:
@@ -90,11 +97,15 @@ class RegSAMStudent(nn.Module):
             ``fusion_weights``: normalised ``[L]`` level weights, or None (plain average).
         """
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be float [B, 3, H, W], got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"images must be float [B, 3, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
         levels, mask_features = self.neck(self.backbone(images))
-        return {"neck_features": levels, "mask_features": mask_features,
-                "fusion_weights": self.neck.fusion_weights()}
+        return {
+            "neck_features": levels,
+            "mask_features": mask_features,
+            "fusion_weights": self.neck.fusion_weights(),
+        }
 
     def forward_head(self, feats: dict[str, Any]) -> dict[str, Any]:
         """``feats`` from :meth:`forward_features` -> ``pred_logits [B, Q, K+1]``,
@@ -122,12 +133,24 @@ def build_student(model_cfg: Any, num_classes: int) -> RegSAMStudent:
     kernel_size}``. The kernel dimension is the neck width.
     """
     bb, nk, hd = model_cfg.backbone, model_cfg.neck, model_cfg.head
-    backbone = TimmBackbone(name=bb.name, pretrained_path=bb.pretrained_path,
-                            freeze_bn=bb.freeze_bn)
-    neck = FPNNeck(in_channels=backbone.out_channels, strides=backbone.strides, channels=nk.channels,
-                   mask_stride=nk.mask_stride, use_coord=nk.use_coord,
-                   use_learnable_fusion=model_cfg.use_learnable_fusion)
-    head = KernelHead(num_classes=num_classes, dim=nk.channels, num_queries=hd.num_queries,
-                      num_stages=hd.num_stages, ffn_dim=hd.ffn_dim,
-                      num_mask_fcs=hd.num_mask_fcs, kernel_size=hd.kernel_size)
+    backbone = TimmBackbone(
+        name=bb.name, pretrained_path=bb.pretrained_path, freeze_bn=bb.freeze_bn
+    )
+    neck = FPNNeck(
+        in_channels=backbone.out_channels,
+        strides=backbone.strides,
+        channels=nk.channels,
+        mask_stride=nk.mask_stride,
+        use_coord=nk.use_coord,
+        use_learnable_fusion=model_cfg.use_learnable_fusion,
+    )
+    head = KernelHead(
+        num_classes=num_classes,
+        dim=nk.channels,
+        num_queries=hd.num_queries,
+        num_stages=hd.num_stages,
+        ffn_dim=hd.ffn_dim,
+        num_mask_fcs=hd.num_mask_fcs,
+        kernel_size=hd.kernel_size,
+    )
     return RegSAMStudent(backbone=backbone, neck=neck, head=head)

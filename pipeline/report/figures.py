@@ -42,9 +42,18 @@ DPI = 100
 
 # Display order of the loss terms logged by the trainer; any other ``loss_*`` key follows, sorted.
 LOSS_TERMS = (
-    "loss", "loss_cls", "loss_mask", "loss_dice", "loss_iou",
-    "loss_sr", "loss_fa", "loss_resolution_distill",
-    "loss_feat_distill", "loss_cls_distill", "loss_mask_distill", "loss_sam_distill",
+    "loss",
+    "loss_cls",
+    "loss_mask",
+    "loss_dice",
+    "loss_iou",
+    "loss_sr",
+    "loss_fa",
+    "loss_resolution_distill",
+    "loss_feat_distill",
+    "loss_cls_distill",
+    "loss_mask_distill",
+    "loss_sam_distill",
 )
 
 
@@ -92,8 +101,11 @@ def loss_terms(records_by_run: Mapping[str, Sequence[Mapping[str, Any]]]) -> lis
     present: set[str] = set()
     for records in records_by_run.values():
         for rec in records:
-            present.update(k for k, v in rec.items()
-                           if (k == "loss" or k.startswith("loss_")) and _is_number(v))
+            present.update(
+                k
+                for k, v in rec.items()
+                if (k == "loss" or k.startswith("loss_")) and _is_number(v)
+            )
     known = [t for t in LOSS_TERMS if t in present]
     return known + sorted(present - set(LOSS_TERMS))
 
@@ -124,8 +136,11 @@ def fusion_history(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np
 
     None when the run logged no fusion weights (plain-average fusion).
     """
-    rows = [(float(r["iter"]), normalise_weights(r["fusion_weights"]))
-            for r in records if r.get("fusion_weights") is not None]
+    rows = [
+        (float(r["iter"]), normalise_weights(r["fusion_weights"]))
+        for r in records
+        if r.get("fusion_weights") is not None
+    ]
     if not rows:
         return None
     rows.sort(key=lambda t: t[0])
@@ -212,18 +227,24 @@ def plot_loss_curves(
             if iters.size == 0:
                 continue
             w = window if window is not None else default_window(iters.size)
-            (line,) = ax.plot(iters, moving_average(values, w), color=colors[name],
-                              linewidth=1.2, label=name)
+            (line,) = ax.plot(
+                iters, moving_average(values, w), color=colors[name], linewidth=1.2, label=name
+            )
             handles.setdefault(name, line)
         ax.set_title(term, fontsize=10)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
-    for ax in axes[len(terms):]:
+    for ax in axes[len(terms) :]:
         fig.delaxes(ax)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-                   ncols=min(len(handles), 5), fontsize=8)
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside lower center",
+            ncols=min(len(handles), 5),
+            fontsize=8,
+        )
     return fig
 
 
@@ -253,8 +274,7 @@ def plot_fusion_weights(
     for k, (name, weights) in enumerate(final_weights.items()):
         w = np.asarray(weights, dtype=np.float64)
         ax.bar(x[: w.size] - 0.4 + (k + 0.5) * width, w, width, color=colors[name], label=name)
-    ax.axhline(1.0 / num_levels, color="grey", linestyle="--", linewidth=1,
-               label="plain average")
+    ax.axhline(1.0 / num_levels, color="grey", linestyle="--", linewidth=1, label="plain average")
     ax.set_xticks(x, level_names(num_levels))
     ax.set_ylabel("normalised weight")
     ax.set_title("final fusion weights")
@@ -266,8 +286,12 @@ def plot_fusion_weights(
         cmap = colormaps["viridis"]
         labels = level_names(weights.shape[1])
         for level in range(weights.shape[1]):
-            hx.plot(iters, weights[:, level], label=labels[level],
-                    color=cmap(level / max(1, weights.shape[1] - 1)))
+            hx.plot(
+                iters,
+                weights[:, level],
+                label=labels[level],
+                color=cmap(level / max(1, weights.shape[1] - 1)),
+            )
         hx.set_xlabel("iteration")
         hx.set_ylabel("normalised weight")
         hx.set_title(f"fusion weights during training: {name}")

@@ -82,8 +82,9 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} "
-                          f"(column {exc.colno})") from None
+        raise ReportError(
+            f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})"
+        ) from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -102,11 +103,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ReportError(f"{path}:{lineno}: not valid JSON: {exc.msg} "
-                              f"(column {exc.colno})") from None
+            raise ReportError(
+                f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})"
+            ) from None
         if not isinstance(rec, dict):
-            raise ReportError(f"{path}:{lineno}: expected a JSON object, "
-                              f"got {type(rec).__name__}")
+            raise ReportError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         if not _is_number(rec.get("iter")):
             raise ReportError(f"{path}:{lineno}: field 'iter' is missing or not a number")
         records.append(rec)
@@ -247,8 +248,9 @@ def load_run(path: Path, name: str | None = None) -> RunRecord:
         elif raw is None:
             run.notes.append("no config in run_info.json")
         else:
-            raise ReportError(f"{info_path}: field 'config' must be an object, "
-                              f"got {type(raw).__name__}")
+            raise ReportError(
+                f"{info_path}: field 'config' must be an object, got {type(raw).__name__}"
+            )
         if not run.finished:
             run.notes.append(f"unfinished (status '{run.status}')")
     else:
@@ -359,13 +361,19 @@ def ensure_complexity(run: RunRecord, measure: MeasureFn | None) -> dict[str, An
         return cached
     if run.config is None or not run.weights.is_file():
         if cached is None:
-            run.notes.append("no final.pth: complexity not measured" if run.config is not None
-                             else "no config: complexity not measured")
+            run.notes.append(
+                "no final.pth: complexity not measured"
+                if run.config is not None
+                else "no config: complexity not measured"
+            )
         return cached
     shape = complexity_input_shape(run.config)
     digest = _sha256(run.weights)
-    if (cached is not None and cached.get("weights_sha256") in (None, digest)
-            and list(cached.get("input_shape", shape)) == list(shape)):
+    if (
+        cached is not None
+        and cached.get("weights_sha256") in (None, digest)
+        and list(cached.get("input_shape", shape)) == list(shape)
+    ):
         return cached
     log.info("measuring complexity of %s at %s", run.weights, shape)
     result = dict(measure(run.weights, shape))
@@ -384,11 +392,14 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
-              right: Sequence[bool] | None = None) -> str:
+def _md_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None
+) -> str:
     right = right or [False] * len(header)
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "| " + " | ".join("---:" if r else ":---" for r in right) + " |"]
+    lines = [
+        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "| " + " | ".join("---:" if r else ":---" for r in right) + " |",
+    ]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -430,9 +441,15 @@ def _status(run: RunRecord) -> str:
     return FINISHED if not run.notes else "⚠ " + "; ".join(run.notes)
 
 
-QUALITY_COLUMNS = (("PQ", "All", "pq"), ("SQ", "All", "sq"), ("RQ", "All", "rq"),
-                   ("PQ Th", "Things", "pq"), ("PQ St", "Stuff", "pq"),
-                   ("AP Th", "instance", "AP"), ("mIoU", "semantic", "mIoU"))
+QUALITY_COLUMNS = (
+    ("PQ", "All", "pq"),
+    ("SQ", "All", "sq"),
+    ("RQ", "All", "rq"),
+    ("PQ Th", "Things", "pq"),
+    ("PQ St", "Stuff", "pq"),
+    ("AP Th", "instance", "AP"),
+    ("mIoU", "semantic", "mIoU"),
+)
 
 
 def ablation_table(runs: Sequence[RunRecord]) -> str:
@@ -442,11 +459,23 @@ def ablation_table(runs: Sequence[RunRecord]) -> str:
     value of each quality column is bold when two or more runs have one.
     """
     quality = {col: [_group_value(r, g, k) for r in runs] for col, g, k in QUALITY_COLUMNS}
-    best = {col: max(v for v in vals if v is not None)
-            for col, vals in quality.items() if sum(v is not None for v in vals) >= 2}
-    header = ["run", *(s for s, _ in SWITCHES), *(c for c, _, _ in QUALITY_COLUMNS),
-              "params (M)", "GFLOPs", "latency (ms)", "train (min)", "iters", "checkpoint",
-              "status"]
+    best = {
+        col: max(v for v in vals if v is not None)
+        for col, vals in quality.items()
+        if sum(v is not None for v in vals) >= 2
+    }
+    header = [
+        "run",
+        *(s for s, _ in SWITCHES),
+        *(c for c, _, _ in QUALITY_COLUMNS),
+        "params (M)",
+        "GFLOPs",
+        "latency (ms)",
+        "train (min)",
+        "iters",
+        "checkpoint",
+        "status",
+    ]
     rows = []
     for i, run in enumerate(runs):
         row: list[str] = [run.name]
@@ -459,9 +488,12 @@ def ablation_table(runs: Sequence[RunRecord]) -> str:
             row.append(f"**{text}**" if v is not None and v == best.get(col) else text)
         cx = run.complexity or {}
         latency, from_eval = _latency(run)
-        row += [_fmt(cx.get("params_m"), ".2f"), _fmt(cx.get("gflops"), ".2f"),
-                _fmt(latency, ".2f") + (" †" if from_eval else ""),
-                _fmt(run.train_minutes(), ".1f")]
+        row += [
+            _fmt(cx.get("params_m"), ".2f"),
+            _fmt(cx.get("gflops"), ".2f"),
+            _fmt(latency, ".2f") + (" †" if from_eval else ""),
+            _fmt(run.train_minutes(), ".1f"),
+        ]
         it = run.iterations()
         max_iters = run.config.training.max_iters if run.config is not None else None
         if it is None:
@@ -471,8 +503,9 @@ def ablation_table(runs: Sequence[RunRecord]) -> str:
         row.append(run.evaluated_checkpoint())
         row.append(_status(run))
         rows.append(row)
-    right = ([False] * (1 + len(SWITCHES)) + [True] * (len(header) - 3 - len(SWITCHES))
-             + [False, False])
+    right = (
+        [False] * (1 + len(SWITCHES)) + [True] * (len(header) - 3 - len(SWITCHES)) + [False, False]
+    )
     return _md_table(header, rows, right)
 
 
@@ -486,40 +519,63 @@ def _short_commit(commit: Any) -> str:
 
 def provenance_table(runs: Sequence[RunRecord], config_paths: Mapping[str, str]) -> str:
     """git commit, seed, cache fingerprint (short), resolved config and run directory per run."""
-    header = ["run", "git commit", "seed", "cache", "config", "eval images", "evaluated",
-              "best.pth (during training)", "run dir"]
+    header = [
+        "run",
+        "git commit",
+        "seed",
+        "cache",
+        "config",
+        "eval images",
+        "evaluated",
+        "best.pth (during training)",
+        "run dir",
+    ]
     rows = []
     for run in runs:
         seed = run.info.get("seed", run.config.seed if run.config is not None else None)
         fp = run.info.get("cache_fingerprint")
         cfg = config_paths.get(run.name)
         n_img = run.eval.get("num_images") if run.eval is not None else None
-        rows.append([run.name, _short_commit(run.info.get("git_commit")),
-                     MISSING if seed is None else seed,
-                     str(fp)[:12] if fp else "–",
-                     f"[{cfg}]({cfg})" if cfg else MISSING,
-                     MISSING if n_img is None else n_img, run.evaluated_checkpoint(),
-                     run.best_during_training(), f"`{run.path}`"])
+        rows.append(
+            [
+                run.name,
+                _short_commit(run.info.get("git_commit")),
+                MISSING if seed is None else seed,
+                str(fp)[:12] if fp else "–",
+                f"[{cfg}]({cfg})" if cfg else MISSING,
+                MISSING if n_img is None else n_img,
+                run.evaluated_checkpoint(),
+                run.best_during_training(),
+                f"`{run.path}`",
+            ]
+        )
     return _md_table(header, rows)
 
 
 def _per_class_table(runs: Sequence[RunRecord]) -> str | None:
-    with_eval = [r for r in runs if r.eval is not None and isinstance(r.eval.get("per_class"), dict)]
+    with_eval = [
+        r for r in runs if r.eval is not None and isinstance(r.eval.get("per_class"), dict)
+    ]
     if not with_eval:
         return None
     classes: dict[str, dict[str, float]] = {}
     for run in with_eval:
         for key, row in run.eval["per_class"].items():
             if not isinstance(row, dict):
-                raise ReportError(f"{run.path / 'eval' / 'metrics.json'}: per_class['{key}'] "
-                                  "must be an object")
+                raise ReportError(
+                    f"{run.path / 'eval' / 'metrics.json'}: per_class['{key}'] must be an object"
+                )
             label = str(row.get("name", key))
             classes.setdefault(label, {})[run.name] = _number(
-                row, "pq", f"{run.path / 'eval' / 'metrics.json'}: per_class['{key}']")
-    rows = [[label, *(_fmt(vals.get(r.name), ".2f") for r in with_eval)]
-            for label, vals in classes.items()]
-    return _md_table(["class", *(r.name for r in with_eval)], rows,
-                     [False] + [True] * len(with_eval))
+                row, "pq", f"{run.path / 'eval' / 'metrics.json'}: per_class['{key}']"
+            )
+    rows = [
+        [label, *(_fmt(vals.get(r.name), ".2f") for r in with_eval)]
+        for label, vals in classes.items()
+    ]
+    return _md_table(
+        ["class", *(r.name for r in with_eval)], rows, [False] + [True] * len(with_eval)
+    )
 
 
 # --------------------------------------------------------------------------------- report
@@ -532,7 +588,8 @@ def _write_configs(runs: Sequence[RunRecord], out_dir: Path) -> dict[str, str]:
         (out_dir / "configs").mkdir(parents=True, exist_ok=True)
         (out_dir / rel).write_text(
             f"# resolved config of run {run.name} ({run.path})\n"
-            + yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+            + yaml.safe_dump(run.config.to_dict(), sort_keys=False)
+        )
         paths[run.name] = rel
     return paths
 
@@ -550,8 +607,9 @@ def _copy_panels(runs: Sequence[RunRecord], out_dir: Path) -> dict[str, dict[str
     return copied
 
 
-def _figure_sections(runs: Sequence[RunRecord], out_dir: Path,
-                     smoothing_window: int | None) -> list[str]:
+def _figure_sections(
+    runs: Sequence[RunRecord], out_dir: Path, smoothing_window: int | None
+) -> list[str]:
     colors = figures.run_colors([r.name for r in runs])
     parts: list[str] = []
 
@@ -581,10 +639,15 @@ def _figure_sections(runs: Sequence[RunRecord], out_dir: Path,
     if records and figures.loss_terms(records):
         fig = figures.plot_loss_curves(records, smoothing_window, colors)
         figures.save_figure(fig, out_dir / "loss_curves.png")
-        how = (f"a trailing moving average over {smoothing_window} logged iterations"
-               if smoothing_window else "a trailing moving average over ~2% of each curve")
-        parts.append(f"![loss curves](loss_curves.png)\n\nOne panel per loss term (weighted, as "
-                     f"optimised), smoothed with {how}.\n")
+        how = (
+            f"a trailing moving average over {smoothing_window} logged iterations"
+            if smoothing_window
+            else "a trailing moving average over ~2% of each curve"
+        )
+        parts.append(
+            f"![loss curves](loss_curves.png)\n\nOne panel per loss term (weighted, as "
+            f"optimised), smoothed with {how}.\n"
+        )
     else:
         parts.append("No run logged losses (no metrics.jsonl).\n")
 
@@ -599,13 +662,18 @@ def _figure_sections(runs: Sequence[RunRecord], out_dir: Path,
         fig = figures.plot_fusion_weights(final, history, colors)
         figures.save_figure(fig, out_dir / "fusion_weights.png")
         num_levels = max(len(w) for w in final.values())
-        rows = [[name, *(f"{x:.3f}" for x in w), *([MISSING] * (num_levels - len(w)))]
-                for name, w in final.items()]
-        parts.append("![fusion weights](fusion_weights.png)\n\nFinal normalised weights "
-                     "(the last logged iteration); a plain average gives "
-                     f"{1 / num_levels:.3f} to every level.\n\n"
-                     + _md_table(["run", *figures.level_names(num_levels)], rows,
-                                 [False] + [True] * num_levels))
+        rows = [
+            [name, *(f"{x:.3f}" for x in w), *([MISSING] * (num_levels - len(w)))]
+            for name, w in final.items()
+        ]
+        parts.append(
+            "![fusion weights](fusion_weights.png)\n\nFinal normalised weights "
+            "(the last logged iteration); a plain average gives "
+            f"{1 / num_levels:.3f} to every level.\n\n"
+            + _md_table(
+                ["run", *figures.level_names(num_levels)], rows, [False] + [True] * num_levels
+            )
+        )
     else:
         parts.append("No run logged fusion weights (plain-average fusion).\n")
     return parts
@@ -617,10 +685,20 @@ def _panel_section(runs: Sequence[RunRecord], out_dir: Path) -> str:
         return "## Qualitative results\n\nNo run has qualitative panels (eval/panels).\n"
     stems = sorted({s for per_run in copied.values() for s in per_run})
     cols = [r for r in runs if r.name in copied]
-    rows = [[stem, *(f"![{r.name} {stem}]({copied[r.name][stem]})" if stem in copied[r.name]
-                     else MISSING for r in cols)] for stem in stems]
-    return ("## Qualitative results\n\nEach panel: image | ground truth | prediction.\n\n"
-            + _md_table(["image", *(r.name for r in cols)], rows))
+    rows = [
+        [
+            stem,
+            *(
+                f"![{r.name} {stem}]({copied[r.name][stem]})" if stem in copied[r.name] else MISSING
+                for r in cols
+            ),
+        ]
+        for stem in stems
+    ]
+    return (
+        "## Qualitative results\n\nEach panel: image | ground truth | prediction.\n\n"
+        + _md_table(["image", *(r.name for r in cols)], rows)
+    )
 
 
 def _seed_run(run: RunRecord) -> SeedRun | None:
@@ -634,8 +712,9 @@ def _seed_run(run: RunRecord) -> SeedRun | None:
         gt = read_json(gt_json)
         ids = [str(a["image_id"]) for a in gt["annotations"]]
         cats = [int(c["id"]) for c in gt["categories"]]
-        stats = image_stat_matrix(gt_json, gt_png, pred_json, run.path / "eval" / "panoptic",
-                                  ids, cats)
+        stats = image_stat_matrix(
+            gt_json, gt_png, pred_json, run.path / "eval" / "panoptic", ids, cats
+        )
     return SeedRun(parsed[0], parsed[1], run.eval, stats)
 
 
@@ -646,14 +725,16 @@ def seed_section(runs: Sequence[RunRecord]) -> str | None:
     if len(seed_runs) < 2:
         return None
     table, _ = seed_table(seed_runs)
-    return ("## Seeds\n\n" + table + "\n"
-            "- PQ in %, mean ± sample std over seeds. ΔPQ: mean over seeds of (variant − baseline) "
-            "at the same seed.\n"
-            "- Intervals (95 %): Student-t over the per-seed differences; paired percentile "
-            "bootstrap over validation images (2000 resamples, the same images for every run, "
-            "differences averaged over seeds).\n"
-            "- Verdict: a gain or loss only when both intervals exclude 0; otherwise "
-            "\"no measurable effect\".\n")
+    return (
+        "## Seeds\n\n" + table + "\n"
+        "- PQ in %, mean ± sample std over seeds. ΔPQ: mean over seeds of (variant − baseline) "
+        "at the same seed.\n"
+        "- Intervals (95 %): Student-t over the per-seed differences; paired percentile "
+        "bootstrap over validation images (2000 resamples, the same images for every run, "
+        "differences averaged over seeds).\n"
+        "- Verdict: a gain or loss only when both intervals exclude 0; otherwise "
+        '"no measurable effect".\n'
+    )
 
 
 def loss_magnitude_section(runs: Sequence[RunRecord], tail: float = 0.2) -> str | None:
@@ -664,20 +745,36 @@ def loss_magnitude_section(runs: Sequence[RunRecord], tail: float = 0.2) -> str 
         parsed = split_seed_name(r.name)
         if parsed is None or not r.metrics:
             continue
-        rows = r.metrics[int(len(r.metrics) * (1 - tail)):] or r.metrics
-        terms = {k for row in rows for k, v in row.items() if k.startswith("loss") and _is_number(v)}
+        rows = r.metrics[int(len(r.metrics) * (1 - tail)) :] or r.metrics
+        terms = {
+            k for row in rows for k, v in row.items() if k.startswith("loss") and _is_number(v)
+        }
         by_variant.setdefault(parsed[0], []).append(
-            {k: float(sum(row[k] for row in rows if k in row) / len(rows)) for k in terms})
+            {k: float(sum(row[k] for row in rows if k in row) / len(rows)) for k in terms}
+        )
     if not by_variant:
         return None
-    terms = sorted({k for means in by_variant.values() for m in means for k in m},
-                   key=lambda k: (k != "loss", k))
-    table = [[v, *(_fmt(sum(m.get(t, 0.0) for m in ms) / len(ms), ".4f")
-                  if any(t in m for m in ms) else MISSING for t in terms)]
-             for v, ms in by_variant.items()]
-    return (f"## Loss magnitudes\n\nMean of each logged (weighted) term over the last "
-            f"{int(tail * 100)} % of iterations, averaged over seeds:\n\n"
-            + _md_table(["variant", *terms], table, [False] + [True] * len(terms)))
+    terms = sorted(
+        {k for means in by_variant.values() for m in means for k in m},
+        key=lambda k: (k != "loss", k),
+    )
+    table = [
+        [
+            v,
+            *(
+                _fmt(sum(m.get(t, 0.0) for m in ms) / len(ms), ".4f")
+                if any(t in m for m in ms)
+                else MISSING
+                for t in terms
+            ),
+        ]
+        for v, ms in by_variant.items()
+    ]
+    return (
+        f"## Loss magnitudes\n\nMean of each logged (weighted) term over the last "
+        f"{int(tail * 100)} % of iterations, averaged over seeds:\n\n"
+        + _md_table(["variant", *terms], table, [False] + [True] * len(terms))
+    )
 
 
 def teacher_section(paths: Sequence[Path]) -> str:
@@ -688,16 +785,38 @@ def teacher_section(paths: Sequence[Path]) -> str:
         if not isinstance(d, dict) or "miou" not in d:
             raise ReportError(f"{p}: not an evaluate-teacher result (no 'miou' field)")
         corr = d.get("iou_pearson")
-        rows.append([Path(p).stem, d.get("weights", "?"), d.get("split", "?"),
-                     _fmt(d.get("miou"), ".4f"), _fmt(d.get("miou_things"), ".4f"),
-                     _fmt(d.get("miou_stuff"), ".4f"), _fmt(d.get("miou_class_mean"), ".4f"),
-                     "undefined (constant)" if corr is None else f"{corr:.3f}",
-                     str(d.get("num_segments", "?"))])
-    return ("## Teacher\n\nPrompted-mask quality of the teacher as the cache prompts it (things "
-            "by box, stuff by interior points; IoU at the original resolution, void and crowd "
-            "ignored):\n\n" + _md_table(["teacher", "weights", "split", "mIoU", "things",
-                                          "stuff", "class mean", "IoU-head corr.", "segments"],
-                                         rows))
+        rows.append(
+            [
+                Path(p).stem,
+                d.get("weights", "?"),
+                d.get("split", "?"),
+                _fmt(d.get("miou"), ".4f"),
+                _fmt(d.get("miou_things"), ".4f"),
+                _fmt(d.get("miou_stuff"), ".4f"),
+                _fmt(d.get("miou_class_mean"), ".4f"),
+                "undefined (constant)" if corr is None else f"{corr:.3f}",
+                str(d.get("num_segments", "?")),
+            ]
+        )
+    return (
+        "## Teacher\n\nPrompted-mask quality of the teacher as the cache prompts it (things "
+        "by box, stuff by interior points; IoU at the original resolution, void and crowd "
+        "ignored):\n\n"
+        + _md_table(
+            [
+                "teacher",
+                "weights",
+                "split",
+                "mIoU",
+                "things",
+                "stuff",
+                "class mean",
+                "IoU-head corr.",
+                "segments",
+            ],
+            rows,
+        )
+    )
 
 
 def build_report(
@@ -733,8 +852,9 @@ def build_report(
     paths = [Path(p) for p in run_dirs]
     measure = (measure_fn or student_complexity) if measure_complexity else None
     runs = []
-    for path, name in tqdm(list(zip(paths, _unique_names(paths))), desc="report: runs",
-                           dynamic_ncols=True):
+    for path, name in tqdm(
+        list(zip(paths, _unique_names(paths))), desc="report: runs", dynamic_ncols=True
+    ):
         run = load_run(path, name)
         ensure_complexity(run, measure)
         runs.append(run)
@@ -742,21 +862,26 @@ def build_report(
     config_paths = _write_configs(runs, out_dir)
     parts = [f"# {title}\n"]
     n_done = sum(not r.notes for r in runs)
-    parts.append(f"{len(runs)} runs, {n_done} complete. PQ, SQ and RQ in %, on the validation "
-                 "split; the best value per column is bold.\n")
+    parts.append(
+        f"{len(runs)} runs, {n_done} complete. PQ, SQ and RQ in %, on the validation "
+        "split; the best value per column is bold.\n"
+    )
 
     parts.append("## Results\n")
     parts.append(ablation_table(runs))
     shapes, devices = _measurement_setup(runs)
-    notes = ["switches: fusion = learnable FPN fusion weights, res. distill = DSRL resolution "
-             "distillation, SAM distill = distillation from the cached SAM teacher; "
-             "✓ on, – off.",
-             "GFLOPs: one forward at batch 1, counted by torch's FlopCounterMode (2 FLOPs per "
-             "multiply-add; papers that report fvcore/mmcv \"GFLOPs\" count multiply-adds, half "
-             "this number).",
-             "latency: median forward time at batch 1"
-             + (f", input {', '.join('x'.join(map(str, s)) for s in shapes)}" if shapes else "")
-             + (f", on {', '.join(devices)}" if devices else "") + "."]
+    notes = [
+        "switches: fusion = learnable FPN fusion weights, res. distill = DSRL resolution "
+        "distillation, SAM distill = distillation from the cached SAM teacher; "
+        "✓ on, – off.",
+        "GFLOPs: one forward at batch 1, counted by torch's FlopCounterMode (2 FLOPs per "
+        'multiply-add; papers that report fvcore/mmcv "GFLOPs" count multiply-adds, half '
+        "this number).",
+        "latency: median forward time at batch 1"
+        + (f", input {', '.join('x'.join(map(str, s)) for s in shapes)}" if shapes else "")
+        + (f", on {', '.join(devices)}" if devices else "")
+        + ".",
+    ]
     if any(_latency(r)[1] for r in runs):
         notes.append("†: latency from eval/metrics.json (no complexity.json).")
     parts.append("\n".join(f"- {n}" for n in notes) + "\n")
@@ -770,8 +895,11 @@ def build_report(
         parts.append(teacher_section(teacher_evals))
     attention = [r for r in runs if r.notes]
     if attention:
-        parts.append("Runs needing attention:\n\n" + "\n".join(
-            f"- `{r.path}`: {'; '.join(r.notes)}" for r in attention) + "\n")
+        parts.append(
+            "Runs needing attention:\n\n"
+            + "\n".join(f"- `{r.path}`: {'; '.join(r.notes)}" for r in attention)
+            + "\n"
+        )
 
     parts.append("## Provenance\n")
     parts.append(provenance_table(runs, config_paths))
@@ -783,12 +911,17 @@ def build_report(
         for r in runs:
             if r.name in config_paths:
                 cfg = out_dir / config_paths[r.name]
-                cmds.append(f"python -m pipeline train --config {cfg} --work-dir {r.path}\n"
-                            f"python -m pipeline evaluate --config {cfg} "
-                            f"--checkpoint {r.path / 'final.pth'} --out {r.path / 'eval'}")
-        parts.append("Reproduce a row (the resolved config holds every setting, including "
-                      "`training.init_from` of progressive stages):\n\n```bash\n"
-                      + "\n".join(cmds) + "\n```\n")
+                cmds.append(
+                    f"python -m pipeline train --config {cfg} --work-dir {r.path}\n"
+                    f"python -m pipeline evaluate --config {cfg} "
+                    f"--checkpoint {r.path / 'final.pth'} --out {r.path / 'eval'}"
+                )
+        parts.append(
+            "Reproduce a row (the resolved config holds every setting, including "
+            "`training.init_from` of progressive stages):\n\n```bash\n"
+            + "\n".join(cmds)
+            + "\n```\n"
+        )
 
     parts.extend(_figure_sections(runs, out_dir, smoothing_window))
     per_class = _per_class_table(runs)

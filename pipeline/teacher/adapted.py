@@ -24,8 +24,13 @@ from typing import Any
 
 from pipeline.config import Config, TeacherConfig
 
-__all__ = ["ADAPTED_FILE", "adapt_identity", "adapted_dir", "effective_checkpoint",
-           "effective_teacher"]
+__all__ = [
+    "ADAPTED_FILE",
+    "adapt_identity",
+    "adapted_dir",
+    "effective_checkpoint",
+    "effective_teacher",
+]
 
 ADAPTED_FILE = "sam_adapted.pth"
 
@@ -43,10 +48,16 @@ def adapt_identity(cfg: Config) -> dict[str, Any]:
         "teacher_checkpoint": teacher["checkpoint"],
         "teacher_tiny": teacher["tiny"] if teacher["type"] == "sam_tiny" else None,
         "teacher_adapt": adapt,
-        "data": {"dataset": cfg.data.dataset, "root": cfg.data.root,
-                 "train": cfg.data.train.model_dump(mode="json", by_alias=True),
-                 "synthetic": (cfg.data.synthetic.model_dump(mode="json")
-                               if cfg.data.dataset == "synthetic" else None)},
+        "data": {
+            "dataset": cfg.data.dataset,
+            "root": cfg.data.root,
+            "train": cfg.data.train.model_dump(mode="json", by_alias=True),
+            "synthetic": (
+                cfg.data.synthetic.model_dump(mode="json")
+                if cfg.data.dataset == "synthetic"
+                else None
+            ),
+        },
     }
 
 
@@ -71,7 +82,8 @@ def effective_checkpoint(cfg: Config, *, require: bool = True) -> str | None:
         raise FileNotFoundError(
             f"teacher_adapt.enabled is true but the adapted teacher {path} does not exist; run "
             "`snakemake adapt_teacher` (or `python -m pipeline adapt-teacher --config ...`) first, "
-            "or set teacher_adapt.enabled: false to use teacher.checkpoint as it is")
+            "or set teacher_adapt.enabled: false to use teacher.checkpoint as it is"
+        )
     return str(path)
 
 

@@ -111,8 +111,9 @@ def box_prompts(masks: torch.Tensor, scale: float) -> torch.Tensor:
     return masks_to_boxes(masks).float() * scale
 
 
-def sample_stuff_points(mask: np.ndarray, num_points: int, seed: int,
-                        segment_id: int) -> np.ndarray:
+def sample_stuff_points(
+    mask: np.ndarray, num_points: int, seed: int, segment_id: int
+) -> np.ndarray:
     """Positive point prompts inside a mask, drawn towards its interior.
 
     Pixels are drawn without replacement (with replacement if the mask has fewer pixels than
@@ -133,11 +134,12 @@ def sample_stuff_points(mask: np.ndarray, num_points: int, seed: int,
     if rows.size == 0:
         raise ValueError(f"segment {segment_id}: empty mask, cannot sample point prompts")
     r0, c0 = rows.min(), cols.min()
-    crop = np.pad(mask[r0:rows.max() + 1, c0:cols.max() + 1], 1)  # bbox crop, border = outside
+    crop = np.pad(mask[r0 : rows.max() + 1, c0 : cols.max() + 1], 1)  # bbox crop, border = outside
     distance = distance_transform_edt(crop)[rows - r0 + 1, cols - c0 + 1]
     rng = np.random.default_rng([seed, segment_id])
-    pick = rng.choice(rows.size, size=num_points, replace=rows.size < num_points,
-                      p=distance / distance.sum())
+    pick = rng.choice(
+        rows.size, size=num_points, replace=rows.size < num_points, p=distance / distance.sum()
+    )
     return np.stack([cols[pick], rows[pick]], axis=1).astype(np.float64)
 
 
@@ -158,8 +160,9 @@ def interval_overlaps(n_src: int, scale: float, n_cells: int, cell_size: float) 
     return (hi - lo).clamp(min=0) / scale
 
 
-def cell_areas(masks: torch.Tensor, scale: float, grid_size: tuple[int, int],
-               input_size: int) -> torch.Tensor:
+def cell_areas(
+    masks: torch.Tensor, scale: float, grid_size: tuple[int, int], input_size: int
+) -> torch.Tensor:
     """Area of each mask inside each cell of a map grid covering the S x S frame.
 
     Arguments:
@@ -199,8 +202,13 @@ def resize_logits(logits: torch.Tensor, size: int) -> torch.Tensor:
     """
     if logits.shape[-1] == size:
         return logits
-    return F.interpolate(logits[:, None], size=(size, size), mode="bilinear",
-                         align_corners=False, antialias=size < logits.shape[-1])[:, 0]
+    return F.interpolate(
+        logits[:, None],
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+        antialias=size < logits.shape[-1],
+    )[:, 0]
 
 
 # ------------------------------------------------------------------------ extractor
@@ -217,22 +225,37 @@ class TeacherExtractor:
       prompt_batch: most prompts per mask-decoder call (bounds decoder memory on large images).
     """
 
-    def __init__(self, sam: Sam, layers: Sequence[int | str] | None = None, mask_size: int = 64,
-                 points_per_stuff: int = 3, device: str | torch.device = "cpu",
-                 amp: bool = False, prompt_batch: int = 64) -> None:
+    def __init__(
+        self,
+        sam: Sam,
+        layers: Sequence[int | str] | None = None,
+        mask_size: int = 64,
+        points_per_stuff: int = 3,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+        prompt_batch: int = 64,
+    ) -> None:
         self.device = resolve_device(device)
         self.sam = sam.to(self.device).float().eval()
         self.layers = list(default_layers(sam) if layers is None else layers)
         depth = len(sam.image_encoder.blocks)
-        bad = [x for x in self.layers
-               if not (x == NECK or (isinstance(x, int) and not isinstance(x, bool)
-                                     and 0 <= x < depth))]
+        bad = [
+            x
+            for x in self.layers
+            if not (
+                x == NECK or (isinstance(x, int) and not isinstance(x, bool) and 0 <= x < depth)
+            )
+        ]
         if bad or not self.layers or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"teacher.layers={self.layers}: expected distinct block indices in "
-                             f"[0, {depth}) and/or 'neck', at least one")
+            raise ValueError(
+                f"teacher.layers={self.layers}: expected distinct block indices in "
+                f"[0, {depth}) and/or 'neck', at least one"
+            )
         if mask_size < 1 or points_per_stuff < 1 or prompt_batch < 1:
-            raise ValueError(f"mask_size ({mask_size}), points_per_stuff ({points_per_stuff}) and "
-                             f"prompt_batch ({prompt_batch}) must be positive")
+            raise ValueError(
+                f"mask_size ({mask_size}), points_per_stuff ({points_per_stuff}) and "
+                f"prompt_batch ({prompt_batch}) must be positive"
+            )
         self.mask_size = mask_size
         self.points_per_stuff = points_per_stuff
         self.amp = amp and self.device.type == "cuda"
@@ -240,14 +263,23 @@ class TeacherExtractor:
         self.transform = ResizeLongestSide(self.input_size)
 
     @classmethod
-    def from_config(cls, teacher: TeacherConfig, mask_size: int,
-                    device: str | torch.device | None = None,
-                    amp: bool = False) -> "TeacherExtractor":
+    def from_config(
+        cls,
+        teacher: TeacherConfig,
+        mask_size: int,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+    ) -> "TeacherExtractor":
         """Build from the ``teacher`` config section (``device`` None = ``teacher.device``)."""
         sam = build_teacher(teacher.type, teacher.checkpoint, teacher.tiny)
-        return cls(sam, teacher.layers, mask_size=mask_size,
-                   points_per_stuff=teacher.points_per_stuff,
-                   device=teacher.device if device is None else device, amp=amp)
+        return cls(
+            sam,
+            teacher.layers,
+            mask_size=mask_size,
+            points_per_stuff=teacher.points_per_stuff,
+            device=teacher.device if device is None else device,
+            amp=amp,
+        )
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -281,8 +313,9 @@ class TeacherExtractor:
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """uint8 ``[H, W, 3]`` -> normalised, zero-padded float ``[1, 3, S, S]`` (SAM's own way)."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} "
-                             f"{list(image.shape)}")
+            raise ValueError(
+                f"image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
+            )
         resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
         return self.sam.preprocess(resized.permute(2, 0, 1).float()[None])
 
@@ -297,9 +330,11 @@ class TeacherExtractor:
         """
         captured: dict[int, torch.Tensor] = {}
         blocks = self.sam.image_encoder.blocks
-        handles = [blocks[i].register_forward_hook(
-            lambda _m, _in, out, i=i: captured.__setitem__(i, out))
-            for i in self.layers if i != NECK]
+        handles = [
+            blocks[i].register_forward_hook(lambda _m, _in, out, i=i: captured.__setitem__(i, out))
+            for i in self.layers
+            if i != NECK
+        ]
         try:
             embedding = self.sam.image_encoder(images)
         finally:
@@ -308,8 +343,12 @@ class TeacherExtractor:
         levels = [embedding if x == NECK else captured[x].permute(0, 3, 1, 2) for x in self.layers]
         return levels, embedding
 
-    def decode(self, embedding: torch.Tensor, points: torch.Tensor | None = None,
-               boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's prompt encoder + mask decoder for K prompts of one kind on one image.
 
         Arguments:
@@ -332,17 +371,21 @@ class TeacherExtractor:
             box = None if boxes is None else boxes[chunk]
             sparse, dense = pe(points=pts, boxes=box, masks=None)
             low_res, pred_iou = self.sam.mask_decoder(
-                image_embeddings=embedding, image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                multimask_output=False)
+                image_embeddings=embedding,
+                image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
             logits.append(low_res[:, 0])
             iou.append(pred_iou[:, 0])
         return torch.cat(logits), torch.cat(iou)
 
     # ----------------------------------------------------------------- extract
     @torch.no_grad()
-    def extract(self, image: np.ndarray, segments: Sequence[SegmentPrompt],
-                seed: int) -> TeacherOutput:
+    def extract(
+        self, image: np.ndarray, segments: Sequence[SegmentPrompt], seed: int
+    ) -> TeacherOutput:
         """Teacher targets of one image.
 
         Arguments:
@@ -353,13 +396,18 @@ class TeacherExtractor:
         return self.extract_batch([image], [segments], [seed])[0]
 
     @torch.no_grad()
-    def extract_batch(self, images: Sequence[np.ndarray],
-                      segments: Sequence[Sequence[SegmentPrompt]],
-                      seeds: Sequence[int]) -> list[TeacherOutput]:
+    def extract_batch(
+        self,
+        images: Sequence[np.ndarray],
+        segments: Sequence[Sequence[SegmentPrompt]],
+        seeds: Sequence[int],
+    ) -> list[TeacherOutput]:
         """:meth:`extract` for B images with one batched image-encoder pass."""
         if not len(images) == len(segments) == len(seeds):
-            raise ValueError(f"got {len(images)} images, {len(segments)} segment lists and "
-                             f"{len(seeds)} seeds; expected one of each per image")
+            raise ValueError(
+                f"got {len(images)} images, {len(segments)} segment lists and "
+                f"{len(seeds)} seeds; expected one of each per image"
+            )
         for image, segs in zip(images, segments):
             self._check_segments(image, segs)
         batch = torch.cat([self.preprocess(image) for image in images])
@@ -368,13 +416,19 @@ class TeacherExtractor:
         outputs = []
         for b, (image, segs, seed) in enumerate(zip(images, segments, seeds)):
             features = [lvl[b].float().cpu().numpy() for lvl in levels]
-            outputs.append(self._segment_targets(embedding[b:b + 1], image.shape[:2], segs, seed,
-                                                 features))
+            outputs.append(
+                self._segment_targets(embedding[b : b + 1], image.shape[:2], segs, seed, features)
+            )
         return outputs
 
-    def _segment_targets(self, embedding: torch.Tensor, orig_size: tuple[int, int],
-                         segments: Sequence[SegmentPrompt], seed: int,
-                         features: list[np.ndarray]) -> TeacherOutput:
+    def _segment_targets(
+        self,
+        embedding: torch.Tensor,
+        orig_size: tuple[int, int],
+        segments: Sequence[SegmentPrompt],
+        seed: int,
+        features: list[np.ndarray],
+    ) -> TeacherOutput:
         S, m = self.input_size, self.mask_size
         scale = frame_scale(orig_size, S)
         num = len(segments)
@@ -391,11 +445,24 @@ class TeacherExtractor:
                     logits[things] = resize_logits(out[0].float(), m)
                     iou[things] = out[1].float()
                 if stuff:
-                    points = np.stack([sample_stuff_points(segments[k].mask, self.points_per_stuff,
-                                                           seed, segments[k].segment_id)
-                                       for k in stuff]) * scale
-                    out = self.decode(embedding, points=torch.as_tensor(
-                        points, dtype=torch.float32, device=self.device))
+                    points = (
+                        np.stack(
+                            [
+                                sample_stuff_points(
+                                    segments[k].mask,
+                                    self.points_per_stuff,
+                                    seed,
+                                    segments[k].segment_id,
+                                )
+                                for k in stuff
+                            ]
+                        )
+                        * scale
+                    )
+                    out = self.decode(
+                        embedding,
+                        points=torch.as_tensor(points, dtype=torch.float32, device=self.device),
+                    )
                     logits[stuff] = resize_logits(out[0].float(), m)
                     iou[stuff] = out[1].float()
             g = self.grid_size
@@ -417,8 +484,10 @@ class TeacherExtractor:
         seen: set[int] = set()
         for seg in segments:
             if seg.mask.shape != size or seg.mask.dtype != np.bool_:
-                raise ValueError(f"segment {seg.segment_id}: mask must be bool {list(size)} like "
-                                 f"the image, got {seg.mask.dtype} {list(seg.mask.shape)}")
+                raise ValueError(
+                    f"segment {seg.segment_id}: mask must be bool {list(size)} like "
+                    f"the image, got {seg.mask.dtype} {list(seg.mask.shape)}"
+                )
             if not seg.mask.any():
                 raise ValueError(f"segment {seg.segment_id}: empty mask, cannot prompt SAM")
             if seg.segment_id in seen:

@@ -37,8 +37,13 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0, y0, x1, y1], dim=1).float()
 
 
-def noisy_boxes(boxes: torch.Tensor, noise: float, noise_max: float, size: tuple[int, int],
-                generator: torch.Generator) -> torch.Tensor:
+def noisy_boxes(
+    boxes: torch.Tensor,
+    noise: float,
+    noise_max: float,
+    size: tuple[int, int],
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Boxes with Gaussian noise on each corner coordinate (SAM: std 10 % of the side, at most
     20 pixels), clipped to the frame and kept ordered.
 
@@ -66,8 +71,9 @@ def noisy_boxes(boxes: torch.Tensor, noise: float, noise_max: float, size: tuple
     return torch.stack([x0, y0, x1, y1], dim=1)
 
 
-def sample_points(masks: torch.Tensor, counts: torch.Tensor,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_points(
+    masks: torch.Tensor, counts: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive points drawn uniformly from each mask, padded to the largest count.
 
     Arguments:
@@ -96,8 +102,9 @@ def sample_points(masks: torch.Tensor, counts: torch.Tensor,
     return points, labels
 
 
-def corrective_points(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def corrective_points(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One point per mask in the error region of a prediction, as SAM's iterative training does.
 
     A false-negative pixel gives a positive point (label 1), a false-positive pixel a negative

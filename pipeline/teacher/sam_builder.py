@@ -99,12 +99,13 @@ class TeacherSpec:
 
 # The official variants, as in segment_anything/build_sam.py.
 TEACHER_SPECS: dict[str, TeacherSpec] = {
-    "vit_h": TeacherSpec(embed_dim=1280, depth=32, num_heads=16,
-                         global_attn_indexes=(7, 15, 23, 31)),
-    "vit_l": TeacherSpec(embed_dim=1024, depth=24, num_heads=16,
-                         global_attn_indexes=(5, 11, 17, 23)),
-    "vit_b": TeacherSpec(embed_dim=768, depth=12, num_heads=12,
-                         global_attn_indexes=(2, 5, 8, 11)),
+    "vit_h": TeacherSpec(
+        embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)
+    ),
+    "vit_l": TeacherSpec(
+        embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)
+    ),
+    "vit_b": TeacherSpec(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
 }
 
 
@@ -112,15 +113,19 @@ def tiny_spec(tiny: SamTinyConfig) -> TeacherSpec:
     """The :class:`TeacherSpec` of ``sam_tiny``; inconsistent sizes name the config field."""
     field = "teacher.tiny"
     if tiny.img_size % PATCH_SIZE:
-        raise ValueError(f"{field}.img_size={tiny.img_size} must be a multiple of the patch "
-                         f"size {PATCH_SIZE}")
+        raise ValueError(
+            f"{field}.img_size={tiny.img_size} must be a multiple of the patch size {PATCH_SIZE}"
+        )
     if tiny.embed_dim % tiny.num_heads:
-        raise ValueError(f"{field}.num_heads={tiny.num_heads} must divide "
-                         f"{field}.embed_dim={tiny.embed_dim}")
+        raise ValueError(
+            f"{field}.num_heads={tiny.num_heads} must divide {field}.embed_dim={tiny.embed_dim}"
+        )
     bad = [i for i in tiny.global_attn_indexes if not 0 <= i < tiny.depth]
     if bad or len(set(tiny.global_attn_indexes)) != len(tiny.global_attn_indexes):
-        raise ValueError(f"{field}.global_attn_indexes={tiny.global_attn_indexes} must be distinct "
-                         f"block indices in [0, {tiny.depth}) ({field}.depth={tiny.depth})")
+        raise ValueError(
+            f"{field}.global_attn_indexes={tiny.global_attn_indexes} must be distinct "
+            f"block indices in [0, {tiny.depth}) ({field}.depth={tiny.depth})"
+        )
     return TeacherSpec(
         embed_dim=tiny.embed_dim,
         depth=tiny.depth,
@@ -138,8 +143,9 @@ def spec_for(teacher_type: str, tiny: SamTinyConfig | None = None) -> TeacherSpe
     if teacher_type == "sam_tiny":
         return tiny_spec(tiny if tiny is not None else SamTinyConfig())
     if teacher_type not in TEACHER_SPECS:
-        raise ValueError(f"teacher.type={teacher_type!r} is not one of "
-                         f"{['sam_tiny', *TEACHER_SPECS]}")
+        raise ValueError(
+            f"teacher.type={teacher_type!r} is not one of {['sam_tiny', *TEACHER_SPECS]}"
+        )
     return TEACHER_SPECS[teacher_type]
 
 
@@ -193,18 +199,28 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(f"{path}: cannot read the teacher checkpoint (corrupt, truncated or "
-                              f"not a torch file): {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: cannot read the teacher checkpoint (corrupt, truncated or "
+            f"not a torch file): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (a mapping of parameter names to "
-                              f"tensors), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict (a mapping of parameter names to "
+            f"tensors), got {type(obj).__name__}"
+        )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         nested = [k for k in bad if isinstance(obj[k], Mapping)]
-        hint = (f"; it wraps a nested mapping under {nested[:3]} - save the bare SAM state dict "
-                f"(the official layout) instead" if nested else "")
-        raise CheckpointError(f"{path}: not a flat state dict: {len(bad)} entries are not tensors, "
-                              f"e.g. {[str(k) for k in bad[:3]]}{hint}")
+        hint = (
+            f"; it wraps a nested mapping under {nested[:3]} - save the bare SAM state dict "
+            f"(the official layout) instead"
+            if nested
+            else ""
+        )
+        raise CheckpointError(
+            f"{path}: not a flat state dict: {len(bad)} entries are not tensors, "
+            f"e.g. {[str(k) for k in bad[:3]]}{hint}"
+        )
     return dict(obj)
 
 
@@ -217,8 +233,9 @@ def _encoder_shape(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int] | 
     return int(weight.shape[0]), (max(blocks) + 1 if blocks else 0)
 
 
-def identify_checkpoint(state_dict: Mapping[str, torch.Tensor],
-                        tiny: SamTinyConfig | None = None) -> str | None:
+def identify_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], tiny: SamTinyConfig | None = None
+) -> str | None:
     """The SAM type whose encoder width and depth the tensors have, or None if no type fits.
 
     ``sam_tiny`` (with the sizes of ``tiny``) is only considered when ``tiny`` is given.
@@ -235,8 +252,13 @@ def identify_checkpoint(state_dict: Mapping[str, torch.Tensor],
     return None
 
 
-def _check_type(state_dict: Mapping[str, torch.Tensor], teacher_type: str, spec: TeacherSpec,
-                tiny: SamTinyConfig | None, path: Path) -> None:
+def _check_type(
+    state_dict: Mapping[str, torch.Tensor],
+    teacher_type: str,
+    spec: TeacherSpec,
+    tiny: SamTinyConfig | None,
+    path: Path,
+) -> None:
     shape = _encoder_shape(state_dict)
     if shape is None:
         return  # no encoder tensors: reported as missing keys against the built model
@@ -246,20 +268,25 @@ def _check_type(state_dict: Mapping[str, torch.Tensor], teacher_type: str, spec:
     got = f"embed_dim {shape[0]}, {shape[1]} blocks"
     found = identify_checkpoint(state_dict, tiny)
     if found is not None:
-        raise CheckpointError(f"{path}: checkpoint looks like {found} ({got}), {want}; set "
-                              f"teacher.type: {found} or point teacher.checkpoint at "
-                              f"{teacher_type} weights")
+        raise CheckpointError(
+            f"{path}: checkpoint looks like {found} ({got}), {want}; set "
+            f"teacher.type: {found} or point teacher.checkpoint at "
+            f"{teacher_type} weights"
+        )
     raise CheckpointError(f"{path}: checkpoint has {got}, which matches no SAM type, {want}")
 
 
-def _check_keys(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, path: Path,
-                show: int = 5) -> None:
+def _check_keys(
+    state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, path: Path, show: int = 5
+) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mis_shaped = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-                  for k, v in expected.items()
-                  if k in state_dict and state_dict[k].shape != v.shape]
+    mis_shaped = [
+        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
     if not (missing or unexpected or mis_shaped):
         return
     parts = []
@@ -268,16 +295,21 @@ def _check_keys(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, 
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:show]}")
     if mis_shaped:
-        parts.append(f"{len(mis_shaped)} keys with another shape (file vs model), "
-                     f"e.g. {mis_shaped[:show]}")
+        parts.append(
+            f"{len(mis_shaped)} keys with another shape (file vs model), e.g. {mis_shaped[:show]}"
+        )
     msg = f"{path}: checkpoint does not fit the SAM model: " + "; ".join(parts)
     if unexpected and all(k.startswith("module.") for k in unexpected):
         msg += " (keys carry a 'module.' prefix from DataParallel/DDP; strip it before saving)"
     raise CheckpointError(msg)
 
 
-def build_teacher(teacher_type: str, checkpoint: str | Path | None,
-                  tiny: SamTinyConfig | None = None, seed: int = 0) -> Sam:
+def build_teacher(
+    teacher_type: str,
+    checkpoint: str | Path | None,
+    tiny: SamTinyConfig | None = None,
+    seed: int = 0,
+) -> Sam:
     """Build the SAM teacher in eval mode with frozen weights.
 
     Arguments:
@@ -301,7 +333,9 @@ def build_teacher(teacher_type: str, checkpoint: str | Path | None,
             "teacher %s has no checkpoint: using RANDOMLY INITIALISED weights (seed %d). A random "
             "teacher only exercises the plumbing; its features, masks and IoUs carry no "
             "knowledge. Set teacher.checkpoint to an official SAM .pth for real distillation.",
-            teacher_type, seed)
+            teacher_type,
+            seed,
+        )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -350,8 +384,14 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"cannot hash {path}: no such file")
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
-           stat.st_ctime_ns)
+    key = (
+        str(path.resolve()),
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+    )
     if key in _DIGESTS:
         return _DIGESTS[key]
     sidecar = path.with_name(path.name + ".sha256")
@@ -362,9 +402,16 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
         recorded = None  # no sidecar or an unreadable one
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=stat.st_size, unit="B", unit_scale=True,
-                                     desc=f"sha256 {path.name}",
-                                     disable=stat.st_size < (256 << 20)) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=stat.st_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"sha256 {path.name}",
+            disable=stat.st_size < (256 << 20),
+        ) as bar,
+    ):
         while chunk := f.read(chunk_size):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -373,10 +420,15 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
     if recorded == (stat.st_size, stat.st_mtime_ns, hexdigest):
         return hexdigest
     if recorded is not None and recorded[:2] == (stat.st_size, stat.st_mtime_ns):
-        logger.warning("%s: content differs from its sidecar %s (sha256 %s, recorded %s) although "
-                       "size and mtime match: the file was changed in place (tampering or bit "
-                       "rot); using the digest of the content", path, sidecar.name,
-                       hexdigest[:12], recorded[2][:12])
+        logger.warning(
+            "%s: content differs from its sidecar %s (sha256 %s, recorded %s) although "
+            "size and mtime match: the file was changed in place (tampering or bit "
+            "rot); using the digest of the content",
+            path,
+            sidecar.name,
+            hexdigest[:12],
+            recorded[2][:12],
+        )
 
     record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hexdigest}
     tmp = None

@@ -77,8 +77,9 @@ def _resize_bool(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return masks.clone()
     x = masks[None].float()
     shrink = size[0] < masks.shape[-2] or size[1] < masks.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False,
-                         antialias=shrink)[0] > 0.5
+    return (
+        F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)[0] > 0.5
+    )
 
 
 # ------------------------------------------------------------------------------- data
@@ -98,8 +99,9 @@ class AdaptDataset(Dataset):
     * ``is_box``: bool ``[P]``; ``image_id``: str.
     """
 
-    def __init__(self, dataset: PanopticDataset, input_size: int, loss_size: int,
-                 adapt: TeacherAdaptConfig) -> None:
+    def __init__(
+        self, dataset: PanopticDataset, input_size: int, loss_size: int, adapt: TeacherAdaptConfig
+    ) -> None:
         self.dataset = dataset
         self.S, self.L = int(input_size), int(loss_size)
         self.adapt = adapt
@@ -123,7 +125,7 @@ class AdaptDataset(Dataset):
 
         masks = sample["masks"]
         count = masks.shape[0]
-        pick = torch.randperm(count, generator=g)[:a.prompts_per_image].sort().values
+        pick = torch.randperm(count, generator=g)[: a.prompts_per_image].sort().values
         masks_l = _resize_bool(masks[pick], (hl, wl))
         # a segment that vanishes on the loss grid cannot be prompted there
         keep = masks_l.flatten(1).any(dim=1)
@@ -140,18 +142,35 @@ class AdaptDataset(Dataset):
         boxes = torch.full((P, 4), float("nan"))
         if bool(is_box.any()):
             tight = mask_boxes(masks_l[is_box])
-            tight = torch.stack([tight[:, 0] * f, tight[:, 1] * f, (tight[:, 2] + 1) * f - 1,
-                                 (tight[:, 3] + 1) * f - 1], dim=1)
+            tight = torch.stack(
+                [
+                    tight[:, 0] * f,
+                    tight[:, 1] * f,
+                    (tight[:, 2] + 1) * f - 1,
+                    (tight[:, 3] + 1) * f - 1,
+                ],
+                dim=1,
+            )
             boxes[is_box] = noisy_boxes(tight, a.box_noise, a.box_noise_max, (h, w), g)
         counts = torch.randint(1, a.max_points + 1, (P,), generator=g)
-        points, labels = sample_points(masks_l, counts, g) if P else (
-            torch.zeros(0, 1, 2), torch.zeros(0, 1, dtype=torch.int64))
+        points, labels = (
+            sample_points(masks_l, counts, g)
+            if P
+            else (torch.zeros(0, 1, 2), torch.zeros(0, 1, dtype=torch.int64))
+        )
         points = (points + 0.5) * f - 0.5
         labels[is_box] = -1  # box prompts carry no first-round points
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-                "targets": targets, "valid": valid, "boxes": boxes, "points": points,
-                "labels": labels, "is_box": is_box, "image_id": sample["image_id"],
-                "orig_size": (H0, W0)}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+            "targets": targets,
+            "valid": valid,
+            "boxes": boxes,
+            "points": points,
+            "labels": labels,
+            "is_box": is_box,
+            "image_id": sample["image_id"],
+            "orig_size": (H0, W0),
+        }
 
 
 def collate_adapt(samples: list[dict]) -> dict[str, Any]:
@@ -172,32 +191,46 @@ class AdaptStep(nn.Module):
         ``no_grad``).
     """
 
-    def __init__(self, *, sam: Sam, adapt: TeacherAdaptConfig, loss_size: int,
-                 encoder_grad: bool) -> None:
+    def __init__(
+        self, *, sam: Sam, adapt: TeacherAdaptConfig, loss_size: int, encoder_grad: bool
+    ) -> None:
         super().__init__()
         self.sam = sam
         self.adapt = adapt
         self.loss_size = int(loss_size)
         self.encoder_grad = encoder_grad
 
-    def _decode(self, embedding: torch.Tensor, points: torch.Tensor | None,
-                labels: torch.Tensor | None, boxes: torch.Tensor | None,
-                mask_input: torch.Tensor | None, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.sam.prompt_encoder
         pts = None if points is None else (points, labels)
         sparse, dense = pe(points=pts, boxes=boxes, masks=mask_input)
-        low, iou = self.sam.mask_decoder(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
-                                         sparse_prompt_embeddings=sparse,
-                                         dense_prompt_embeddings=dense, multimask_output=multimask)
+        low, iou = self.sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
         return low, iou
 
     def _to_loss_grid(self, low: torch.Tensor) -> torch.Tensor:
         if low.shape[-1] == self.loss_size:
             return low
-        return F.interpolate(low.float(), size=(self.loss_size, self.loss_size), mode="bilinear",
-                             align_corners=False)
+        return F.interpolate(
+            low.float(), size=(self.loss_size, self.loss_size), mode="bilinear", align_corners=False
+        )
 
-    def forward(self, samples: list[dict[str, Any]], corrective_seed: int) -> dict[str, torch.Tensor]:
+    def forward(
+        self, samples: list[dict[str, Any]], corrective_seed: int
+    ) -> dict[str, torch.Tensor]:
         """
         Arguments:
           samples: the batch (:class:`AdaptDataset` samples, tensors on the device).
@@ -221,13 +254,22 @@ class AdaptStep(nn.Module):
         for b, s in enumerate(samples):
             npts = (s["labels"] >= 0).sum(dim=1)
             for kind in ("box", "point", "points"):
-                m = (s["is_box"] if kind == "box" else
-                     ~s["is_box"] & ((npts == 1) if kind == "point" else (npts > 1)))
+                m = (
+                    s["is_box"]
+                    if kind == "box"
+                    else ~s["is_box"] & ((npts == 1) if kind == "point" else (npts > 1))
+                )
                 if not bool(m.any()):
                     continue
-                gr = {"emb": embeddings[b:b + 1], "boxes": None, "points": None, "labels": None,
-                      "multimask": kind == "point", "target": s["targets"][m],
-                      "valid": s["valid"][None].expand(int(m.sum()), -1, -1)}
+                gr = {
+                    "emb": embeddings[b : b + 1],
+                    "boxes": None,
+                    "points": None,
+                    "labels": None,
+                    "multimask": kind == "point",
+                    "target": s["targets"][m],
+                    "valid": s["valid"][None].expand(int(m.sum()), -1, -1),
+                }
                 if kind == "box":
                     gr["boxes"] = s["boxes"][m]
                 else:
@@ -241,20 +283,41 @@ class AdaptStep(nn.Module):
         for round_index in range(1 + a.corrective_rounds):
             losses = {k: 0.0 for k in PROMPTABLE_TERMS}
             for gr in groups:
-                low, iou = self._decode(gr["emb"], gr["points"], gr["labels"], gr["boxes"],
-                                        gr.get("mask_input"), multimask=gr["multimask"])
+                low, iou = self._decode(
+                    gr["emb"],
+                    gr["points"],
+                    gr["labels"],
+                    gr["boxes"],
+                    gr.get("mask_input"),
+                    multimask=gr["multimask"],
+                )
                 part, true_iou, best = promptable_loss(
-                    self._to_loss_grid(low), iou, gr["target"], gr["valid"], a.focal_weight,
-                    a.dice_weight, a.iou_weight, a.focal_alpha)
+                    self._to_loss_grid(low),
+                    iou,
+                    gr["target"],
+                    gr["valid"],
+                    a.focal_weight,
+                    a.dice_weight,
+                    a.iou_weight,
+                    a.focal_alpha,
+                )
                 if round_index == 0 and not gr["multimask"]:
                     # the three-mask output is trained on every first-round prompt as well (its
                     # best-of-three loss makes the shared decoder learn fast from scratch); the
                     # single-mask output above is the one the cache uses
-                    low3, iou3 = self._decode(gr["emb"], gr["points"], gr["labels"], gr["boxes"],
-                                              None, multimask=True)
+                    low3, iou3 = self._decode(
+                        gr["emb"], gr["points"], gr["labels"], gr["boxes"], None, multimask=True
+                    )
                     part3, _, _ = promptable_loss(
-                        self._to_loss_grid(low3), iou3, gr["target"], gr["valid"],
-                        a.focal_weight, a.dice_weight, a.iou_weight, a.focal_alpha)
+                        self._to_loss_grid(low3),
+                        iou3,
+                        gr["target"],
+                        gr["valid"],
+                        a.focal_weight,
+                        a.dice_weight,
+                        a.iou_weight,
+                        a.focal_alpha,
+                    )
                     part = {k: (part[k] + part3[k]) / 2 for k in PROMPTABLE_TERMS}
                 share = gr["target"].shape[0] / total  # every prompt weighs the same
                 for k in PROMPTABLE_TERMS:
@@ -272,8 +335,9 @@ class AdaptStep(nn.Module):
                 prev_low = gr["low"].detach()[torch.arange(k), gr["best"]][:, None]
                 prev = self._to_loss_grid(prev_low)[:, 0] > 0
                 cp, cl = corrective_points(prev, gr["target"], gr["valid"], g)
-                cp = (cp.to(prev.device) + 0.5) * (self.sam.image_encoder.img_size
-                                                   / self.loss_size) - 0.5
+                cp = (cp.to(prev.device) + 0.5) * (
+                    self.sam.image_encoder.img_size / self.loss_size
+                ) - 0.5
                 cl = cl.to(prev.device)
                 gr["points"] = cp if gr["points"] is None else torch.cat([gr["points"], cp], 1)
                 gr["labels"] = cl if gr["labels"] is None else torch.cat([gr["labels"], cl], 1)
@@ -294,7 +358,7 @@ def select_trainable(sam: Sam, adapt: TeacherAdaptConfig) -> list[str]:
             enc.requires_grad_(True)
         else:
             n = adapt.image_encoder_last_blocks
-            for blk in list(enc.blocks)[len(enc.blocks) - n:] if n else []:
+            for blk in list(enc.blocks)[len(enc.blocks) - n :] if n else []:
                 blk.requires_grad_(True)
             enc.neck.requires_grad_(True)
     if adapt.train_prompt_encoder:
@@ -306,8 +370,10 @@ def select_trainable(sam: Sam, adapt: TeacherAdaptConfig) -> list[str]:
 
 # ------------------------------------------------------------------------------- loop
 def _to_device(sample: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in sample.items()}
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in sample.items()
+    }
 
 
 def _check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
@@ -316,11 +382,18 @@ def _check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
             raise NonFiniteLossError(
                 f"teacher adaptation: {name} is {value.item()} at iteration {it}; stopped before "
                 "the optimizer step, so the last checkpoint is intact. Lower teacher_adapt.lr or "
-                "check the data.")
+                "check the data."
+            )
 
 
-def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = True,
-                  progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+def adapt_teacher(
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
     """Fine-tune the teacher of ``cfg`` and write ``sam_adapted.pth`` into ``out_dir``.
 
     Arguments:
@@ -345,23 +418,36 @@ def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: boo
     started = time.perf_counter()
 
     image_dir, json_path, png_dir = cfg.split_paths("train")
-    data = PanopticDataset(image_dir, json_path, png_dir, transform=None,
-                           on_bad_sample=cfg.data.on_bad_sample, seed=a.seed)
+    data = PanopticDataset(
+        image_dir,
+        json_path,
+        png_dir,
+        transform=None,
+        on_bad_sample=cfg.data.on_bad_sample,
+        seed=a.seed,
+    )
     train_sha = sha256_file(json_path)
-    sam = build_teacher(cfg.teacher.type, cfg.teacher.checkpoint, cfg.teacher.tiny,
-                        seed=TEACHER_INIT_SEED)
+    sam = build_teacher(
+        cfg.teacher.type, cfg.teacher.checkpoint, cfg.teacher.tiny, seed=TEACHER_INIT_SEED
+    )
     S = sam.image_encoder.img_size
     L = a.loss_size or S
     trainable = select_trainable(sam, a)
     sam.train()
-    step = AdaptStep(sam=sam, adapt=a, loss_size=L,
-                     encoder_grad=any(p.requires_grad for p in sam.image_encoder.parameters()))
+    step = AdaptStep(
+        sam=sam,
+        adapt=a,
+        loss_size=L,
+        encoder_grad=any(p.requires_grad for p in sam.image_encoder.parameters()),
+    )
     step.to(device)
     model: nn.Module = step
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+            step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
     params = [p for p in sam.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
     scheduler = build_scheduler(optimizer, a.iters, a.warmup_iters, a.lr_schedule)
@@ -373,10 +459,14 @@ def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: boo
     found = load_latest_checkpoint(ckpt_path.parent) if resume else None
     if found is not None:
         state, resumed_from = found
-        if state.get("identity") != json.dumps(identity, sort_keys=True) or \
-                state.get("train_json_sha256") != train_sha:
-            raise RuntimeError(f"{resumed_from} belongs to another adaptation (config or "
-                               f"{json_path} changed); delete it or pass --no-resume")
+        if (
+            state.get("identity") != json.dumps(identity, sort_keys=True)
+            or state.get("train_json_sha256") != train_sha
+        ):
+            raise RuntimeError(
+                f"{resumed_from} belongs to another adaptation (config or "
+                f"{json_path} changed); delete it or pass --no-resume"
+            )
         sam.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -387,64 +477,114 @@ def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: boo
         out.mkdir(parents=True, exist_ok=True)
         kept = []
         if start and metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["iteration"] < start]
+            kept = [
+                ln
+                for ln in metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["iteration"] < start
+            ]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
     stop = a.iters if stop_at is None else min(a.iters, int(stop_at))
     dataset = AdaptDataset(data, S, L, a)
     sampler = ResumableBatchSampler(len(dataset), a.batch_size, a.seed, start, stop, rank, world)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=a.num_workers,
-                        collate_fn=collate_adapt, persistent_workers=False)
-    log.info("adapting %s teacher (%s) on %s: %d iterations x %d images x <= %d prompts, loss grid "
-             "%d, %d trainable tensors, device %s", cfg.teacher.type,
-             cfg.teacher.checkpoint or "random init", json_path, a.iters, a.batch_size * world,
-             a.prompts_per_image, L, len(trainable), device)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=a.num_workers,
+        collate_fn=collate_adapt,
+        persistent_workers=False,
+    )
+    log.info(
+        "adapting %s teacher (%s) on %s: %d iterations x %d images x <= %d prompts, loss grid "
+        "%d, %d trainable tensors, device %s",
+        cfg.teacher.type,
+        cfg.teacher.checkpoint or "random init",
+        json_path,
+        a.iters,
+        a.batch_size * world,
+        a.prompts_per_image,
+        L,
+        len(trainable),
+        device,
+    )
     skipped = 0
-    bar = tqdm(total=stop, initial=start, desc="adapt_teacher", disable=not progress or rank != 0,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=stop,
+        initial=start,
+        desc="adapt_teacher",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+    )
     it = start
     t_last = time.perf_counter()
     for it, batch in zip(range(start, stop), loader):
         skipped += len(batch["skipped"])
         samples = [_to_device(s, device) for s in batch["samples"]]
         if not samples:
-            raise RuntimeError(f"iteration {it}: every image of the batch was skipped "
-                               f"({[s['skip_reason'] for s in batch['skipped']]})")
+            raise RuntimeError(
+                f"iteration {it}: every image of the batch was skipped "
+                f"({[s['skip_reason'] for s in batch['skipped']]})"
+            )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             losses = model(samples, corrective_seed=a.seed * 1_000_003 + it)
         _check_finite(losses, it)
         total = sum(losses[k] for k in PROMPTABLE_TERMS)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
-                     if a.grad_clip else torch.tensor(float("nan")))
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+            if a.grad_clip
+            else torch.tensor(float("nan"))
+        )
         optimizer.step()
         scheduler.step()
         done = it + 1
         bar.update(1)
         if rank == 0 and (done % a.log_interval == 0 or done == a.iters):
             now = time.perf_counter()
-            row = {"iteration": it, **{k: round(float(v.detach()), 6) for k, v in losses.items()
-                                       if not k.startswith("_")},
-                   "miou_train": round(float(losses["_miou"]), 4),
-                   "loss": round(float(total.detach()), 6),
-                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(grad_norm), 4)}
+            row = {
+                "iteration": it,
+                **{
+                    k: round(float(v.detach()), 6)
+                    for k, v in losses.items()
+                    if not k.startswith("_")
+                },
+                "miou_train": round(float(losses["_miou"]), 4),
+                "loss": round(float(total.detach()), 6),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": round(float(grad_norm), 4),
+            }
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             rate = a.log_interval / max(now - t_last, 1e-9)
             eta = (stop - done) / max(rate, 1e-9)
-            log.info("adapt_teacher it %d/%d loss %.4f (focal %.4f dice %.4f iou %.4f) train mIoU "
-                     "%.3f, %.2f it/s, ETA %s", done, a.iters, row["loss"], row["loss_focal"],
-                     row["loss_dice"], row["loss_iou"], row["miou_train"], rate,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+            log.info(
+                "adapt_teacher it %d/%d loss %.4f (focal %.4f dice %.4f iou %.4f) train mIoU "
+                "%.3f, %.2f it/s, ETA %s",
+                done,
+                a.iters,
+                row["loss"],
+                row["loss_focal"],
+                row["loss_dice"],
+                row["loss_iou"],
+                row["miou_train"],
+                rate,
+                time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )
             t_last = now
         if rank == 0 and (done % a.checkpoint_interval == 0 or done == stop) and done < a.iters:
             rotate_checkpoints(ckpt_path.parent, cfg.training.keep_checkpoints)
-            save_atomic({"model": sam.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "iteration": done,
-                         "identity": json.dumps(identity, sort_keys=True),
-                         "train_json_sha256": train_sha}, ckpt_path)
+            save_atomic(
+                {
+                    "model": sam.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "iteration": done,
+                    "identity": json.dumps(identity, sort_keys=True),
+                    "train_json_sha256": train_sha,
+                },
+                ckpt_path,
+            )
     bar.close()
     finished = stop >= a.iters
     summary = {
@@ -452,8 +592,9 @@ def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: boo
         "iterations": stop,
         "teacher_type": cfg.teacher.type,
         "base_checkpoint": cfg.teacher.checkpoint,
-        "base_checkpoint_sha256": (sha256_file(cfg.teacher.checkpoint)
-                                   if cfg.teacher.checkpoint else None),
+        "base_checkpoint_sha256": (
+            sha256_file(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else None
+        ),
         "train_json": str(json_path),
         "train_json_sha256": train_sha,
         "trainable_tensors": len(trainable),
@@ -471,8 +612,9 @@ def adapt_teacher(cfg: Config, out_dir: str | Path | None = None, *, resume: boo
         summary["checkpoint_sha256"] = sha256_file(final)
         (out / "adapt_info.json").write_text(json.dumps(summary, indent=1))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        log.info("adapted teacher written to %s (%.1f min)", final,
-                 summary["seconds_this_run"] / 60)
+        log.info(
+            "adapted teacher written to %s (%.1f min)", final, summary["seconds_this_run"] / 60
+        )
     if world > 1:
         dist.barrier()
     return summary

@@ -61,8 +61,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the states of :func:`rng_state`."""
     random.setstate(_as_tuples(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
-                         float(cached)))
+    np.random.set_state(
+        (kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -162,8 +163,10 @@ def load_latest_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Any], Path] | None
             log.warning("%s; falling back to the previous checkpoint %s", msg, path)
         return state, path
     raise CheckpointReadError(
-        f"no readable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(failures)
-        + "\nRerun with --no-resume to start this run from scratch (or delete the folder).")
+        f"no readable checkpoint in {ckpt_dir}:\n  "
+        + "\n  ".join(failures)
+        + "\nRerun with --no-resume to start this run from scratch (or delete the folder)."
+    )
 
 
 # kept here for callers of the training API; the class lives with the exported-student format

@@ -76,8 +76,9 @@ class RunMonitor:
         if "data_time" in record:
             add("time/data", record["data_time"], it)
 
-    def log_eval(self, metrics: dict[str, Any], it: int,
-                 panels: Sequence[tuple[str, np.ndarray]] = ()) -> None:
+    def log_eval(
+        self, metrics: dict[str, Any], it: int, panels: Sequence[tuple[str, np.ndarray]] = ()
+    ) -> None:
         """An evaluation's headline numbers and its image | GT | prediction panels."""
         if self.writer is None:
             return

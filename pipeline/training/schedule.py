@@ -8,8 +8,14 @@ from typing import Literal
 import torch
 
 
-def lr_factor(it: int, max_iters: int, warmup_iters: int, kind: Literal["poly", "cosine"],
-              power: float = 0.9, warmup_start: float = 0.001) -> float:
+def lr_factor(
+    it: int,
+    max_iters: int,
+    warmup_iters: int,
+    kind: Literal["poly", "cosine"],
+    power: float = 0.9,
+    warmup_start: float = 0.001,
+) -> float:
     """Multiplier of the base learning rate at iteration ``it`` (0-based).
 
     Warm-up ramps linearly from ``warmup_start`` to 1 over ``warmup_iters``; afterwards the decay
@@ -27,7 +33,13 @@ def lr_factor(it: int, max_iters: int, warmup_iters: int, kind: Literal["poly", 
     raise ValueError(f"training.lr_schedule must be 'poly' or 'cosine', got {kind!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, max_iters: int, warmup_iters: int,
-                    kind: Literal["poly", "cosine"], power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    max_iters: int,
+    warmup_iters: int,
+    kind: Literal["poly", "cosine"],
+    power: float = 0.9,
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, max_iters, warmup_iters, kind, power))
+        optimizer, lambda it: lr_factor(it, max_iters, warmup_iters, kind, power)
+    )

@@ -34,8 +34,7 @@ class TeacherSource:
             float32 maps.
     """
 
-    def __init__(self, cache: TeacherCache, live: Any | None = None,
-                 keep_float16: bool = False):
+    def __init__(self, cache: TeacherCache, live: Any | None = None, keep_float16: bool = False):
         self.cache = cache
         self.live = live
         self.keep_float16 = keep_float16
@@ -49,8 +48,10 @@ class TeacherSource:
         if cfg.model.sam_distill.teacher_mode == "live":
             from pipeline.cache.live import LiveTeacher
 
-            log.warning("model.sam_distill.teacher_mode=live runs SAM inside the data loader: "
-                        "for comparison benchmarks only")
+            log.warning(
+                "model.sam_distill.teacher_mode=live runs SAM inside the data loader: "
+                "for comparison benchmarks only"
+            )
             live = LiveTeacher(cfg, cache.path, device="cpu")
         return cls(cache, live, keep_float16)
 

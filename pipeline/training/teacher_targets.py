@@ -34,12 +34,20 @@ __all__ = [
     "warp_teacher_targets",
 ]
 
-REQUIRED_KEYS = ("features", "segment_ids", "mask_logits", "cls_logits", "scale", "input_size",
-                 "orig_size")
+REQUIRED_KEYS = (
+    "features",
+    "segment_ids",
+    "mask_logits",
+    "cls_logits",
+    "scale",
+    "input_size",
+    "orig_size",
+)
 
 
-def map_to_view_matrix(transform: Any, scale: float, input_size: int,
-                       map_size: tuple[int, int]) -> np.ndarray:
+def map_to_view_matrix(
+    transform: Any, scale: float, input_size: int, map_size: tuple[int, int]
+) -> np.ndarray:
     """Matrix from a cached map grid (covering the ``S x S`` frame) to view coordinates.
 
     Arguments:
@@ -53,8 +61,11 @@ def map_to_view_matrix(transform: Any, scale: float, input_size: int,
     """
     h, w = map_size
     a_view = _matrix(transform)
-    return a_view @ scale_matrix(1.0 / scale, 1.0 / scale) @ scale_matrix(input_size / w,
-                                                                           input_size / h)
+    return (
+        a_view
+        @ scale_matrix(1.0 / scale, 1.0 / scale)
+        @ scale_matrix(input_size / w, input_size / h)
+    )
 
 
 def view_to_grid_matrix(view_size: tuple[int, int], grid_size: tuple[int, int]) -> np.ndarray:
@@ -96,8 +107,9 @@ def inside_extent(matrices: Tensor, grid_size: tuple[int, int], extents: Tensor)
 
 
 def _matrix(transform: Any) -> np.ndarray:
-    m = np.asarray(transform.detach().cpu() if isinstance(transform, Tensor) else transform,
-                   dtype=np.float64)
+    m = np.asarray(
+        transform.detach().cpu() if isinstance(transform, Tensor) else transform, dtype=np.float64
+    )
     if m.shape != (3, 3):
         raise ValueError(f"transform must be a [3, 3] original -> view matrix, got {m.shape}")
     return m
@@ -107,21 +119,29 @@ def _check_item(item: dict, index: int, num_levels: int) -> tuple[float, int, in
     """Validate one cache entry; returns (scale, S, H0, W0)."""
     missing = [k for k in REQUIRED_KEYS if k not in item]
     if missing:
-        raise KeyError(f"teacher entry {index} lacks {missing}; expected a TeacherCache.get dict "
-                       f"with keys {list(REQUIRED_KEYS)}")
+        raise KeyError(
+            f"teacher entry {index} lacks {missing}; expected a TeacherCache.get dict "
+            f"with keys {list(REQUIRED_KEYS)}"
+        )
     scale, size = float(item["scale"]), int(item["input_size"])
     h0, w0 = (int(v) for v in item["orig_size"])
     if scale <= 0 or abs(scale - size / max(h0, w0)) > 1e-3 * scale:
-        raise ValueError(f"teacher entry {index}: scale {scale} disagrees with input_size {size} "
-                         f"and orig_size {(h0, w0)} (expected {size / max(h0, w0):.6g})")
+        raise ValueError(
+            f"teacher entry {index}: scale {scale} disagrees with input_size {size} "
+            f"and orig_size {(h0, w0)} (expected {size / max(h0, w0):.6g})"
+        )
     if len(item["features"]) != num_levels:
-        raise ValueError(f"teacher entry {index} has {len(item['features'])} feature levels, "
-                         f"the first entry of the batch {num_levels}")
+        raise ValueError(
+            f"teacher entry {index} has {len(item['features'])} feature levels, "
+            f"the first entry of the batch {num_levels}"
+        )
     m = item["mask_logits"].shape[0]
     if item["segment_ids"].shape != (m,) or item["cls_logits"].shape[0] != m:
-        raise ValueError(f"teacher entry {index}: segment_ids {tuple(item['segment_ids'].shape)}, "
-                         f"mask_logits {tuple(item['mask_logits'].shape)} and cls_logits "
-                         f"{tuple(item['cls_logits'].shape)} disagree on the segment count")
+        raise ValueError(
+            f"teacher entry {index}: segment_ids {tuple(item['segment_ids'].shape)}, "
+            f"mask_logits {tuple(item['mask_logits'].shape)} and cls_logits "
+            f"{tuple(item['cls_logits'].shape)} disagree on the segment count"
+        )
     return scale, size, h0, w0
 
 
@@ -163,9 +183,11 @@ def stack_teacher_items(items: Sequence[dict | None]) -> dict[str, Any]:
         for i, it in enumerate(items):
             fmap = ref.new_zeros(ref.shape) if it is None else it["features"][level]
             if fmap.shape != ref.shape:
-                raise ValueError(f"teacher entry {i}: feature level {level} has shape "
-                                 f"{tuple(fmap.shape)}, the first entry of the batch "
-                                 f"{tuple(ref.shape)}")
+                raise ValueError(
+                    f"teacher entry {i}: feature level {level} has shape "
+                    f"{tuple(fmap.shape)}, the first entry of the batch "
+                    f"{tuple(ref.shape)}"
+                )
             maps.append(fmap.to(ref.dtype).permute(1, 2, 0))
         # channels-last ([B, h, w, C] in memory, [B, C, h, w] in shape): grid_sample reads the
         # C values of a tap from one place instead of C planes apart (measured on 2 CPU cores:
@@ -175,23 +197,35 @@ def stack_teacher_items(items: Sequence[dict | None]) -> dict[str, Any]:
     counts = [int(it["mask_logits"].shape[0]) if it is not None else 0 for it in items]
     masks = [it["mask_logits"].to(ref_masks.dtype) for it in items if it is not None]
     if any(m.shape[1:] != ref_masks.shape[1:] for m in masks):
-        raise ValueError(f"teacher entries disagree on the mask size: "
-                         f"{sorted({tuple(m.shape[1:]) for m in masks})}")
+        raise ValueError(
+            f"teacher entries disagree on the mask size: "
+            f"{sorted({tuple(m.shape[1:]) for m in masks})}"
+        )
     num_classes = first["cls_logits"].shape[1]
     return {
         "features": features,
         "mask_logits": torch.cat(masks),
         "mask_counts": counts,
-        "segment_ids": [it["segment_ids"].to(torch.int64) if it is not None
-                        else torch.zeros(0, dtype=torch.int64) for it in items],
-        "cls_logits": [it["cls_logits"] if it is not None
-                       else first["cls_logits"].new_zeros(0, num_classes) for it in items],
-        "scale": torch.tensor([meta[i][0] if present[i] else 1.0 for i in range(len(items))],
-                              dtype=torch.float64),
-        "input_size": torch.tensor([meta[i][1] if present[i] else 0
-                                    for i in range(len(items))], dtype=torch.int64),
-        "orig_size": torch.tensor([[meta[i][2], meta[i][3]] if present[i] else [0, 0]
-                                   for i in range(len(items))], dtype=torch.int64),
+        "segment_ids": [
+            it["segment_ids"].to(torch.int64)
+            if it is not None
+            else torch.zeros(0, dtype=torch.int64)
+            for it in items
+        ],
+        "cls_logits": [
+            it["cls_logits"] if it is not None else first["cls_logits"].new_zeros(0, num_classes)
+            for it in items
+        ],
+        "scale": torch.tensor(
+            [meta[i][0] if present[i] else 1.0 for i in range(len(items))], dtype=torch.float64
+        ),
+        "input_size": torch.tensor(
+            [meta[i][1] if present[i] else 0 for i in range(len(items))], dtype=torch.int64
+        ),
+        "orig_size": torch.tensor(
+            [[meta[i][2], meta[i][3]] if present[i] else [0, 0] for i in range(len(items))],
+            dtype=torch.int64,
+        ),
         "present": torch.tensor(present, dtype=torch.bool),
     }
 
@@ -239,8 +273,10 @@ def batch_warp_teacher_targets(
     if len(transforms) != batch:
         raise ValueError(f"got {batch} teacher entries but {len(transforms)} transforms")
     if len(stacked["features"]) != len(level_sizes):
-        raise ValueError(f"the teacher entries have {len(stacked['features'])} feature levels, "
-                         f"level_sizes has {len(level_sizes)}")
+        raise ValueError(
+            f"the teacher entries have {len(stacked['features'])} feature levels, "
+            f"level_sizes has {len(level_sizes)}"
+        )
     if device is None:
         device = stacked["mask_logits"].device
     device = torch.device(device)
@@ -258,14 +294,21 @@ def batch_warp_teacher_targets(
         g = view_to_grid_matrix((view_h, view_w), grid_size)
         to_grid = torch.as_tensor(np.stack([g @ a for a in a_view]))
         view_to_grid = torch.as_tensor(g)[None].expand(batch, 3, 3)
-        ok = inside_extent(to_grid, grid_size, orig_ext) & inside_extent(view_to_grid, grid_size,
-                                                                        view_ext)
+        ok = inside_extent(to_grid, grid_size, orig_ext) & inside_extent(
+            view_to_grid, grid_size, view_ext
+        )
         return (ok & present_t[:, None, None]).to(device)
 
     def map_matrices(map_size: tuple[int, int], grid_size: tuple[int, int]) -> np.ndarray:
         g = view_to_grid_matrix((view_h, view_w), grid_size)
-        return np.stack([g @ map_to_view_matrix(a_view[i], scales[i], input_sizes[i], map_size)
-                         if present[i] else np.eye(3) for i in range(batch)])
+        return np.stack(
+            [
+                g @ map_to_view_matrix(a_view[i], scales[i], input_sizes[i], map_size)
+                if present[i]
+                else np.eye(3)
+                for i in range(batch)
+            ]
+        )
 
     features: list[Tensor | None] = []
     feature_valid: list[Tensor | None] = []
@@ -276,8 +319,9 @@ def batch_warp_teacher_targets(
             continue
         size = (int(size[0]), int(size[1]))
         maps = maps.to(device=device, dtype=torch.float32)
-        warped, ok = warp_affine(maps, map_matrices(tuple(maps.shape[-2:]), size), size,
-                                 "bilinear", fill=None)  # masked below
+        warped, ok = warp_affine(
+            maps, map_matrices(tuple(maps.shape[-2:]), size), size, "bilinear", fill=None
+        )  # masked below
         ok = ok & region_valid(size)
         features.append(warped * ok[:, None].to(warped.dtype))
         feature_valid.append(ok)
@@ -300,8 +344,7 @@ def batch_warp_teacher_targets(
         "feature_valid": feature_valid,
         "mask_logits": mask_logits,
         "mask_valid": mask_valid,
-        "segment_ids": [ids.to(device=device, dtype=torch.int64)
-                        for ids in stacked["segment_ids"]],
+        "segment_ids": [ids.to(device=device, dtype=torch.int64) for ids in stacked["segment_ids"]],
         "cls_logits": [c.to(device=device, dtype=torch.float32) for c in stacked["cls_logits"]],
         "present": present_t.to(device),
     }

@@ -34,9 +34,15 @@ from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.losses.weights import loss_weight_table
 from pipeline.models.student import RegSAMStudent, build_student
-from pipeline.training.checkpoint import (checkpoint_candidates, load_checkpoint,
-                                          load_latest_checkpoint, rng_state, rotate_checkpoints,
-                                          save_atomic, set_rng_state)
+from pipeline.training.checkpoint import (
+    checkpoint_candidates,
+    load_checkpoint,
+    load_latest_checkpoint,
+    rng_state,
+    rotate_checkpoints,
+    save_atomic,
+    set_rng_state,
+)
 from pipeline.training.monitor import RunMonitor, eval_summary
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.teacher_targets import batch_warp_teacher_targets, stack_teacher_items
@@ -101,8 +107,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
     permutation of epoch ``p div N``. Elements are encoded as ``epoch * N + index``.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start_iter: int,
-                 max_iters: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        start_iter: int,
+        max_iters: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if num_samples <= 0:
             raise ValueError("the training split has no samples")
         self.n, self.b, self.seed = num_samples, batch_size, seed
@@ -112,7 +126,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+            self._perm_cache = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            }
         return self._perm_cache[epoch]
 
     def batch_at(self, it: int) -> list[int]:
@@ -138,17 +154,22 @@ class TrainStep(nn.Module):
     The distillers are training-only: :meth:`export_student` returns the student alone.
     """
 
-    def __init__(self, student: RegSAMStudent, criterion: SetCriterion,
-                 resolution_distiller: nn.Module | None = None,
-                 sam_distiller: nn.Module | None = None):
+    def __init__(
+        self,
+        student: RegSAMStudent,
+        criterion: SetCriterion,
+        resolution_distiller: nn.Module | None = None,
+        sam_distiller: nn.Module | None = None,
+    ):
         super().__init__()
         self.student = student
         self.criterion = criterion
         self.resolution_distiller = resolution_distiller
         self.sam_distiller = sam_distiller
 
-    def forward(self, images: torch.Tensor, targets: list[dict],
-                teacher: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, targets: list[dict], teacher: dict[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
         """
         Arguments:
             images: float ``[B, 3, H, W]`` normalised.
@@ -164,14 +185,21 @@ class TrainStep(nn.Module):
             losses.update(self.resolution_distiller(self.student, images, feats))
         if self.sam_distiller is not None:
             if teacher is None:
-                raise ValueError("SAM distillation is on but the batch has no teacher entries "
-                                 "(batch['teacher'] of collate_training_batch)")
+                raise ValueError(
+                    "SAM distillation is on but the batch has no teacher entries "
+                    "(batch['teacher'] of collate_training_batch)"
+                )
             # cached maps live in the teacher's frame of the original image: warp them onto
             # this batch's augmented views (one grid_sample per level for the whole batch)
             sizes = self.sam_distiller.level_sizes([f.shape[-2:] for f in feats["neck_features"]])
             warped = batch_warp_teacher_targets(
-                teacher, [t["transform"] for t in targets], tuple(images.shape[-2:]), sizes,
-                tuple(outputs["pred_masks"].shape[-2:]), device=images.device)
+                teacher,
+                [t["transform"] for t in targets],
+                tuple(images.shape[-2:]),
+                sizes,
+                tuple(outputs["pred_masks"].shape[-2:]),
+                device=images.device,
+            )
             losses.update(self.sam_distiller(feats, outputs, indices, targets, warped))
         if feats.get("fusion_weights") is not None:
             losses["_fusion_weights"] = feats["fusion_weights"].detach()
@@ -195,7 +223,8 @@ def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
             raise NonFiniteLossError(
                 f"{name} is {value.item()} at iteration {it}; training stopped before the "
                 "optimizer step, so the last checkpoint is intact. Lower training.lr, enable "
-                "training.grad_clip or check the data and teacher cache.")
+                "training.grad_clip or check the data and teacher cache."
+            )
 
 
 def first_non_finite(named: Iterator[tuple[str, torch.Tensor]]) -> tuple[str | None, int, int]:
@@ -217,8 +246,9 @@ def first_non_finite(named: Iterator[tuple[str, torch.Tensor]]) -> tuple[str | N
     return (bad[0] if bad else None), len(bad), len(named)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer,
-                      names: dict[int, str]) -> Iterator[tuple[str, torch.Tensor]]:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """``("<param>.<state key>", tensor)`` for every tensor of the optimizer state."""
     for p, st in optimizer.state.items():
         for key, value in st.items():
@@ -232,28 +262,41 @@ def _hms(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
-def progress_line(record: dict[str, Any], it: int, max_iters: int, iters: int, seconds: float,
-                  elapsed: float) -> str:
+def progress_line(
+    record: dict[str, Any], it: int, max_iters: int, iters: int, seconds: float, elapsed: float
+) -> str:
     """One log line: iteration, total and per-term losses, lr, speed over the last ``iters``
     iterations (``seconds``), data time, elapsed time and ETA at that speed."""
     rate = iters / seconds if seconds > 0 else 0.0
     eta = _hms((max_iters - it) / rate) if rate > 0 else "?"
-    terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
-                     if k.startswith("loss_") and isinstance(v, float))
-    return (f"iter {it}/{max_iters}  loss {record['loss']:.4f} ({terms})  lr {record['lr']:.2e}  "
-            f"{rate:.2f} it/s, data {record.get('data_time', 0.0):.3f} s/it  "
-            f"elapsed {_hms(elapsed)}, ETA {eta}")
+    terms = " ".join(
+        f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss_") and isinstance(v, float)
+    )
+    return (
+        f"iter {it}/{max_iters}  loss {record['loss']:.4f} ({terms})  lr {record['lr']:.2e}  "
+        f"{rate:.2f} it/s, data {record.get('data_time', 0.0):.3f} s/it  "
+        f"elapsed {_hms(elapsed)}, ETA {eta}"
+    )
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
         commit = out.stdout.strip() if out.returncode == 0 else None
         if commit:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10,
-                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
             return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -276,31 +319,54 @@ def to_device(sample: dict, device: torch.device) -> dict:
 
 def build_datasets(cfg: Config) -> PanopticDataset:
     image_dir, json_path, png_dir = cfg.split_paths("train")
-    transform = TrainTransform(crop_size=tuple(cfg.data.crop_size),
-                               scale_range=tuple(cfg.data.scale_range),
-                               hflip_prob=cfg.data.hflip_prob)
-    return PanopticDataset(image_dir, json_path, png_dir, transform=transform,
-                           on_bad_sample=cfg.data.on_bad_sample, seed=cfg.seed)
+    transform = TrainTransform(
+        crop_size=tuple(cfg.data.crop_size),
+        scale_range=tuple(cfg.data.scale_range),
+        hflip_prob=cfg.data.hflip_prob,
+    )
+    return PanopticDataset(
+        image_dir,
+        json_path,
+        png_dir,
+        transform=transform,
+        on_bad_sample=cfg.data.on_bad_sample,
+        seed=cfg.seed,
+    )
 
 
 def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
     """The set criterion, its terms' weights and its matcher's costs from the loss table."""
     lc = cfg.model.loss
     weights = loss_weight_table(cfg.model)
-    matcher = HungarianMatcher(cost_class=weights["loss_cls"], cost_mask=weights["loss_mask"],
-                               cost_dice=weights["loss_dice"], num_points=lc.num_points)
-    return SetCriterion(num_classes, matcher, weight_dict=weights,
-                        no_object_weight=lc.no_object_weight, num_points=lc.num_points,
-                        oversample_ratio=lc.oversample_ratio,
-                        importance_sample_ratio=lc.importance_sample_ratio)
+    matcher = HungarianMatcher(
+        cost_class=weights["loss_cls"],
+        cost_mask=weights["loss_mask"],
+        cost_dice=weights["loss_dice"],
+        num_points=lc.num_points,
+    )
+    return SetCriterion(
+        num_classes,
+        matcher,
+        weight_dict=weights,
+        no_object_weight=lc.no_object_weight,
+        num_points=lc.num_points,
+        oversample_ratio=lc.oversample_ratio,
+        importance_sample_ratio=lc.importance_sample_ratio,
+    )
 
 
 # ------------------------------------------------------------------------------ trainer
 class Trainer:
     """Trains one student run in ``work_dir`` (resumes from ``work_dir/checkpoints/last.pth``)."""
 
-    def __init__(self, cfg: Config, work_dir: str | Path, resume: bool = True,
-                 progress: bool = True, stop_at: int | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        work_dir: str | Path,
+        resume: bool = True,
+        progress: bool = True,
+        stop_at: int | None = None,
+    ):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.resume = resume
@@ -347,44 +413,67 @@ class Trainer:
         self.teacher = None
         if cfg.model.use_resolution_distill:
             from pipeline.models.resolution_distill import ResolutionDistiller
+
             rd = cfg.model.resolution_distill
-            res = ResolutionDistiller(in_channels=cfg.model.neck.channels,
-                                      feat_channels=rd.feat_channels,
-                                      sr_loss_weight=rd.sr_loss_weight,
-                                      fa_loss_weight=rd.fa_loss_weight,
-                                      fa_subscale=rd.fa_subscale, lr_scale=rd.lr_scale,
-                                      mask_stride=cfg.model.neck.mask_stride)
+            res = ResolutionDistiller(
+                in_channels=cfg.model.neck.channels,
+                feat_channels=rd.feat_channels,
+                sr_loss_weight=rd.sr_loss_weight,
+                fa_loss_weight=rd.fa_loss_weight,
+                fa_subscale=rd.fa_subscale,
+                lr_scale=rd.lr_scale,
+                mask_stride=cfg.model.neck.mask_stride,
+            )
         if cfg.model.use_sam_distill:
             from pipeline.models.sam_distill import SamDistiller
             from pipeline.training.teacher_source import TeacherSource
-            self.teacher = TeacherSource.from_config(cfg,
-                                                     keep_float16=self.device.type == "cuda")
+
+            self.teacher = TeacherSource.from_config(cfg, keep_float16=self.device.type == "cuda")
             sd = cfg.model.sam_distill
-            sam = SamDistiller(student_channels=student.neck_channels,
-                               teacher_channels=self.teacher.level_channels,
-                               distill_feat_layers=sd.distill_feat_layers,
-                               feat_distill_weight=sd.feat_distill_weight,
-                               output_distill_weight=sd.output_distill_weight,
-                               temperature=sd.temperature, num_points=sd.num_points)
+            sam = SamDistiller(
+                student_channels=student.neck_channels,
+                teacher_channels=self.teacher.level_channels,
+                distill_feat_layers=sd.distill_feat_layers,
+                feat_distill_weight=sd.feat_distill_weight,
+                output_distill_weight=sd.output_distill_weight,
+                temperature=sd.temperature,
+                num_points=sd.num_points,
+            )
         self.step_module = TrainStep(student, criterion, res, sam).to(self.device)
         self.model: nn.Module = self.step_module
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                self.step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
 
         tc = cfg.training
         backbone_params = list(student.backbone.parameters())
         backbone_ids = {id(p) for p in backbone_params}
-        rest = [p for p in self.step_module.parameters() if id(p) not in backbone_ids and p.requires_grad]
-        groups = [{"params": [p for p in backbone_params if p.requires_grad],
-                   "lr": tc.lr * tc.backbone_lr_mult}, {"params": rest, "lr": tc.lr}]
+        rest = [
+            p
+            for p in self.step_module.parameters()
+            if id(p) not in backbone_ids and p.requires_grad
+        ]
+        groups = [
+            {
+                "params": [p for p in backbone_params if p.requires_grad],
+                "lr": tc.lr * tc.backbone_lr_mult,
+            },
+            {"params": rest, "lr": tc.lr},
+        ]
         self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, tc.max_iters, tc.warmup_iters,
-                                         tc.lr_schedule, tc.poly_power)
+        self.scheduler = build_scheduler(
+            self.optimizer, tc.max_iters, tc.warmup_iters, tc.lr_schedule, tc.poly_power
+        )
         self.use_amp = tc.amp and self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (self.use_amp and torch.cuda.is_bf16_supported()) else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.amp_dtype = (
+            torch.bfloat16 if (self.use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+        )
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
+        )
 
     def _init_from(self, student: nn.Module, path: Path) -> None:
         exported = path.name.endswith(("final.pth", "best.pth"))
@@ -398,12 +487,15 @@ class Trainer:
         try:
             missing, unexpected = student.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatches
-            raise RuntimeError(f"training.init_from={path}: weights do not fit this student: "
-                               f"{str(exc)[:600]}") from None
+            raise RuntimeError(
+                f"training.init_from={path}: weights do not fit this student: {str(exc)[:600]}"
+            ) from None
         missing = [k for k in missing if not k.startswith(optional)]
         if missing or unexpected:
-            raise RuntimeError(f"training.init_from={path}: weights do not fit this student "
-                               f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
+            raise RuntimeError(
+                f"training.init_from={path}: weights do not fit this student "
+                f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})"
+            )
         log.info("initialised student from %s", path)
 
     # ------------------------------------------------------------------ state
@@ -438,7 +530,8 @@ class Trainer:
                 f"iteration {it}: {first} is not finite after the optimizer step ({bad} of {total} "
                 f"tensors are NaN/inf); nothing was saved, the newest checkpoint in "
                 f"{self.ckpt_dir} is still the last good one. Lower training.lr (now "
-                f"{self.cfg.training.lr}), enable training.grad_clip or check the data.")
+                f"{self.cfg.training.lr}), enable training.grad_clip or check the data."
+            )
 
     def _save(self, it: int) -> None:
         if not self.is_main:
@@ -494,20 +587,33 @@ class Trainer:
         (self.work_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
         # the resolved config, loadable as it is: `python -m pipeline train --config <it>`
         (self.work_dir / "config.yaml").write_text(
-            yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        )
 
     # ------------------------------------------------------------------ loop
     def _loader(self, start_iter: int) -> DataLoader:
         cfg = self.cfg
-        sampler = ResumableBatchSampler(len(self.dataset), cfg.training.batch_size, cfg.seed,
-                                        start_iter, cfg.training.max_iters, self.rank,
-                                        self.world_size)
+        sampler = ResumableBatchSampler(
+            len(self.dataset),
+            cfg.training.batch_size,
+            cfg.seed,
+            start_iter,
+            cfg.training.max_iters,
+            self.rank,
+            self.world_size,
+        )
         gen = torch.Generator().manual_seed(cfg.seed)  # keeps the global RNG untouched
         nw = cfg.data.num_workers
-        return DataLoader(EpochIndexed(self.dataset, self.teacher), batch_sampler=sampler,
-                          collate_fn=collate_training_batch, num_workers=nw, generator=gen,
-                          pin_memory=self.device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=4 if nw > 0 else None)
+        return DataLoader(
+            EpochIndexed(self.dataset, self.teacher),
+            batch_sampler=sampler,
+            collate_fn=collate_training_batch,
+            num_workers=nw,
+            generator=gen,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if nw > 0 else None,
+        )
 
     def train(self) -> dict[str, Any]:
         """Run (or resume) training to ``training.max_iters``; returns a summary dict."""
@@ -526,8 +632,13 @@ class Trainer:
             return self._finish(start, 0.0)
 
         self.step_module.train()
-        bar = tqdm(total=tc.max_iters, initial=start, disable=not (self.progress and self.is_main),
-                   desc=f"train {self.cfg.experiment}", dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.max_iters,
+            initial=start,
+            disable=not (self.progress and self.is_main),
+            desc=f"train {self.cfg.experiment}",
+            dynamic_ncols=True,
+        )
         if self.is_main and tc.tensorboard:
             self.monitor = RunMonitor(self.work_dir / "tensorboard", start)
         t_start = time.perf_counter()
@@ -542,8 +653,11 @@ class Trainer:
                 record = self.step(batch, it)
                 it += 1
                 if record is not None and mfile is not None:
-                    record.update(iter=it, data_time=round(data_time, 4),
-                                  time=round(time.perf_counter() - t_data, 4))
+                    record.update(
+                        iter=it,
+                        data_time=round(data_time, 4),
+                        time=round(time.perf_counter() - t_data, 4),
+                    )
                     mfile.write(json.dumps(record) + "\n")
                     self.monitor.log_train(record, it)
                     if it % tc.log_interval == 0 or it == tc.max_iters:
@@ -553,8 +667,16 @@ class Trainer:
                     if not self.progress and (it % tc.log_interval == 0 or it == tc.max_iters):
                         # no bar (Snakemake's log, a batch job): a progress line instead
                         now = time.perf_counter()
-                        log.info(progress_line(record, it, tc.max_iters, it - logged[0],
-                                               now - logged[1], now - t_start))
+                        log.info(
+                            progress_line(
+                                record,
+                                it,
+                                tc.max_iters,
+                                it - logged[0],
+                                now - logged[1],
+                                now - t_start,
+                            )
+                        )
                         logged = (it, now)
                 bar.update(1)
                 stopping = self.stop_at is not None and it >= self.stop_at
@@ -589,7 +711,8 @@ class Trainer:
             self.scheduler.step()
             return None
         images = self.step_module.student.normalize(
-            batch["images"].to(self.device, non_blocking=True))
+            batch["images"].to(self.device, non_blocking=True)
+        )
         teacher = batch.get("teacher") if self.teacher is not None else None
         if teacher is not None:
             teacher = to_device(teacher, self.device)
@@ -602,8 +725,9 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.cfg.training.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.step_module.parameters(),
-                                                       self.cfg.training.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.step_module.parameters(), self.cfg.training.grad_clip
+            )
         else:
             grad_norm = self._grad_norm()
         self.scaler.step(self.optimizer)
@@ -650,27 +774,43 @@ class Trainer:
             saved_rng = rng_state()
             try:
                 metrics = evaluate_model(
-                    self.step_module.student, self._val_dataset, self.categories, self.device,
+                    self.step_module.student,
+                    self._val_dataset,
+                    self.categories,
+                    self.device,
                     out_dir=self.work_dir / "evaluations" / f"iter_{it:07d}",
-                    max_images=ev.max_images, object_mask_threshold=ev.object_mask_threshold,
-                    overlap_threshold=ev.overlap_threshold, num_visualize=ev.num_visualize,
-                    progress=False, instance_topk=ev.instance_topk, distributed=False,
+                    max_images=ev.max_images,
+                    object_mask_threshold=ev.object_mask_threshold,
+                    overlap_threshold=ev.overlap_threshold,
+                    num_visualize=ev.num_visualize,
+                    progress=False,
+                    instance_topk=ev.instance_topk,
+                    distributed=False,
                     on_panel=lambda image_id, panel: panels.append((image_id, panel)),
-                    extra_settings={"iteration": it})
+                    extra_settings={"iteration": it},
+                )
             finally:
                 set_rng_state(saved_rng)
             summary = {"iter": it, **eval_summary(metrics)}
             if self.best is None or summary["PQ"] > self.best["pq"]:
                 self.best = {"iteration": it, "pq": summary["PQ"]}
-                save_atomic(export_blob(self.step_module.student, self.cfg, self.categories),
-                            self.work_dir / "best.pth")
+                save_atomic(
+                    export_blob(self.step_module.student, self.cfg, self.categories),
+                    self.work_dir / "best.pth",
+                )
             summary["best_iteration"] = self.best["iteration"]
             with open(self.work_dir / "evaluations.jsonl", "a") as f:
                 f.write(json.dumps(summary) + "\n")
             self.monitor.log_eval(metrics, it, panels)
-            log.info("evaluation at iteration %d: PQ %.2f (best %.2f at %d), AP %s, mIoU %s", it,
-                     summary["PQ"], self.best["pq"], self.best["iteration"],
-                     _fmt(summary["AP"]), _fmt(summary["mIoU"]))
+            log.info(
+                "evaluation at iteration %d: PQ %.2f (best %.2f at %d), AP %s, mIoU %s",
+                it,
+                summary["PQ"],
+                self.best["pq"],
+                self.best["iteration"],
+                _fmt(summary["AP"]),
+                _fmt(summary["mIoU"]),
+            )
         if dist.is_initialized():
             dist.barrier()
         return summary
@@ -680,13 +820,20 @@ class Trainer:
         """Drop metric lines past the resumed iteration (written after the last checkpoint)."""
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("iter", 0) <= start]
+        keep = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("iter", 0) <= start
+        ]
         path.write_text("".join(ln + "\n" for ln in keep))
 
     def _finish(self, it: int, seconds: float) -> dict[str, Any]:
-        summary = {"status": "done", "iterations": it, "train_seconds": round(seconds, 1),
-                   "skipped_samples": dict(self.skips)}
+        summary = {
+            "status": "done",
+            "iterations": it,
+            "train_seconds": round(seconds, 1),
+            "skipped_samples": dict(self.skips),
+        }
         if self.best is not None:
             summary["best"] = {**self.best, "path": "best.pth"}
         if self.is_main:
@@ -708,12 +855,26 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def train(cfg: Config, work_dir: str | Path, resume: bool = True, progress: bool = True,
-          stop_at: int | None = None) -> dict:
+def train(
+    cfg: Config,
+    work_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict:
     """Entry point used by the CLI and the Snakemake rule."""
     return Trainer(cfg, work_dir, resume=resume, progress=progress, stop_at=stop_at).train()
 
 
-__all__ = ["Trainer", "TrainStep", "ResumableBatchSampler", "EpochIndexed", "NonFiniteLossError",
-           "NonFiniteParameterError",
-           "train", "total_loss", "check_finite", "progress_line"]
+__all__ = [
+    "Trainer",
+    "TrainStep",
+    "ResumableBatchSampler",
+    "EpochIndexed",
+    "NonFiniteLossError",
+    "NonFiniteParameterError",
+    "train",
+    "total_loss",
+    "check_finite",
+    "progress_line",
+]
