@@ -51,21 +51,28 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+def _tiny_adaptation(root, tmp_path) -> list[str]:
+    """Overrides shared by the in-process and command-line adaptations: tiny data and model."""
+    return [
+        f"data.root={root}",
+        "data.synthetic.num_train=6",
+        "data.synthetic.num_val=4",
+        "data.synthetic.num_tune=0",
+        f"cache.root={tmp_path / 'cache'}",
+        "teacher.device=cpu",
+        *TINY,
+        "teacher_adapt.enabled=true",
+        "teacher_adapt.batch_size=2",
+        "teacher_adapt.prompts_per_image=4",
+        "teacher_adapt.loss_size=32",
+    ]
+
+
 def _cfg(root, tmp_path, *extra):
     return load_config(
         BASE,
         [
-            f"data.root={root}",
-            "data.synthetic.num_train=6",
-            "data.synthetic.num_val=4",
-            "data.synthetic.num_tune=0",
-            f"cache.root={tmp_path / 'cache'}",
-            "teacher.device=cpu",
-            *TINY,
-            "teacher_adapt.enabled=true",
-            "teacher_adapt.batch_size=2",
-            "teacher_adapt.prompts_per_image=4",
-            "teacher_adapt.loss_size=32",
+            *_tiny_adaptation(root, tmp_path),
             "teacher_adapt.lr=0.002",
             "teacher_adapt.warmup_iters=2",
             "teacher_adapt.num_workers=0",
@@ -260,17 +267,7 @@ def _cli_args(root, tmp_path, out, *extra):
         "--no-progress",
     ]
     for o in [
-        f"data.root={root}",
-        "data.synthetic.num_train=6",
-        "data.synthetic.num_val=4",
-        "data.synthetic.num_tune=0",
-        f"cache.root={tmp_path / 'cache'}",
-        "teacher.device=cpu",
-        *TINY,
-        "teacher_adapt.enabled=true",
-        "teacher_adapt.batch_size=2",
-        "teacher_adapt.prompts_per_image=4",
-        "teacher_adapt.loss_size=32",
+        *_tiny_adaptation(root, tmp_path),
         "teacher_adapt.num_workers=0",
         "teacher_adapt.log_interval=1",
         *extra,
