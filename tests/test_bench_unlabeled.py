@@ -18,7 +18,8 @@ def test_bench_unlabeled_tiny(tmp_path):
     args = ["--tiny", "--root", str(tmp_path), "--iters", "2", "--warmup", "0", "--images", "1"]
     assert bench.main([*args, "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert result["cache"]["unlabeled"]["done"] == 8  # 4 held-out train + 4 unlabelled images
+    # 8 train images at labeled_fraction 0.25: 6 held out, + 4 synthetic unlabelled images
+    assert result["cache"]["unlabeled"]["done"] == 10
     assert result["cache"]["unlabeled"]["bytes_per_done_image"] > 0
     assert result["caching"]["unlabelled_automatic_s_per_image"] > 0
     tr = result["training"]
