@@ -65,6 +65,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         num_stuff_classes=s.num_stuff_classes,
         seed=s.seed,
         num_tune=s.num_tune,
+        num_unlabeled=s.num_unlabeled,
     )
     return 0
 
@@ -153,7 +154,8 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from pipeline.cache.runner import build_cache
 
     cfg = _config(args)
-    require([check_split(cfg, args.split), check_teacher_checkpoint(cfg)])
+    split_check = check_split(cfg, "train" if args.split == "unlabeled" else args.split)
+    require([split_check, check_teacher_checkpoint(cfg)])
     path = build_cache(
         cfg, split=args.split, scheduler_address=args.scheduler_address, n_workers=args.workers
     )
@@ -375,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     sp = with_config("cache-teacher", cmd_cache_teacher, "stage one: run SAM once, cache to Zarr")
-    sp.add_argument("--split", default="train")
+    sp.add_argument(
+        "--split",
+        default="train",
+        help="train, val, tune, or unlabeled (SAM's automatic segments of the unlabelled "
+        "images; needs the finished train cache)",
+    )
     sp.add_argument("--scheduler-address", default=None, help="join an existing dask cluster")
     sp.add_argument("--workers", type=int, default=None, help="LocalCluster worker count")
     sp = with_config("cache-path", cmd_cache_path, "print the cache directory of a config")

@@ -88,6 +88,24 @@ class SyntheticConfig(_Section):
     num_thing_classes: int = Field(3, ge=1)
     num_stuff_classes: int = Field(2, ge=1)
     seed: int = 0
+    num_unlabeled: int = Field(
+        0,
+        ge=0,
+        description="images of the unlabelled split (folder `unlabeled/`, no annotations, its "
+        "own generator stream; 0 = none)",
+    )
+
+
+class UnlabeledSource(_Section):
+    """One source of unlabelled images, relative to ``data.root``.
+
+    ``images`` is a folder; without ``image_list`` every ``.jpg``/``.jpeg``/``.png`` directly in
+    it is used (sorted by name), with it only the images a COCO image-info JSON lists
+    (``{"images": [{"id", "file_name"}, ...]}``, e.g. COCO's ``image_info_unlabeled2017.json``).
+    """
+
+    images: str
+    image_list: str | None = None
 
 
 class DataConfig(_Section):
@@ -111,6 +129,27 @@ class DataConfig(_Section):
     size_divisibility: int = Field(32, ge=1)
     on_bad_sample: Literal["error", "skip"] = "error"
     num_workers: int = Field(2, ge=0)
+    unlabeled: list[UnlabeledSource] = Field(
+        default_factory=list,
+        description="unlabelled image sources (folders or image-list JSONs under data.root); "
+        "cached by `cache-teacher --split unlabeled` with SAM's automatic mode",
+    )
+    labeled_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="fraction of the train split that keeps its labels (a fixed subset drawn "
+        "with labeled_seed); the rest joins the unlabelled images. 1 = all labelled",
+    )
+    labeled_seed: int = Field(0, ge=0, description="seed of the labelled subset of the train split")
+
+    @field_validator("unlabeled", mode="before")
+    @classmethod
+    def _folder_shorthand(cls, v: Any) -> Any:
+        """A plain string is a folder: ``- unlabeled2017`` = ``- {images: unlabeled2017}``."""
+        if isinstance(v, list):
+            return [{"images": x} if isinstance(x, str) else x for x in v]
+        return v
 
     @field_validator("scale_range")
     @classmethod
@@ -144,6 +183,20 @@ class SamTinyConfig(_Section):
 TeacherType = Literal["sam_tiny", "vit_b", "vit_l", "vit_h"]
 
 
+class AutomaticConfig(_Section):
+    """SAM's automatic mask generation (``SamAutomaticMaskGenerator``'s settings, one crop layer):
+    a grid of ``points_per_side``^2 single-point prompts, three masks each, kept when the
+    predicted IoU exceeds ``pred_iou_thresh`` and the stability score reaches
+    ``stability_score_thresh``, de-duplicated by box NMS at ``box_nms_thresh``."""
+
+    points_per_side: int = Field(32, ge=1)
+    points_per_batch: int = Field(64, ge=1)
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1)
+    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+    stability_score_offset: float = Field(1.0, ge=0)
+    box_nms_thresh: float = Field(0.7, gt=0, le=1)
+
+
 class TeacherConfig(_Section):
     type: TeacherType = "sam_tiny"
     checkpoint: str | None = None
@@ -155,6 +208,10 @@ class TeacherConfig(_Section):
     )
     points_per_stuff: int = Field(3, ge=1)
     device: str = "auto"
+    automatic: AutomaticConfig = Field(
+        AutomaticConfig(),
+        description="SAM's automatic mode, used for the teacher segments of unlabelled images",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -363,6 +420,15 @@ class SamDistillConfig(_Section):
     distill_feat_layers: list[int] = [0, 1, 2, 3]
     teacher_mode: Literal["cache", "live"] = "cache"
     num_points: int = Field(4096, ge=16)
+    unlabeled_weight: float = Field(
+        1.0, ge=0, description="weight of loss_sam_distill_unlabeled in the total loss"
+    )
+    unlabeled_min_confidence: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="teacher segments of unlabelled images below this confidence are ignored",
+    )
 
     @field_validator("distill_feat_layers")
     @classmethod
@@ -414,6 +480,13 @@ class TrainingConfig(_Section):
     init_from: str | None = Field(None, description="weights to start from (progressive training)")
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1)
+    unlabeled_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of every batch drawn from the unlabelled images "
+        "(round(ratio x batch_size) images); 0 = labelled images only",
+    )
 
 
 class EvaluationConfig(_Section):
@@ -449,6 +522,24 @@ class Config(_Section):
                 f"model.sam_distill.teacher_checkpoint={sd.teacher_checkpoint!r} differs from "
                 f"teacher.checkpoint={self.teacher.checkpoint!r}"
             )
+        if self.training.unlabeled_ratio > 0:
+            n_u = round(self.training.unlabeled_ratio * self.training.batch_size)
+            if not self.model.use_sam_distill:
+                raise ValueError(
+                    f"training.unlabeled_ratio={self.training.unlabeled_ratio}: unlabelled images "
+                    "are learned from the teacher only; set model.use_sam_distill: true"
+                )
+            if n_u < 1 or n_u >= self.training.batch_size:
+                raise ValueError(
+                    f"training.unlabeled_ratio={self.training.unlabeled_ratio}: with "
+                    f"training.batch_size={self.training.batch_size} a batch would hold {n_u} "
+                    "unlabelled images; need at least 1 and at least one labelled image"
+                )
+            if not self.data.unlabeled and self.data.labeled_fraction >= 1:
+                raise ValueError(
+                    f"training.unlabeled_ratio={self.training.unlabeled_ratio} but there are no "
+                    "unlabelled images: set data.unlabeled and/or data.labeled_fraction < 1"
+                )
         if self.model.use_sam_distill:
             levels = self.teacher.num_levels()
             bad = [i for i in sd.distill_feat_layers if i >= levels]
@@ -462,6 +553,11 @@ class Config(_Section):
         return self
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def has_unlabeled(self) -> bool:
+        """Whether the config declares unlabelled images (sources or a held-out train part)."""
+        return bool(self.data.unlabeled) or self.data.labeled_fraction < 1
+
     def split_paths(self, split: Literal["train", "val", "tune"]) -> tuple[Path, Path, Path]:
         """(image_dir, json_path, png_dir) of a split, resolved against ``data.root``."""
         paths = getattr(self.data, split)

@@ -160,7 +160,16 @@ def _flatten(d: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-SHARED_SECTIONS = ("teacher", "teacher_adapt", "cache", "data.root", "data.train")
+SHARED_SECTIONS = (
+    "teacher",
+    "teacher_adapt",
+    "cache",
+    "data.root",
+    "data.train",
+    "data.unlabeled",
+    "data.labeled_fraction",
+    "data.labeled_seed",
+)
 
 
 def shared_differences(main: Config, other: Config) -> list[str]:

@@ -19,6 +19,16 @@ every kind the sha256 of the actual JSON is recorded in the manifest (``annotati
 when the cache is created and compared by the builder and the reader
 (:func:`check_annotations`): a JSON edited after the cache was built is refused.
 
+The cache of split ``"unlabeled"`` (SAM's automatic segments of the unlabelled images,
+:mod:`pipeline.data.unlabeled`) replaces the annotations by the identity of the unlabelled image
+list (:func:`unlabeled_identity`): the held-out part of the train split (fraction, seed, the train
+annotations' identity), and per ``data.unlabeled`` source its folder and either the sha256 of its
+image-list JSON, the sha256 of every image file in the folder (name + content), or for the
+synthetic dataset's own ``unlabeled/`` folder the generator parameters. It adds the automatic-mode
+settings and the sha256 of the train cache's fingerprint (whose PCA bases and class prototypes it
+reuses). With ``data.labeled_fraction < 1`` the train cache's fingerprint records the labelled
+subset, whose segments alone make the class prototypes.
+
 Computing the fingerprint builds no model: checkpoint digests come from
 :func:`pipeline.teacher.sam_builder.sha256_file`, so Snakemake can call :func:`cache_dir` at DAG
 time.
@@ -37,6 +47,8 @@ from pipeline.teacher.sam_builder import PIXEL_MEAN, PIXEL_STD, sha256_file, spe
 
 __all__ = [
     "CACHE_SCHEMA_VERSION",
+    "CONFIDENCE_RULE",
+    "UNLABELED_SPLIT",
     "FingerprintMismatchError",
     "TEACHER_INIT_SEED",
     "cache_dir",
@@ -45,10 +57,14 @@ __all__ = [
     "fingerprint_sha256",
     "resolve_layers",
     "teacher_fingerprint",
+    "unlabeled_identity",
 ]
 
 # 2: annotation paths in the fingerprint, every chunk written (missing chunks are detectable)
 CACHE_SCHEMA_VERSION = 2
+UNLABELED_SPLIT = "unlabeled"
+# How an unlabelled segment's confidence is computed (see pipeline.cache.runner).
+CONFIDENCE_RULE = "predicted_iou * stability_score * max softmax(cls_logits)"
 # Seed of a randomly initialised teacher (no checkpoint); independent of the training seed.
 TEACHER_INIT_SEED = 0
 # How the per-image seed of the stuff point prompts is derived (see pipeline.cache.record).
@@ -85,7 +101,8 @@ def _annotation_identity(cfg: Config, split: str) -> dict[str, Any]:
 
         return {
             "synthetic": {
-                **cfg.data.synthetic.model_dump(mode="json"),
+                # the unlabelled images change no labelled split
+                **cfg.data.synthetic.model_dump(mode="json", exclude={"num_unlabeled"}),
                 "generator_version": GENERATOR_VERSION,
             },
             **where,
@@ -109,8 +126,82 @@ def _annotation_identity(cfg: Config, split: str) -> dict[str, Any]:
     return {"sha256": sha256_file(json_path)}
 
 
+def _files_digest(folder: Path) -> str:
+    """sha256 over ``name, sha256(content)`` of every image directly in ``folder``, by name."""
+    from pipeline.data.unlabeled import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"unlabelled image folder not found: {folder} (data.unlabeled); the cache "
+            "fingerprint needs the content of its images"
+        )
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def unlabeled_identity(cfg: Config) -> dict[str, Any]:
+    """What identifies the unlabelled image list of ``cfg`` (see the module docstring)."""
+    from pipeline.data.synthetic import GENERATOR_VERSION, UNLABELED_DIR
+
+    out: dict[str, Any] = {}
+    if cfg.data.labeled_fraction < 1:
+        out["train_heldout"] = {
+            "labeled_fraction": cfg.data.labeled_fraction,
+            "labeled_seed": cfg.data.labeled_seed,
+            "train": _annotation_identity(cfg, "train"),
+        }
+    sources = []
+    for src in cfg.data.unlabeled:
+        entry: dict[str, Any] = {
+            "root": cfg.data.root,
+            "images": src.images,
+            "image_list": src.image_list,
+        }
+        if cfg.data.dataset == "synthetic" and src.images == UNLABELED_DIR and not src.image_list:
+            entry["synthetic"] = {
+                **cfg.data.synthetic.model_dump(mode="json"),
+                "generator_version": GENERATOR_VERSION,
+            }
+        elif src.image_list:
+            list_path = Path(cfg.data.root) / src.image_list
+            if not list_path.is_file():
+                raise FileNotFoundError(
+                    f"unlabelled image list not found: {list_path} (data.unlabeled image_list); "
+                    "the cache fingerprint needs its sha256"
+                )
+            entry["list_sha256"] = sha256_file(list_path)
+        else:
+            entry["files_sha256"] = _files_digest(Path(cfg.data.root) / src.images)
+        sources.append(entry)
+    out["sources"] = sources
+    return out
+
+
 def teacher_fingerprint(cfg: Config, split: str) -> dict[str, Any]:
     """The fingerprint dict of the cache of ``split`` under ``cfg``."""
+    if split == UNLABELED_SPLIT:
+        fp = _teacher_fingerprint(cfg, split, annotations=None)
+        fp["unlabeled"] = unlabeled_identity(cfg)
+        fp["automatic"] = cfg.teacher.automatic.model_dump(mode="json")
+        fp["confidence"] = CONFIDENCE_RULE
+        fp["train_cache"] = fingerprint_sha256(teacher_fingerprint(cfg, "train"))
+        return fp
+    fp = _teacher_fingerprint(cfg, split, annotations=_annotation_identity(cfg, split))
+    if split == "train" and cfg.data.labeled_fraction < 1:
+        # the class prototypes are made from the labelled subset only
+        fp["labeled_subset"] = {
+            "labeled_fraction": cfg.data.labeled_fraction,
+            "labeled_seed": cfg.data.labeled_seed,
+        }
+    return fp
+
+
+def _teacher_fingerprint(
+    cfg: Config, split: str, annotations: dict[str, Any] | None
+) -> dict[str, Any]:
     t, c = effective_teacher(cfg), cfg.cache
     spec = spec_for(t.type, t.tiny)
     weights = (
@@ -146,7 +237,7 @@ def teacher_fingerprint(cfg: Config, split: str) -> dict[str, Any]:
         "pca_samples": c.pca_samples,
         "max_segments": c.max_segments,
         "prototype_scale": c.prototype_scale,
-        "annotations": _annotation_identity(cfg, split),
+        **({"annotations": annotations} if annotations is not None else {}),
     }
 
 

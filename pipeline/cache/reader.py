@@ -9,11 +9,13 @@ key             type                  meaning
 features        list of ``[C_l,h,w]`` stored levels (PCA coefficients for reduced levels)
 level_names     list of str           ``"block{i}"`` / ``"neck"``
 segment_ids     int64 ``[M]``         panoptic segment ids
-labels          int64 ``[M]``         train ids of the segments
+labels          int64 ``[M]``         train ids of the segments (pseudo-classes if unlabelled)
 mask_logits     ``[M, m, m]``         SAM's mask logits per segment
 iou             ``[M]``               SAM's predicted IoU
 embeddings      ``[M, 256]``          mask-pooled SAM image embedding
 cls_logits      ``[M, K]``            ``prototype_scale * cos(embedding, prototype_k)``
+stability       ``[M]``               unlabelled caches only: SAM's stability score
+confidence      ``[M]``               unlabelled caches only: iou * stability * max class prob
 scale           float                 s = S / max(H0, W0)
 input_size      int                   S
 orig_size       (int, int)            (H0, W0)
@@ -81,7 +83,12 @@ class TeacherCache:
     def for_config(cls, cfg: Config, split: str = "train") -> "TeacherCache":
         """The cache of ``split`` under ``cfg``; refuses a missing or unfinished one, one of other
         settings and one built from another version of the split's panoptic JSON."""
-        from pipeline.cache.fingerprint import cache_dir, check_annotations, teacher_fingerprint
+        from pipeline.cache.fingerprint import (
+            UNLABELED_SPLIT,
+            cache_dir,
+            check_annotations,
+            teacher_fingerprint,
+        )
 
         fingerprint = teacher_fingerprint(cfg, split)
         path = cache_dir(cfg, split)
@@ -93,6 +100,8 @@ class TeacherCache:
                 f"config> --split {split}`) first"
             )
         cache = cls(path, expected_fingerprint=fingerprint)
+        if split == UNLABELED_SPLIT:  # no annotations: the image list is in the fingerprint
+            return cache
         check_annotations(
             path, cache._store.manifest.get("annotation_sha256"), cfg.split_paths(split)[1]
         )  # type: ignore[arg-type]
@@ -186,6 +195,8 @@ class TeacherCache:
             "scale": size / max(h0, w0),
             "input_size": size,
             "orig_size": (h0, w0),
+            # unlabelled caches: SAM's stability score and the segment's confidence
+            **{k: torch.from_numpy(raw[k]) for k in ("stability", "confidence") if k in raw},
         }
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -53,7 +53,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ import numpy as np
 
 from pipeline.cache.fingerprint import (
     TEACHER_INIT_SEED,
+    UNLABELED_SPLIT,
     cache_dir,
     cache_marker,
     check_annotations,
@@ -87,7 +88,7 @@ from pipeline.cache.store import (
     CacheStore,
     translate_os_errors,
 )
-from pipeline.config import Config, TeacherConfig
+from pipeline.config import AutomaticConfig, Config, TeacherConfig
 from pipeline.teacher.adapted import effective_teacher
 
 __all__ = [
@@ -205,6 +206,10 @@ class CacheJob:
     image_dir: str
     json_path: str
     png_dir: str
+    unlabeled: tuple[tuple[str, str], ...] | None = None  # (image_id, path) per image
+    automatic: AutomaticConfig | None = None
+    max_segments: int | None = None
+    labeled: tuple[int, ...] | None = None  # train indices whose segments make the prototypes
 
 
 @dataclass
@@ -214,6 +219,7 @@ class _WorkerState:
     store: CacheStore
     isthing: list[bool]
     bases: dict[str, list[PcaBasis | None]] = field(default_factory=dict)
+    prototypes: np.ndarray | None = None
 
     def pca_bases(self, pca_sha: str | None, num_levels: int) -> list[PcaBasis | None]:
         if pca_sha is None:
@@ -264,19 +270,27 @@ def _worker_state(job: CacheJob) -> _WorkerState:
             points_per_stuff=t.points_per_stuff,
             device=_worker_device(t.device),
         )
-        dataset = PanopticDataset(
-            job.image_dir, job.json_path, job.png_dir, transform=None, on_bad_sample="skip"
-        )
+        if job.unlabeled is not None:
+            from pipeline.data.unlabeled import UnlabeledDataset, UnlabeledImage
+
+            dataset = UnlabeledDataset(
+                [UnlabeledImage(i, Path(p)) for i, p in job.unlabeled], on_bad_sample="skip"
+            )
+        else:
+            dataset = PanopticDataset(
+                job.image_dir, job.json_path, job.png_dir, transform=None, on_bad_sample="skip"
+            )
         store = CacheStore(job.path, writable=True)
-        isthing = [c.isthing for c in dataset.categories]
+        isthing = [bool(c["isthing"]) for c in store.layout.categories]
         state = _STATE[(job.path, job.key)] = _WorkerState(extractor, dataset, store, isthing)
     return state
 
 
 def _image_context(exc: BaseException, state: _WorkerState, index: int) -> None:
+    where = getattr(state.dataset, "json_path", None) or "unlabelled images"
     exc.add_note(
         f"while caching image_id {state.dataset.image_ids[index]!r} (dataset index "
-        f"{index}, {state.dataset.json_path})"
+        f"{index}, {where})"
     )
 
 
@@ -345,7 +359,10 @@ def cache_image_task(job: CacheJob, index: int, pca_sha: str | None) -> dict[str
         }
     try:
         bases = state.pca_bases(pca_sha, len(state.store.layout.level_names))
-        record, _ = sample_record(state.extractor, sample, state.isthing, bases)
+        if job.unlabeled is not None:
+            record = _unlabeled_record(job, state, sample, bases)
+        else:
+            record, _ = sample_record(state.extractor, sample, state.isthing, bases)
         state.store.write_image(index, record)
     except Exception as exc:
         _image_context(exc, state, index)
@@ -358,13 +375,80 @@ def cache_image_task(job: CacheJob, index: int, pca_sha: str | None) -> dict[str
     }
 
 
+def pseudo_labels(
+    embeddings: np.ndarray,
+    iou: np.ndarray,
+    stability: np.ndarray,
+    prototypes: np.ndarray,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-class and confidence of automatic segments.
+
+    ``cls = prototype_scale * cos(embedding, prototype_k)`` (the soft labels the reader returns);
+    the pseudo-class is its argmax and the confidence is
+    ``predicted_iou * stability_score * max_k softmax(cls)_k``
+    (:data:`pipeline.cache.fingerprint.CONFIDENCE_RULE`).
+
+    Arguments:
+      embeddings: ``[M, 256]``; iou, stability: ``[M]``; prototypes: ``[K, 256]`` unit rows.
+
+    Returns:
+      int64 ``[M]`` pseudo-classes and float32 ``[M]`` confidences.
+    """
+    import torch
+
+    from pipeline.cache.prototypes import class_logits
+
+    if embeddings.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    logits = class_logits(torch.from_numpy(embeddings), torch.from_numpy(prototypes), scale)
+    prob = logits.softmax(1)
+    top, label = prob.max(1)
+    confidence = np.asarray(iou, np.float32) * np.asarray(stability, np.float32) * top.numpy()
+    return label.numpy().astype(np.int64), confidence.astype(np.float32)
+
+
+def _unlabeled_record(
+    job: CacheJob, state: _WorkerState, sample: dict[str, Any], bases: Sequence[PcaBasis | None]
+) -> Any:
+    from pipeline.cache.record import image_hwc, project_output
+    from pipeline.cache.store import ImageRecord
+
+    if state.prototypes is None:
+        state.prototypes = CacheStore.open(state.store.path).read_prototypes()
+    out, stability = state.extractor.extract_automatic(
+        image_hwc(sample["image"]), job.automatic, max_segments=job.max_segments
+    )
+    labels, confidence = pseudo_labels(
+        out.embeddings,
+        out.iou,
+        stability,
+        state.prototypes,
+        float(state.store.fingerprint["prototype_scale"]),
+    )
+    return ImageRecord(
+        features=project_output(out, bases),
+        mask_logits=out.mask_logits,
+        iou=out.iou,
+        embeddings=out.embeddings,
+        segment_ids=out.segment_ids,
+        labels=labels,
+        orig_size=out.orig_size,
+        stability=stability,
+        confidence=confidence,
+    )
+
+
 def class_sums_task(job: CacheJob, start: int, stop: int, num_classes: int) -> ClassSums:
     """Per-class sums of the unit embeddings of the done images in ``[start, stop)``, summed in
-    index order."""
+    index order (only the labelled subset's images when ``job.labeled`` is set)."""
     store = _worker_state(job).store
     status = store.array("status")[start:stop]
     total = ClassSums.zeros(num_classes, store.layout.embed_dim)
+    labeled = None if job.labeled is None else set(job.labeled)
     for offset, s in enumerate(status):
+        if labeled is not None and start + offset not in labeled:
+            continue
         if s == STATUS_DONE:
             emb, labels = store.read_segments(start + offset)
             total = merge_class_sums(total, class_sums(emb, labels, num_classes))
@@ -553,6 +637,8 @@ def build_cache(
     from pipeline.data.coco_panoptic import PanopticDataset
     from pipeline.teacher.sam_builder import sha256_file
 
+    if split == UNLABELED_SPLIT:
+        return build_unlabeled_cache(cfg, scheduler_address, n_workers, progress)
     started = time.perf_counter()
     fingerprint = teacher_fingerprint(cfg, split)
     path = cache_dir(cfg, split)
@@ -580,8 +666,121 @@ def build_cache(
         image_dir=str(image_dir),
         json_path=str(json_path),
         png_dir=str(png_dir),
+        labeled=_labeled_subset(cfg, split, len(dataset)),
+    )
+    return _run_passes(
+        cfg,
+        split,
+        path,
+        fingerprint,
+        store,
+        layout,
+        job,
+        scheduler_address,
+        n_workers,
+        progress,
+        started,
     )
 
+
+def _labeled_subset(cfg: Config, split: str, num_images: int) -> tuple[int, ...] | None:
+    if split != "train" or cfg.data.labeled_fraction >= 1:
+        return None
+    from pipeline.data.unlabeled import labeled_indices
+
+    return tuple(
+        labeled_indices(num_images, cfg.data.labeled_fraction, cfg.data.labeled_seed).tolist()
+    )
+
+
+def build_unlabeled_cache(
+    cfg: Config,
+    scheduler_address: str | None = None,
+    n_workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build (or resume) the cache of the unlabelled images (split ``"unlabeled"``).
+
+    Needs the finished train cache: its PCA bases project the features (so a student's adapters
+    see one feature space) and its class prototypes give the pseudo-classes. Each image gets
+    SAM's automatic segments (:meth:`TeacherExtractor.extract_automatic`), stored like prompted
+    ones, with ``labels`` = pseudo-class and ``stability``/``confidence`` (:func:`pseudo_labels`).
+    The prototypes are copied, so the reader returns soft labels exactly as for labelled images.
+    Resumption, skips, workers and ``COMPLETE.json`` work as for :func:`build_cache`.
+    """
+    from pipeline.cache.reader import TeacherCache
+    from pipeline.data.unlabeled import unlabeled_images
+
+    started = time.perf_counter()
+    split = UNLABELED_SPLIT
+    fingerprint = teacher_fingerprint(cfg, split)
+    path = cache_dir(cfg, split)
+    if (path / "COMPLETE.json").is_file():
+        CacheStore.open(path).check_fingerprint(fingerprint)
+        log.info("teacher cache %s is complete; nothing to do", path)
+        _write_marker(cfg, split, path, fingerprint)
+        return path
+    if not cfg.has_unlabeled:
+        raise ValueError(
+            "no unlabelled images in this config: set data.unlabeled and/or "
+            "data.labeled_fraction < 1"
+        )
+    train = TeacherCache.for_config(cfg, "train")
+    train_store = CacheStore.open(train.path)
+    images = unlabeled_images(cfg)
+    if not images:
+        raise ValueError("data.unlabeled and the held-out train images list no image")
+    layout = replace(train_store.layout, image_ids=[i.image_id for i in images], unlabeled=True)
+    store = CacheStore.create_or_open(path, fingerprint, layout)
+    if not store.pca_fitted:
+        store.write_pca(train_store.read_pca())
+    if not store.has_prototypes():
+        store.write_prototypes(
+            train_store.read_prototypes(), train_store.array("prototypes/counts")[...]
+        )
+    job = CacheJob(
+        path=str(path),
+        key=fingerprint_sha256(fingerprint),
+        teacher=effective_teacher(cfg),
+        mask_size=cfg.cache.mask_size,
+        threads=cfg.cache.threads_per_worker,
+        image_dir="",
+        json_path="",
+        png_dir="",
+        unlabeled=tuple((i.image_id, str(i.path)) for i in images),
+        automatic=cfg.teacher.automatic,
+        max_segments=cfg.cache.max_segments,
+    )
+    return _run_passes(
+        cfg,
+        split,
+        path,
+        fingerprint,
+        store,
+        layout,
+        job,
+        scheduler_address,
+        n_workers,
+        progress,
+        started,
+    )
+
+
+def _run_passes(
+    cfg: Config,
+    split: str,
+    path: Path,
+    fingerprint: dict[str, Any],
+    store: CacheStore,
+    layout: CacheLayout,
+    job: CacheJob,
+    scheduler_address: str | None,
+    n_workers: int | None,
+    progress: bool,
+    started: float,
+) -> Path:
+    """The PCA, image and prototype passes of a cache build (PCA and prototypes only when the
+    store has none yet: an unlabelled cache copies the train cache's)."""
     status = store.status()
     todo = [int(i) for i in np.flatnonzero(status == STATUS_TODO)]
     log.info(
@@ -622,32 +821,42 @@ def build_cache(
         _gather_with_progress(futures, f"cache_teacher {split}", progress, count)
         del futures
 
-        blocks = list(range(0, layout.num_images, PROTOTYPE_BLOCK))
-        leaves = client.map(
-            class_sums_task,
-            [job] * len(blocks),
-            blocks,
-            [min(b + PROTOTYPE_BLOCK, layout.num_images) for b in blocks],
-            num_classes=layout.num_classes,
-            pure=False,
-        )
-        sums = tree_reduce(leaves, lambda a, b: client.submit(merge_class_sums, a, b, pure=False))
-        del leaves
-        sums = sums.result()
-    store.write_prototypes(prototypes_from_sums(sums), sums.count)
+        if layout.unlabeled:
+            sums = None
+        else:
+            sums = _prototype_pass(client, job, layout)
+    if sums is not None:
+        store.write_prototypes(prototypes_from_sums(sums), sums.count)
+    counts = sums.count if sums is not None else store.array("prototypes/counts")[...]
 
     _write_completion(
         store,
         path,
         split,
         layout,
-        sums.count,
+        counts,
         todo,
         workers if not address else address,
         time.perf_counter() - started,
     )
     _write_marker(cfg, split, path, fingerprint)
     return path
+
+
+def _prototype_pass(client: Any, job: CacheJob, layout: CacheLayout) -> ClassSums:
+    """Per-class embedding sums over the store, tree-reduced (worker-count independent)."""
+    blocks = list(range(0, layout.num_images, PROTOTYPE_BLOCK))
+    leaves = client.map(
+        class_sums_task,
+        [job] * len(blocks),
+        blocks,
+        [min(b + PROTOTYPE_BLOCK, layout.num_images) for b in blocks],
+        num_classes=layout.num_classes,
+        pure=False,
+    )
+    sums = tree_reduce(leaves, lambda a, b: client.submit(merge_class_sums, a, b, pure=False))
+    del leaves
+    return sums.result()
 
 
 def _write_marker(cfg: Config, split: str, path: Path, fingerprint: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ Layout of a cache directory (N images in dataset order, L levels, P = ``max_segm
       segments/iou              float32  [N, P]
       segments/embeddings       float32  [N, P, 256]
       images/orig_size          int32    [N, 2]         (H0, W0)
+      segments/stability        float32  [N, P]         unlabelled caches only: SAM's stability score
+      segments/confidence       float32  [N, P]         unlabelled caches only (see runner)
       pca/<level>/mean          float64  [C]            only levels wider than cache.channels
       pca/<level>/components    float64  [C, k]
       pca/<level>/explained_variance  float64 [k]
@@ -86,6 +88,7 @@ __all__ = [
     "CacheWriteError",
     "ImageRecord",
     "MANIFEST_FILE",
+    "UNLABELED_ARRAYS",
     "ZARR_DIR",
     "STATUS_DONE",
     "STATUS_NAMES",
@@ -196,6 +199,8 @@ class CacheLayout:
       dtype: ``"float16"`` or ``"int8"``.
       compressor, clevel: Blosc settings.
       categories: ``{"id", "name", "isthing", "train_id"}`` per class, by train id.
+      unlabeled: a cache of unlabelled images (SAM's automatic segments, ``labels`` = the
+        pseudo-class, plus ``segments/stability`` and ``segments/confidence``).
     """
 
     image_ids: list[str]
@@ -211,6 +216,7 @@ class CacheLayout:
     compressor: str
     clevel: int
     categories: list[dict[str, Any]] = field(default_factory=list)
+    unlabeled: bool = False
 
     @property
     def num_images(self) -> int:
@@ -247,8 +253,9 @@ class ImageRecord:
       iou: ``[M]``.
       embeddings: ``[M, 256]``.
       segment_ids: int64 ``[M]``.
-      labels: int64 ``[M]`` train ids.
+      labels: int64 ``[M]`` train ids (pseudo-classes in an unlabelled cache).
       orig_size: (H0, W0).
+      stability, confidence: float32 ``[M]``, unlabelled caches only.
     """
 
     features: list[np.ndarray]
@@ -258,6 +265,11 @@ class ImageRecord:
     segment_ids: np.ndarray
     labels: np.ndarray
     orig_size: tuple[int, int]
+    stability: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+
+
+UNLABELED_ARRAYS = ("segments/stability", "segments/confidence")
 
 
 def _padded(x: np.ndarray, rows: int, dtype: Any, fill: Any) -> np.ndarray:
@@ -382,6 +394,9 @@ class CacheStore:
         create("segments/iou", (n, p), "float32")
         create("segments/embeddings", (n, p, layout.embed_dim), "float32")
         create("images/orig_size", (n, 2), "int32")
+        if layout.unlabeled:
+            for name in UNLABELED_ARRAYS:
+                create(name, (n, p), "float32")
 
     # ------------------------------------------------------------------ access
     @classmethod
@@ -431,6 +446,7 @@ class CacheStore:
             "segments/iou",
             "segments/embeddings",
             "images/orig_size",
+            *(UNLABELED_ARRAYS if self.layout.unlabeled else ()),
         ]
 
     def missing_chunks(self, index: int, names: Sequence[str] | None = None) -> list[str]:
@@ -535,6 +551,14 @@ class CacheStore:
         chunks["segments/iou"] = _padded(record.iou, p, np.float32, 0)
         chunks["segments/embeddings"] = _padded(record.embeddings, p, np.float32, 0)
         chunks["images/orig_size"] = np.asarray(record.orig_size, np.int32)
+        if lay.unlabeled:
+            for name, x in zip(UNLABELED_ARRAYS, (record.stability, record.confidence)):
+                if x is None or x.shape != (m,):
+                    raise ValueError(
+                        f"image {image_id!r}: an unlabelled cache needs {name.split('/')[1]} "
+                        f"[{m}] per segment, got {None if x is None else list(x.shape)}"
+                    )
+                chunks[name] = _padded(x, p, np.float32, 0)
         with translate_os_errors(self.path, "cannot write to the teacher cache"):
             sync(
                 _set_all([self.array(n).async_array for n in chunks], list(chunks.values()), index)
@@ -601,6 +625,7 @@ class CacheStore:
             "segments/iou",
             "segments/embeddings",
             "images/orig_size",
+            *(UNLABELED_ARRAYS if self.layout.unlabeled else ()),
         ]
         names = [n for group in levels for n in group] + masks + plain
         missing = self.missing_chunks(index, ["status", *names])
@@ -619,6 +644,7 @@ class CacheStore:
             "iou": got["segments/iou"][:m],
             "embeddings": got["segments/embeddings"][:m],
             "orig_size": (int(got["images/orig_size"][0]), int(got["images/orig_size"][1])),
+            **{n.split("/")[1]: got[n][:m] for n in plain if n in UNLABELED_ARRAYS},
         }
 
     def read_segments(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ EXIF orientation is not applied: COCO panoptic PNGs are stored in the raw pixel 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import zlib
@@ -426,6 +427,14 @@ class PanopticDataset(Dataset):
             return self._index[str(image_id)]
         except KeyError:
             raise KeyError(f"{self.json_path}: no annotation for image_id {image_id!r}") from None
+
+    def subset(self, indices: Sequence[int]) -> "PanopticDataset":
+        """A copy holding only samples ``indices`` (in that order; e.g. the labelled part of a
+        label-scarce split). Sample ``k`` of the copy augments as index ``k`` of a dataset."""
+        out = copy.copy(self)
+        out._records = [self._records[int(i)] for i in indices]
+        out._index = {str(r.image_id): k for k, r in enumerate(out._records)}
+        return out
 
     def segments(self, index: int) -> list[dict[str, Any]]:
         """Raw JSON segments of sample ``index``: dicts with ``id``, ``category_id``, ``train_id``,

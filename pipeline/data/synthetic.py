@@ -10,6 +10,11 @@ Layout under ``root``::
 The optional ``tune`` split (image ids ``2000001..``) is drawn from its own generator stream, so
 hyperparameters can be chosen on it while ``val`` stays untouched for the reported figures.
 
+The optional unlabelled split (``num_unlabeled > 0``) is a folder ``unlabeled/`` of plain JPEGs
+(stems ``3000001..``) drawn from a fourth generator stream, with no annotation: point
+``data.unlabeled`` at it. Adding it changes no byte of the other splits (nor of their JSON, nor of
+``synthetic_meta.json`` when it is 0).
+
 Each image has two textured stuff regions split by a wavy boundary, overlapping thing instances
 whose class is visible from shape and colour (circle, rectangle, triangle, diamond, ellipse,
 cross; one hue per class), sometimes a crowd region (a cluster of small instances of one class,
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 META_FILE = "synthetic_meta.json"
 SPLITS = ("train", "val", "tune")
+UNLABELED_DIR = "unlabeled"
+UNLABELED_STREAM = 3  # generator stream of the unlabelled images (after the three splits)
 THING_SHAPES = ("circle", "rectangle", "triangle", "diamond", "ellipse", "cross")
 THING_TEXTURES = ("solid", "vstripes", "grid", "speckle")
 STUFF_NAMES = ("grass", "sky", "sand", "water", "rock", "snow", "wall", "road")
@@ -261,6 +268,8 @@ def _expected_files(root: Path, meta: dict) -> list[Path]:
         for i in range(meta[f"num_{split}"]):
             stem = f"{split_idx * 1_000_000 + i + 1:012d}"
             files += [image_dir / f"{stem}.jpg", png_dir / f"{stem}.png"]
+    for i in range(meta.get("num_unlabeled", 0)):
+        files.append(root / UNLABELED_DIR / f"{UNLABELED_STREAM * 1_000_000 + i + 1:012d}.jpg")
     return files
 
 
@@ -274,6 +283,7 @@ def generate_synthetic_coco_panoptic(
     seed: int = 0,
     progress: bool = True,
     num_tune: int = 0,
+    num_unlabeled: int = 0,
 ) -> dict[str, tuple[Path, Path, Path]]:
     """Write (or reuse) a synthetic COCO panoptic dataset.
 
@@ -281,6 +291,7 @@ def generate_synthetic_coco_panoptic(
         root: output folder.
         num_train, num_val: number of images per split (image ids ``1..`` and ``1000001..``).
         num_tune: images of the tuning split (ids ``2000001..``); 0 writes none.
+        num_unlabeled: plain JPEGs in ``root/unlabeled/`` (stems ``3000001..``), no annotation.
         image_size: ``(H, W)`` of every image.
         num_thing_classes, num_stuff_classes: number of categories of each kind.
         seed: generator seed; the output is byte-identical for identical arguments.
@@ -296,6 +307,8 @@ def generate_synthetic_coco_panoptic(
     H, W = (int(v) for v in image_size)
     if H < 16 or W < 16:
         raise ValueError(f"image_size must be at least 16x16, got {image_size}")
+    if num_unlabeled < 0:
+        raise ValueError(f"num_unlabeled must be >= 0, got {num_unlabeled}")
     if num_train < 1 or num_val < 1 or num_tune < 0:
         raise ValueError(
             f"num_train and num_val must be >= 1 and num_tune >= 0, got {num_train}, "
@@ -318,6 +331,9 @@ def generate_synthetic_coco_panoptic(
         "num_stuff_classes": int(num_stuff_classes),
         "seed": int(seed),
     }
+    split_meta = dict(meta)  # what the splits' JSON records (unchanged by the unlabelled split)
+    if num_unlabeled:
+        meta["num_unlabeled"] = int(num_unlabeled)
     splits = [split for split in SPLITS if meta[f"num_{split}"] > 0]
     paths = {split: synthetic_paths(root, split) for split in splits}
     meta_path = root / META_FILE
@@ -362,12 +378,23 @@ def generate_synthetic_coco_panoptic(
                 {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments}
             )
         doc = {
-            "info": {"description": "RegSAM synthetic COCO panoptic", **meta},
+            "info": {"description": "RegSAM synthetic COCO panoptic", **split_meta},
             "licenses": [],
             "images": images,
             "annotations": annotations,
             "categories": public_cats,
         }
         json_path.write_text(json.dumps(doc, sort_keys=True, indent=1))
+    unlabeled_dir = root / UNLABELED_DIR
+    if num_unlabeled or unlabeled_dir.is_dir():
+        unlabeled_dir.mkdir(parents=True, exist_ok=True)
+        for f in unlabeled_dir.iterdir():
+            if _OWN_FILE.match(f.name) and f not in keep:
+                f.unlink()
+        for i in tqdm(range(num_unlabeled), desc="synthetic unlabeled", disable=not progress):
+            rng = np.random.default_rng([int(seed), UNLABELED_STREAM, i])
+            image, _ids, _segments = _render(rng, (H, W), things, stuff)
+            stem = f"{UNLABELED_STREAM * 1_000_000 + i + 1:012d}"
+            Image.fromarray(image).save(unlabeled_dir / f"{stem}.jpg", quality=95)
     meta_path.write_text(json.dumps(meta, sort_keys=True, indent=1))
     return paths

@@ -23,14 +23,36 @@ TASK_TERMS = ("loss_cls", "loss_mask", "loss_dice", "loss_iou")  # SetCriterion'
 DISTILL_TERMS = {
     "loss_resolution_distill": ("loss_sr", "loss_fa"),
     "loss_sam_distill": ("loss_feat_distill", "loss_cls_distill", "loss_mask_distill"),
+    "loss_sam_distill_unlabeled": (
+        "loss_feat_distill_unlabeled",
+        "loss_cls_distill_unlabeled",
+        "loss_mask_distill_unlabeled",
+    ),
 }  # total -> its logged parts
 
 
-def loss_weight_table(model_cfg: Any) -> dict[str, float]:
+def loss_weight_table(model_cfg: Any, unlabeled: bool = False) -> dict[str, float]:
     """The terms of the training loss and their weights, from ``cfg.model``.
 
     Reads ``loss.{cls,mask,dice,iou}_weight``, ``use_resolution_distill`` and
-    ``use_sam_distill``. The order is the summation order of the total.
+    ``use_sam_distill``; ``unlabeled`` (``training.unlabeled_ratio > 0``) adds
+    ``loss_sam_distill_unlabeled``, the distillation on unlabelled images (weighted inside by
+    ``model.sam_distill.unlabeled_weight``). The order is the summation order of the total.
+
+    ================================ ======= =================================================
+    term                             weight  parts (logged, never re-added)
+    ================================ ======= =================================================
+    ``loss_cls``                     w_cls   (deep supervision summed over stages)
+    ``loss_mask``                    w_mask
+    ``loss_dice``                    w_dice
+    ``loss_iou``                     w_iou
+    ``loss_resolution_distill``      1       ``loss_sr``, ``loss_fa``
+    ``loss_sam_distill``             1       ``loss_feat_distill``, ``loss_cls_distill``,
+                                             ``loss_mask_distill``
+    ``loss_sam_distill_unlabeled``   1       ``loss_feat_distill_unlabeled``,
+                                             ``loss_cls_distill_unlabeled``,
+                                             ``loss_mask_distill_unlabeled``
+    ================================ ======= =================================================
     """
     lc = model_cfg.loss
     table = {
@@ -43,4 +65,11 @@ def loss_weight_table(model_cfg: Any) -> dict[str, float]:
         table["loss_resolution_distill"] = 1.0
     if model_cfg.use_sam_distill:
         table["loss_sam_distill"] = 1.0
+    if unlabeled:
+        if not model_cfg.use_sam_distill:
+            raise ValueError(
+                "training.unlabeled_ratio > 0 needs model.use_sam_distill: true (unlabelled "
+                "images are learned from the teacher only)"
+            )
+        table["loss_sam_distill_unlabeled"] = 1.0
     return table

@@ -13,6 +13,13 @@ Three terms, all against teacher outputs already warped onto the student's grids
   softened mask probabilities, on valid pixels of the student's mask grid.
 
 Matched segments with no cached counterpart are skipped and counted (:attr:`SamDistiller.stats`).
+
+On unlabelled images (:meth:`SamDistiller.forward_unlabeled`) the same adapters give
+``loss_feat_distill_unlabeled``; the final-stage queries are Hungarian-matched to the teacher's
+automatic segments (:mod:`pipeline.losses.pseudo_label`), and each matched pair gets
+``loss_cls_distill_unlabeled`` (KL against the pseudo-class soft labels) and
+``loss_mask_distill_unlabeled``. ``loss_sam_distill_unlabeled = unlabeled_weight *
+(feat_distill_weight * feat + output_distill_weight * (cls + mask))`` enters the total.
 Logged terms are raw (unweighted); ``loss_sam_distill = feat_distill_weight * loss_feat_distill
 + output_distill_weight * (loss_cls_distill + loss_mask_distill)`` is the one term that enters the
 total loss (the same convention as
@@ -28,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.losses.distill import cls_distill_loss, feat_distill_loss, mask_distill_loss
+from pipeline.losses.pseudo_label import match_pseudo_labels
 
 __all__ = ["SamDistiller"]
 
@@ -45,6 +53,8 @@ class SamDistiller(nn.Module):
         output_distill_weight: float,
         temperature: float,
         num_points: int,
+        unlabeled_weight: float = 1.0,
+        match_costs: tuple[float, float, float] = (2.0, 5.0, 5.0),
     ) -> None:
         """
         Arguments:
@@ -56,6 +66,9 @@ class SamDistiller(nn.Module):
             output_distill_weight: weight of ``loss_cls_distill + loss_mask_distill``.
             temperature: softening temperature ``T`` of the class and mask targets.
             num_points: pixels sampled per mask for ``loss_mask_distill``.
+            unlabeled_weight: weight of ``loss_sam_distill_unlabeled`` (unlabelled images).
+            match_costs: ``(class, mask, dice)`` weights of the pseudo-label matching costs
+                (the loss table's ``loss_cls``, ``loss_mask``, ``loss_dice`` weights).
         """
         super().__init__()
         student_channels, teacher_channels = list(student_channels), list(teacher_channels)
@@ -83,6 +96,8 @@ class SamDistiller(nn.Module):
         self.output_distill_weight = float(output_distill_weight)
         self.temperature = float(temperature)
         self.num_points = int(num_points)
+        self.unlabeled_weight = float(unlabeled_weight)
+        self.match_costs = tuple(float(c) for c in match_costs)
         self.adapters = nn.ModuleDict(
             {
                 str(i): nn.Conv2d(student_channels[self.student_level(i)], teacher_channels[i], 1)
@@ -187,6 +202,75 @@ class SamDistiller(nn.Module):
             "loss_cls_distill": loss_cls,
             "loss_mask_distill": loss_mask,
             "loss_sam_distill": total,
+        }
+
+    def _feat_terms(self, feats: dict[str, Any], teacher: dict[str, Any]) -> Tensor:
+        neck = feats["neck_features"]
+        terms = []
+        for i in self.distill_feat_layers:
+            t_map, t_valid = teacher["features"][i], teacher["feature_valid"][i]
+            adapted = self.adapters[str(i)](neck[self.student_level(i)])
+            terms.append(feat_distill_loss(adapted, t_map, t_valid))
+        return torch.stack(terms).mean() if terms else neck[0].sum() * 0.0
+
+    def forward_unlabeled(
+        self, feats: dict[str, Any], outputs: dict[str, Any], teacher: dict[str, Any]
+    ) -> dict[str, Tensor]:
+        """Distillation on unlabelled images (no ground truth; see the module docstring).
+
+        Arguments:
+            feats: student ``forward_features`` output of the unlabelled images
+                (``neck_features``: list of ``[B_u, C_s, h_l, w_l]``).
+            outputs: student ``forward_head`` output of the same images (``pred_logits
+                [B_u, Q, K + 1]``, ``pred_masks [B_u, Q, h4, w4]``).
+            teacher: their warped unlabelled-cache entries (confident segments only), as
+                :meth:`forward`'s ``teacher``.
+
+        Returns:
+            ``loss_feat_distill_unlabeled``, ``loss_cls_distill_unlabeled``,
+            ``loss_mask_distill_unlabeled`` (raw) and ``loss_sam_distill_unlabeled`` (weighted).
+        """
+        loss_feat = self._feat_terms(feats, teacher)
+        pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+        s_cls, t_cls, s_m, t_m, valid = [], [], [], [], []
+        matched = 0
+        for b in range(pred_logits.shape[0]):
+            ok = teacher["mask_valid"][b]
+            masks = teacher["mask_logits"][b]
+            cls = teacher["cls_logits"][b]
+            seen = ((masks > 0) & ok).flatten(1).any(1)  # segments with a pixel in this view
+            masks, cls = masks[seen], cls[seen]
+            q_idx, t_idx = match_pseudo_labels(
+                pred_logits[b].detach(),
+                pred_masks[b].detach(),
+                (cls / self.temperature).softmax(-1),
+                masks,
+                ok,
+                cost_class=self.match_costs[0],
+                cost_mask=self.match_costs[1],
+                cost_dice=self.match_costs[2],
+            )
+            q_idx, t_idx = q_idx.to(pred_logits.device), t_idx.to(pred_logits.device)
+            matched += int(q_idx.numel())
+            s_cls.append(pred_logits[b, q_idx])
+            t_cls.append(cls[t_idx])
+            s_m.append(pred_masks[b, q_idx])
+            t_m.append(masks[t_idx])
+            valid.append(ok.expand(len(q_idx), -1, -1))
+        self.stats_unlabeled = {"matched": matched}
+        loss_cls = cls_distill_loss(torch.cat(s_cls), torch.cat(t_cls), self.temperature)
+        loss_mask = mask_distill_loss(
+            torch.cat(s_m), torch.cat(t_m), torch.cat(valid), self.temperature, self.num_points
+        )
+        total = self.unlabeled_weight * (
+            self.feat_distill_weight * loss_feat
+            + self.output_distill_weight * (loss_cls + loss_mask)
+        )
+        return {
+            "loss_feat_distill_unlabeled": loss_feat,
+            "loss_cls_distill_unlabeled": loss_cls,
+            "loss_mask_distill_unlabeled": loss_mask,
+            "loss_sam_distill_unlabeled": total,
         }
 
     def _pair_segments(

@@ -53,9 +53,15 @@ def adapt_identity(cfg: Config) -> dict[str, Any]:
             "root": cfg.data.root,
             "train": cfg.data.train.model_dump(mode="json", by_alias=True),
             "synthetic": (
-                cfg.data.synthetic.model_dump(mode="json")
+                cfg.data.synthetic.model_dump(mode="json", exclude={"num_unlabeled"})
                 if cfg.data.dataset == "synthetic"
                 else None
+            ),
+            # label-scarce: the teacher is adapted on the labelled subset only
+            **(
+                {"labeled": [cfg.data.labeled_fraction, cfg.data.labeled_seed]}
+                if cfg.data.labeled_fraction < 1
+                else {}
             ),
         },
     }

@@ -30,7 +30,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import masks_to_boxes
 
-from pipeline.config import TeacherConfig
+from pipeline.config import AutomaticConfig, TeacherConfig
 from pipeline.device import resolve_device
 from pipeline.teacher.sam_builder import build_teacher, default_layers
 
@@ -382,6 +382,68 @@ class TeacherExtractor:
         return torch.cat(logits), torch.cat(iou)
 
     # ----------------------------------------------------------------- extract
+    @torch.no_grad()
+    def extract_automatic(
+        self, image: np.ndarray, automatic: AutomaticConfig, max_segments: int | None = None
+    ) -> tuple[TeacherOutput, np.ndarray]:
+        """Teacher targets of an unlabelled image: its features and SAM's automatic segments.
+
+        The segments come from :func:`pipeline.teacher.automatic.automatic_segments` (a point
+        grid, IoU and stability filters, box NMS; best first) and are stored like prompted ones:
+        mask logits over the frame resized to ``mask_size``, predicted IoU, the embedding pooled
+        under the binary mask; their ids are ``1..M``.
+
+        Arguments:
+          image: uint8 ``[H0, W0, 3]`` RGB.
+          automatic: the generator settings (``teacher.automatic``).
+          max_segments: keep at most this many segments (the cache's capacity).
+
+        Returns:
+          ``(output, stability)``: the :class:`TeacherOutput` and float32 ``[M]`` stability scores.
+        """
+        from pipeline.teacher.automatic import automatic_segments
+
+        batch = self.preprocess(image)
+        with self._autocast():
+            levels, embedding = self.encode(batch)
+        features = [lvl[0].float().cpu().numpy() for lvl in levels]
+        orig_size = (int(image.shape[0]), int(image.shape[1]))
+        segs = automatic_segments(
+            self.sam,
+            embedding,
+            orig_size,
+            points_per_side=automatic.points_per_side,
+            points_per_batch=automatic.points_per_batch,
+            pred_iou_thresh=automatic.pred_iou_thresh,
+            stability_score_thresh=automatic.stability_score_thresh,
+            stability_score_offset=automatic.stability_score_offset,
+            box_nms_thresh=automatic.box_nms_thresh,
+            max_segments=max_segments,
+            autocast=self._autocast,
+        )
+        S, m, g = self.input_size, self.mask_size, self.grid_size
+        scale = frame_scale(orig_size, S)
+        num = len(segs)
+        if num:
+            logits = resize_logits(segs.low_res_logits.float(), m)
+            weights = cell_areas(segs.masks.to(self.device), scale, (g, g), S)
+            pooled = mask_pool(embedding[0].float(), weights)
+        else:
+            logits = torch.zeros(0, m, m)
+            pooled = torch.zeros(0, embedding.shape[1])
+        out = TeacherOutput(
+            features=features,
+            level_names=self.level_names,
+            segment_ids=np.arange(1, num + 1, dtype=np.int64),
+            mask_logits=logits.cpu().numpy().astype(np.float32),
+            iou=segs.iou.clamp(0, 1).cpu().numpy().astype(np.float32),
+            embeddings=pooled.cpu().numpy().astype(np.float32),
+            scale=scale,
+            input_size=S,
+            orig_size=orig_size,
+        )
+        return out, segs.stability.cpu().numpy().astype(np.float32)
+
     @torch.no_grad()
     def extract(
         self, image: np.ndarray, segments: Sequence[SegmentPrompt], seed: int

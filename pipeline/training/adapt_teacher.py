@@ -426,6 +426,12 @@ def adapt_teacher(
         on_bad_sample=cfg.data.on_bad_sample,
         seed=a.seed,
     )
+    if cfg.data.labeled_fraction < 1:  # label-scarce: the teacher sees only the labelled part
+        from pipeline.data.unlabeled import labeled_indices
+
+        data = data.subset(
+            labeled_indices(len(data), cfg.data.labeled_fraction, cfg.data.labeled_seed)
+        )
     train_sha = sha256_file(json_path)
     sam = build_teacher(
         cfg.teacher.type, cfg.teacher.checkpoint, cfg.teacher.tiny, seed=TEACHER_INIT_SEED

@@ -75,3 +75,45 @@ class TeacherSource:
         if image_id not in self.cache:
             return None
         return self.cache.get(image_id, keep_float16=self.keep_float16)
+
+
+class UnlabeledTeacherSource:
+    """Teacher targets of unlabelled samples: the unlabelled cache's entries, with the segments
+    below ``model.sam_distill.unlabeled_min_confidence`` removed
+    (:func:`pipeline.losses.pseudo_label.confident_segments`).
+
+    Arguments:
+        cache: the cache of split ``"unlabeled"`` (fingerprint already checked).
+        min_confidence: the threshold.
+        keep_float16: as :class:`TeacherSource`.
+    """
+
+    def __init__(self, cache: TeacherCache, min_confidence: float, keep_float16: bool = False):
+        self.cache = cache
+        self.min_confidence = float(min_confidence)
+        self.keep_float16 = keep_float16
+
+    @classmethod
+    def from_config(cls, cfg: Config, keep_float16: bool = False) -> "UnlabeledTeacherSource":
+        """Open ``cfg``'s unlabelled cache; a missing one stops with an error that says to run
+        ``snakemake cache_teacher_unlabeled``."""
+        cache = TeacherCache.for_config(cfg, "unlabeled")
+        return cls(cache, cfg.model.sam_distill.unlabeled_min_confidence, keep_float16)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cache.path)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.cache.fingerprint_sha256
+
+    def lookup(self, dataset: Any, index: int, sample: dict) -> dict | None:
+        """Confident teacher segments of ``dataset[index]`` (None when the cache skipped it)."""
+        from pipeline.losses.pseudo_label import confident_segments
+
+        image_id = sample["image_id"]
+        if image_id not in self.cache:
+            return None
+        entry = self.cache.get(image_id, keep_float16=self.keep_float16)
+        return confident_segments(entry, self.min_confidence)

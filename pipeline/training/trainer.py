@@ -116,19 +116,20 @@ class ResumableBatchSampler(Sampler[list[int]]):
         max_iters: int,
         rank: int = 0,
         world_size: int = 1,
+        stream: int | None = None,
     ):
         if num_samples <= 0:
             raise ValueError("the training split has no samples")
         self.n, self.b, self.seed = num_samples, batch_size, seed
+        self.stream = stream  # None: the labelled stream (seed, epoch); else (seed, epoch, stream)
         self.start, self.stop = start_iter, max_iters
         self.rank, self.world = rank, world_size
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
-            self._perm_cache = {
-                epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            }
+            key = [self.seed, epoch] if self.stream is None else [self.seed, epoch, self.stream]
+            self._perm_cache = {epoch: np.random.default_rng(key).permutation(self.n)}
         return self._perm_cache[epoch]
 
     def batch_at(self, it: int) -> list[int]:
@@ -145,6 +146,111 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
+
+
+UNLABELED_STREAM = 1  # permutation stream of the unlabelled images (the labelled one has none)
+
+
+class MixedBatchSampler(Sampler[list[Any]]):
+    """Batches of ``B - B_u`` labelled and ``B_u`` unlabelled samples, from any iteration on.
+
+    Two independent :class:`ResumableBatchSampler` streams (the unlabelled one on its own
+    permutation stream), so a batch is a pure function of ``(seed, iteration, rank)`` and a run
+    resumes exactly. Labelled keys are ``epoch * N_l + index`` as before, unlabelled ones
+    ``("u", epoch * N_u + index)``; labelled samples come first in every batch.
+    """
+
+    def __init__(
+        self,
+        num_labeled: int,
+        num_unlabeled: int,
+        batch_size: int,
+        unlabeled_per_batch: int,
+        seed: int,
+        start_iter: int,
+        max_iters: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 < unlabeled_per_batch < batch_size:
+            raise ValueError(
+                f"unlabeled_per_batch must lie in [1, batch_size - 1], got {unlabeled_per_batch} "
+                f"for batch_size {batch_size}"
+            )
+        if num_unlabeled <= 0:
+            raise ValueError("training.unlabeled_ratio > 0 but there is no unlabelled image")
+        self.labeled = ResumableBatchSampler(
+            num_labeled,
+            batch_size - unlabeled_per_batch,
+            seed,
+            start_iter,
+            max_iters,
+            rank,
+            world_size,
+        )
+        self.unlabeled = ResumableBatchSampler(
+            num_unlabeled,
+            unlabeled_per_batch,
+            seed,
+            start_iter,
+            max_iters,
+            rank,
+            world_size,
+            stream=UNLABELED_STREAM,
+        )
+        self.start, self.stop = start_iter, max_iters
+
+    def batch_at(self, it: int) -> list[Any]:
+        return self.labeled.batch_at(it) + [("u", k) for k in self.unlabeled.batch_at(it)]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for it in range(self.start, self.stop):
+            yield self.batch_at(it)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class MixedEpochIndexed(Dataset):
+    """Labelled keys go to ``labeled``, ``("u", key)`` to ``unlabeled`` (both
+    :class:`EpochIndexed`)."""
+
+    def __init__(self, labeled: EpochIndexed, unlabeled: EpochIndexed):
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __len__(self) -> int:
+        return len(self.labeled) + len(self.unlabeled)
+
+    def __getitem__(self, key: Any) -> dict:
+        if isinstance(key, tuple):
+            return self.unlabeled[key[1]]
+        return self.labeled[key]
+
+
+def slice_outputs(outputs: dict[str, Any], part: slice) -> dict[str, Any]:
+    """The student's head outputs (and ``aux_outputs``) of the images ``part`` of the batch."""
+    out: dict[str, Any] = {}
+    for k, v in outputs.items():
+        if k == "aux_outputs":
+            out[k] = [slice_outputs(a, part) for a in v]
+        elif isinstance(v, torch.Tensor) and v.ndim >= 1:
+            out[k] = v[part]
+        else:
+            out[k] = v
+    return out
+
+
+def slice_teacher(warped: dict[str, Any], part: slice) -> dict[str, Any]:
+    """A :func:`batch_warp_teacher_targets` dict restricted to the images ``part``."""
+    out: dict[str, Any] = {}
+    for k, v in warped.items():
+        if isinstance(v, list) and k in ("features", "feature_valid"):
+            out[k] = [None if t is None else t[part] for t in v]
+        elif isinstance(v, (list, torch.Tensor)):
+            out[k] = v[part]
+        else:
+            out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------------------- the step
@@ -168,7 +274,11 @@ class TrainStep(nn.Module):
         self.sam_distiller = sam_distiller
 
     def forward(
-        self, images: torch.Tensor, targets: list[dict], teacher: dict[str, Any] | None = None
+        self,
+        images: torch.Tensor,
+        targets: list[dict],
+        teacher: dict[str, Any] | None = None,
+        num_labeled: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Arguments:
@@ -177,7 +287,12 @@ class TrainStep(nn.Module):
             teacher: the batch's cached teacher outputs (``batch["teacher"]`` of
                 :func:`collate_training_batch`, or the per-image list of cache entries), needed
                 with SAM distillation.
+            num_labeled: with unlabelled images in the batch (``training.unlabeled_ratio``), the
+                first ``num_labeled`` images are labelled and the rest unlabelled; None = all
+                labelled.
         """
+        if num_labeled is not None:
+            return self._forward_mixed(images, targets, teacher, num_labeled)
         feats = self.student.forward_features(images)
         outputs = self.student.forward_head(feats)
         losses, indices = self.criterion(outputs, targets)
@@ -201,6 +316,49 @@ class TrainStep(nn.Module):
                 device=images.device,
             )
             losses.update(self.sam_distiller(feats, outputs, indices, targets, warped))
+        if feats.get("fusion_weights") is not None:
+            losses["_fusion_weights"] = feats["fusion_weights"].detach()
+        return losses
+
+    def _forward_mixed(
+        self,
+        images: torch.Tensor,
+        targets: list[dict],
+        teacher: dict[str, Any] | None,
+        num_labeled: int,
+    ) -> dict[str, torch.Tensor]:
+        """One forward over labelled + unlabelled images: the task losses and the labelled SAM
+        distillation on the first ``num_labeled`` images, the unlabelled distillation on the
+        rest, resolution distillation (label-free) on all of them."""
+        if self.sam_distiller is None or teacher is None:
+            raise ValueError("unlabelled images need SAM distillation and the batch's teacher")
+        lab = slice(0, num_labeled)
+        unl = slice(num_labeled, None)
+        feats = self.student.forward_features(images)
+        outputs = self.student.forward_head(feats)
+        out_l = slice_outputs(outputs, lab)
+        losses, indices = self.criterion(out_l, targets[lab])
+        if self.resolution_distiller is not None:
+            losses.update(self.resolution_distiller(self.student, images, feats))
+        sizes = self.sam_distiller.level_sizes([f.shape[-2:] for f in feats["neck_features"]])
+        warped = batch_warp_teacher_targets(
+            teacher,
+            [t["transform"] for t in targets],
+            tuple(images.shape[-2:]),
+            sizes,
+            tuple(outputs["pred_masks"].shape[-2:]),
+            device=images.device,
+        )
+        neck_l = {"neck_features": [f[lab] for f in feats["neck_features"]]}
+        neck_u = {"neck_features": [f[unl] for f in feats["neck_features"]]}
+        losses.update(
+            self.sam_distiller(neck_l, out_l, indices, targets[lab], slice_teacher(warped, lab))
+        )
+        losses.update(
+            self.sam_distiller.forward_unlabeled(
+                neck_u, slice_outputs(outputs, unl), slice_teacher(warped, unl)
+            )
+        )
         if feats.get("fusion_weights") is not None:
             losses["_fusion_weights"] = feats["fusion_weights"].detach()
         return losses
@@ -317,18 +475,49 @@ def to_device(sample: dict, device: torch.device) -> dict:
     return out
 
 
-def build_datasets(cfg: Config) -> PanopticDataset:
-    image_dir, json_path, png_dir = cfg.split_paths("train")
-    transform = TrainTransform(
+def train_transform(cfg: Config) -> TrainTransform:
+    """The train augmentation (labelled and unlabelled images alike)."""
+    return TrainTransform(
         crop_size=tuple(cfg.data.crop_size),
         scale_range=tuple(cfg.data.scale_range),
         hflip_prob=cfg.data.hflip_prob,
     )
-    return PanopticDataset(
+
+
+def build_datasets(cfg: Config) -> PanopticDataset:
+    """The labelled train data: the train split, or its labelled subset when
+    ``data.labeled_fraction < 1`` (:func:`pipeline.data.unlabeled.labeled_indices`)."""
+    image_dir, json_path, png_dir = cfg.split_paths("train")
+    dataset = PanopticDataset(
         image_dir,
         json_path,
         png_dir,
-        transform=transform,
+        transform=train_transform(cfg),
+        on_bad_sample=cfg.data.on_bad_sample,
+        seed=cfg.seed,
+    )
+    if cfg.data.labeled_fraction < 1:
+        from pipeline.data.unlabeled import labeled_indices
+
+        keep = labeled_indices(len(dataset), cfg.data.labeled_fraction, cfg.data.labeled_seed)
+        log.info(
+            "label-scarce: %d of %d train images keep their labels (data.labeled_fraction=%s)",
+            len(keep),
+            len(dataset),
+            cfg.data.labeled_fraction,
+        )
+        dataset = dataset.subset(keep)
+    return dataset
+
+
+def build_unlabeled_dataset(cfg: Config, categories: Any) -> Any:
+    """The unlabelled images of ``cfg`` with the train augmentation (:mod:`pipeline.data.unlabeled`)."""
+    from pipeline.data.unlabeled import UnlabeledDataset, unlabeled_images
+
+    return UnlabeledDataset(
+        unlabeled_images(cfg),
+        categories,
+        transform=train_transform(cfg),
         on_bad_sample=cfg.data.on_bad_sample,
         seed=cfg.seed,
     )
@@ -407,10 +596,18 @@ class Trainer:
         if cfg.training.init_from:
             self._init_from(student, Path(cfg.training.init_from))
         criterion = build_criterion(cfg, num_classes)
-        self.loss_weights = loss_weight_table(cfg.model)
+        self.loss_weights = loss_weight_table(cfg.model, unlabeled=cfg.training.unlabeled_ratio > 0)
 
         res = sam = None
         self.teacher = None
+        self.unlabeled = self.unlabeled_teacher = None
+        if cfg.training.unlabeled_ratio > 0:
+            from pipeline.training.teacher_source import UnlabeledTeacherSource
+
+            self.unlabeled = build_unlabeled_dataset(cfg, self.categories)
+            self.unlabeled_teacher = UnlabeledTeacherSource.from_config(
+                cfg, keep_float16=self.device.type == "cuda"
+            )
         if cfg.model.use_resolution_distill:
             from pipeline.models.resolution_distill import ResolutionDistiller
 
@@ -438,6 +635,12 @@ class Trainer:
                 output_distill_weight=sd.output_distill_weight,
                 temperature=sd.temperature,
                 num_points=sd.num_points,
+                unlabeled_weight=sd.unlabeled_weight,
+                match_costs=(
+                    self.loss_weights["loss_cls"],
+                    self.loss_weights["loss_mask"],
+                    self.loss_weights["loss_dice"],
+                ),
             )
         self.step_module = TrainStep(student, criterion, res, sam).to(self.device)
         self.model: nn.Module = self.step_module
@@ -583,6 +786,10 @@ class Trainer:
         if self.teacher is not None:
             info["cache_fingerprint"] = self.teacher.fingerprint
             info["cache_path"] = str(self.teacher.path)
+        if self.unlabeled_teacher is not None:
+            info["unlabeled_cache_fingerprint"] = self.unlabeled_teacher.fingerprint
+            info["unlabeled_cache_path"] = str(self.unlabeled_teacher.path)
+            info["unlabeled_images"] = len(self.unlabeled)
         info.update(extra)
         (self.work_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
         # the resolved config, loadable as it is: `python -m pipeline train --config <it>`
@@ -593,19 +800,37 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _loader(self, start_iter: int) -> DataLoader:
         cfg = self.cfg
-        sampler = ResumableBatchSampler(
-            len(self.dataset),
-            cfg.training.batch_size,
-            cfg.seed,
-            start_iter,
-            cfg.training.max_iters,
-            self.rank,
-            self.world_size,
-        )
+        sampler: Sampler[list[Any]]
+        dataset: Dataset = EpochIndexed(self.dataset, self.teacher)
+        if self.unlabeled is not None:
+            sampler = MixedBatchSampler(
+                len(self.dataset),
+                len(self.unlabeled),
+                cfg.training.batch_size,
+                round(cfg.training.unlabeled_ratio * cfg.training.batch_size),
+                cfg.seed,
+                start_iter,
+                cfg.training.max_iters,
+                self.rank,
+                self.world_size,
+            )
+            dataset = MixedEpochIndexed(
+                dataset, EpochIndexed(self.unlabeled, self.unlabeled_teacher)
+            )
+        else:
+            sampler = ResumableBatchSampler(
+                len(self.dataset),
+                cfg.training.batch_size,
+                cfg.seed,
+                start_iter,
+                cfg.training.max_iters,
+                self.rank,
+                self.world_size,
+            )
         gen = torch.Generator().manual_seed(cfg.seed)  # keeps the global RNG untouched
         nw = cfg.data.num_workers
         return DataLoader(
-            EpochIndexed(self.dataset, self.teacher),
+            dataset,
             batch_sampler=sampler,
             collate_fn=collate_training_batch,
             num_workers=nw,
@@ -707,6 +932,16 @@ class Trainer:
         ``fusion_weights``), or None for a batch whose samples were all skipped.
         """
         targets = [to_device(t, self.device) for t in batch["targets"]]
+        num_labeled = None
+        if self.unlabeled is not None:  # labelled samples first (MixedBatchSampler)
+            flags = [bool(t.get("unlabeled")) for t in targets]
+            num_labeled = flags.count(False)
+            if flags != [False] * num_labeled + [True] * (len(flags) - num_labeled):
+                raise ValueError("a mixed batch must hold its labelled samples first")
+            if num_labeled == 0:  # every labelled sample of the batch was skipped
+                targets = []
+            elif num_labeled == len(targets):
+                num_labeled = None  # every unlabelled one was skipped: a labelled batch
         if not targets:
             self.scheduler.step()
             return None
@@ -717,7 +952,10 @@ class Trainer:
         if teacher is not None:
             teacher = to_device(teacher, self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            losses = self.model(images, targets, teacher)
+            if num_labeled is None:
+                losses = self.model(images, targets, teacher)
+            else:
+                losses = self.model(images, targets, teacher, num_labeled)
         fusion = losses.pop("_fusion_weights", None)
         check_finite(losses, it)
         loss = total_loss(losses, self.loss_weights)
@@ -870,6 +1108,10 @@ __all__ = [
     "Trainer",
     "TrainStep",
     "ResumableBatchSampler",
+    "MixedBatchSampler",
+    "MixedEpochIndexed",
+    "build_datasets",
+    "build_unlabeled_dataset",
     "EpochIndexed",
     "NonFiniteLossError",
     "NonFiniteParameterError",

@@ -63,6 +63,12 @@ except (ConfigError, MissingInputError) as exc:
     sys.exit(1)
 
 MAIN_CFG = CONFIGS["main"]
+# the unlabelled images' cache, planned only when some run trains on them
+UNLABELED_MARKER = (
+    cache_marker(MAIN_CFG, "unlabeled")
+    if any(c.training.unlabeled_ratio > 0 for c in CONFIGS.values())
+    else None
+)
 OUTPUT_ROOT = Path(MAIN_CFG.output_root)
 
 # With teacher adaptation the cache directory depends on weights that do not exist yet, so the
@@ -89,7 +95,9 @@ def run_args(wildcards):
 
 
 def needs_cache(wildcards):
-    return [CACHE_MARKER] if CONFIGS[wildcards.run].model.use_sam_distill else []
+    cfg = CONFIGS[wildcards.run]
+    out = [CACHE_MARKER] if cfg.model.use_sam_distill else []
+    return out + ([UNLABELED_MARKER] if cfg.training.unlabeled_ratio > 0 else [])
 
 
 def init_weights(wildcards):

@@ -80,3 +80,33 @@ rule evaluate_teacher:
     shell:
         "{params.cli} evaluate-teacher --config {params.config:q} --which {wildcards.which} "
         "--out {output:q} --threads {threads} --no-progress > {log:q} 2>&1"
+
+
+# Stage one for the unlabelled images (data.unlabeled and/or the held-out part of a label-scarce
+# train split): SAM's automatic segments, with the train cache's PCA basis and prototypes. Only
+# planned when a run trains on unlabelled images (training.unlabeled_ratio > 0).
+if UNLABELED_MARKER is not None:
+
+    rule cache_teacher_unlabeled:
+        input:
+            CACHE_MARKER,
+        output:
+            UNLABELED_MARKER,
+        params:
+            cli=PY,
+            config=config["main"],
+            workers=lambda wc, resources: cache_workers(resources.gpu),
+        threads: config["threads"]
+        resources:
+            gpu=config["gpus"],
+            mem_mb=16000,
+            runtime=24 * 60,
+        conda:
+            "../../environment.yml"
+        log:
+            "logs/cache_teacher_unlabeled.log",
+        benchmark:
+            "logs/benchmarks/cache_teacher_unlabeled.tsv"
+        shell:
+            "{params.cli} cache-teacher --config {params.config:q} --split unlabeled "
+            "{params.workers} > {log:q} 2>&1"

@@ -1,0 +1,131 @@
+"""SAM's automatic mode (pipeline.teacher.automatic) against segment-anything's own
+SamAutomaticMaskGenerator, on a seeded random sam_tiny (a random vit_b at 1024 px is too slow for
+a 2-core test; the code path is the same for every SAM type).
+
+The generator is configured to the same grid and thresholds (one crop layer, no small-region
+post-processing: its defaults). A random teacher predicts noise, so the thresholds are chosen
+from its own score distribution to keep some masks and drop others, and NMS is tested both off
+(``box_nms_thresh=1``: every kept mask, in score order) and on (0.7: random masks span the whole
+image, so their boxes collapse to one).
+"""
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+
+from pipeline.config import AutomaticConfig, SamTinyConfig
+from pipeline.teacher.automatic import automatic_segments, grid_points
+from pipeline.teacher.extractor import TeacherExtractor
+from pipeline.teacher.sam_builder import build_teacher
+
+TINY = SamTinyConfig(
+    img_size=64, embed_dim=32, depth=2, num_heads=2, global_attn_indexes=[1], window_size=4
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    sam = build_teacher("sam_tiny", None, TINY, seed=0)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)  # not square: apply_coords matters
+    extractor = TeacherExtractor(sam, mask_size=16)
+    embedding = extractor.encode(extractor.preprocess(image))[1]
+    return sam, image, extractor, embedding
+
+
+def run_both(setup, **settings):
+    sam, image, _, embedding = setup
+    ours = automatic_segments(sam, embedding, image.shape[:2], **settings)
+    gen = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+    return ours, gen
+
+
+def assert_same(ours, gen):
+    assert len(ours) == len(gen) > 0
+    for k, ann in enumerate(gen):
+        assert ours.iou[k].item() == pytest.approx(ann["predicted_iou"], abs=1e-5)
+        assert ours.stability[k].item() == pytest.approx(ann["stability_score"], abs=1e-5)
+        theirs = torch.as_tensor(ann["segmentation"])
+        inter = (ours.masks[k] & theirs).sum().item()
+        union = (ours.masks[k] | theirs).sum().item()
+        assert inter / union > 0.999
+        x0, y0, x1, y1 = ours.boxes[k].tolist()
+        assert [x0, y0, x1 - x0, y1 - y0] == pytest.approx(ann["bbox"])
+        assert ours.points[k].tolist() == pytest.approx(ann["point_coords"][0])
+
+
+def test_grid_is_the_generators(setup):
+    _, image, _, _ = setup
+    pts = grid_points(4, image.shape[:2])
+    assert pts.shape == (16, 2)
+    assert pts[0].tolist() == pytest.approx([64 / 8, 48 / 8])  # offset = half a cell
+
+
+def test_filters_and_order_match_the_generator_without_nms(setup):
+    sam, image, _, embedding = setup
+    probe = automatic_segments(
+        sam,
+        embedding,
+        image.shape[:2],
+        points_per_side=6,
+        points_per_batch=16,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        stability_score_offset=0.05,
+        box_nms_thresh=1.0,
+    )
+    # thresholds from the random teacher's own scores: keep about half of the masks
+    iou_t = float(probe.iou.median())
+    stab_t = float(probe.stability[probe.iou > iou_t].median())
+    settings = dict(
+        points_per_side=6,
+        points_per_batch=16,
+        pred_iou_thresh=iou_t,
+        stability_score_thresh=stab_t,
+        stability_score_offset=0.05,
+        box_nms_thresh=1.0,
+    )
+    ours, gen = run_both(setup, **settings)
+    assert 1 < len(ours) < len(probe)  # the filters removed some, kept several
+    assert (ours.iou > iou_t).all() and (ours.stability >= stab_t).all()
+    assert (ours.iou[:-1] >= ours.iou[1:]).all()  # NMS order: best first
+    assert_same(ours, gen)
+
+
+def test_nms_matches_the_generator(setup):
+    settings = dict(
+        points_per_side=6,
+        points_per_batch=16,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.01,
+        stability_score_offset=0.05,
+        box_nms_thresh=0.7,
+    )
+    ours, gen = run_both(setup, **settings)
+    assert_same(ours, gen)
+
+
+def test_max_segments_and_cache_outputs(setup):
+    _, image, extractor, _ = setup
+    auto = AutomaticConfig(
+        points_per_side=6,
+        points_per_batch=16,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        stability_score_offset=0.05,
+        box_nms_thresh=1.0,
+    )
+    out, stability = extractor.extract_automatic(image, auto, max_segments=5)
+    assert out.segment_ids.tolist() == [1, 2, 3, 4, 5]
+    assert out.mask_logits.shape == (5, 16, 16) and out.embeddings.shape == (5, 256)
+    assert stability.shape == (5,) and np.isfinite(out.embeddings).all()
+    assert out.iou.tolist() == sorted(out.iou.tolist(), reverse=True)
+
+
+def test_strict_thresholds_can_keep_nothing(setup):
+    _, image, extractor, _ = setup
+    out, stability = extractor.extract_automatic(image, AutomaticConfig(points_per_side=4))
+    # SAM's defaults (IoU > 0.88, stability >= 0.95) reject every mask of a random teacher
+    assert out.mask_logits.shape[0] == stability.shape[0] == 0
+    assert len(out.features) == len(extractor.layers)
