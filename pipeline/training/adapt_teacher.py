@@ -301,24 +301,6 @@ class AdaptStep(nn.Module):
                     a.iou_weight,
                     a.focal_alpha,
                 )
-                if round_index == 0 and not gr["multimask"]:
-                    # the three-mask output is trained on every first-round prompt as well (its
-                    # best-of-three loss makes the shared decoder learn fast from scratch); the
-                    # single-mask output above is the one the cache uses
-                    low3, iou3 = self._decode(
-                        gr["emb"], gr["points"], gr["labels"], gr["boxes"], None, multimask=True
-                    )
-                    part3, _, _ = promptable_loss(
-                        self._to_loss_grid(low3),
-                        iou3,
-                        gr["target"],
-                        gr["valid"],
-                        a.focal_weight,
-                        a.dice_weight,
-                        a.iou_weight,
-                        a.focal_alpha,
-                    )
-                    part = {k: (part[k] + part3[k]) / 2 for k in PROMPTABLE_TERMS}
                 share = gr["target"].shape[0] / total  # every prompt weighs the same
                 for k in PROMPTABLE_TERMS:
                     losses[k] = losses[k] + share * part[k]
