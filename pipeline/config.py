@@ -251,9 +251,10 @@ class TeacherAdaptConfig(_Section):
     Prompts are drawn from the ground-truth segments as in the SAM paper's training recipe:
     things by a noisy box or by points, stuff by points, then ``corrective_rounds`` rounds that
     add one point in the error region and feed the previous mask logits back as a mask prompt.
-    The first round uses SAM's three-mask output and takes the loss on the best mask; the mask
-    loss is ``focal_weight`` x focal + ``dice_weight`` x dice (SAM's 20:1), the IoU head is
-    trained with the MSE against each predicted mask's true IoU.
+    As in SAM, a single point (ambiguous) gets the three-mask output with the loss on the best
+    mask, a box or several points the single-mask output; the mask loss is ``focal_weight`` x
+    focal + ``dice_weight`` x dice (SAM's 20:1 by default; the embedded sam_tiny, trained from
+    scratch, uses 2:1), the IoU head is trained with the MSE against each mask's true IoU.
     """
 
     enabled: bool = False
