@@ -1,6 +1,6 @@
 """SAM's automatic mode (pipeline.teacher.automatic) against segment-anything's own
-SamAutomaticMaskGenerator, on a seeded random sam_tiny (a random vit_b at 1024 px is too slow for
-a 2-core test; the code path is the same for every SAM type).
+SamAutomaticMaskGenerator: most cases on a seeded random sam_tiny (fast), and one on a seeded
+random vit_b at 1024 px (about a minute on 2 cores; a 3 x 3 grid).
 
 The generator is configured to the same grid and thresholds (one crop layer, no small-region
 post-processing: its defaults). A random teacher predicts noise, so the thresholds are chosen
@@ -129,3 +129,38 @@ def test_strict_thresholds_can_keep_nothing(setup):
     # SAM's defaults (IoU > 0.88, stability >= 0.95) reject every mask of a random teacher
     assert out.mask_logits.shape[0] == stability.shape[0] == 0
     assert len(out.features) == len(extractor.layers)
+
+
+def test_matches_the_generator_on_a_random_vit_b():
+    """The issue's reference case: a seeded random vit_b (official architecture, 1024 px).
+    Slow on 2 cores (two image-encoder passes, ours and the generator's), so one small grid."""
+    sam = build_teacher("vit_b", None, seed=0)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    extractor = TeacherExtractor(sam, mask_size=16)
+    with torch.no_grad():
+        embedding = extractor.encode(extractor.preprocess(image))[1]
+    probe = automatic_segments(
+        sam,
+        embedding,
+        image.shape[:2],
+        points_per_side=3,
+        points_per_batch=9,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        stability_score_offset=0.05,
+        box_nms_thresh=1.0,
+    )
+    iou_t = float(probe.iou.median())
+    settings = dict(
+        points_per_side=3,
+        points_per_batch=9,
+        pred_iou_thresh=iou_t,
+        stability_score_thresh=0.0,
+        stability_score_offset=0.05,
+        box_nms_thresh=1.0,
+    )
+    ours = automatic_segments(sam, embedding, image.shape[:2], **settings)
+    gen = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+    assert 1 < len(ours) < len(probe)
+    assert_same(ours, gen)
