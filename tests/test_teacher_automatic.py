@@ -62,30 +62,29 @@ def test_grid_is_the_generators(setup):
     assert pts[0].tolist() == pytest.approx([64 / 8, 48 / 8])  # offset = half a cell
 
 
-def test_filters_and_order_match_the_generator_without_nms(setup):
-    sam, image, _, embedding = setup
+def probe_settings(sam, embedding, shape, side, batch, stability=True):
+    """Thresholds from a random teacher's own scores, so that about half of its masks pass."""
+    base = dict(points_per_side=side, points_per_batch=batch, stability_score_offset=0.05)
     probe = automatic_segments(
         sam,
         embedding,
-        image.shape[:2],
-        points_per_side=6,
-        points_per_batch=16,
+        shape,
+        **base,
         pred_iou_thresh=0.0,
         stability_score_thresh=0.0,
-        stability_score_offset=0.05,
         box_nms_thresh=1.0,
     )
-    # thresholds from the random teacher's own scores: keep about half of the masks
     iou_t = float(probe.iou.median())
-    stab_t = float(probe.stability[probe.iou > iou_t].median())
-    settings = dict(
-        points_per_side=6,
-        points_per_batch=16,
-        pred_iou_thresh=iou_t,
-        stability_score_thresh=stab_t,
-        stability_score_offset=0.05,
-        box_nms_thresh=1.0,
+    stab_t = float(probe.stability[probe.iou > iou_t].median()) if stability else 0.0
+    return probe, dict(
+        **base, pred_iou_thresh=iou_t, stability_score_thresh=stab_t, box_nms_thresh=1.0
     )
+
+
+def test_filters_and_order_match_the_generator_without_nms(setup):
+    sam, image, _, embedding = setup
+    probe, settings = probe_settings(sam, embedding, image.shape[:2], 6, 16)
+    iou_t, stab_t = settings["pred_iou_thresh"], settings["stability_score_thresh"]
     ours, gen = run_both(setup, **settings)
     assert 1 < len(ours) < len(probe)  # the filters removed some, kept several
     assert (ours.iou > iou_t).all() and (ours.stability >= stab_t).all()
@@ -140,26 +139,7 @@ def test_matches_the_generator_on_a_random_vit_b():
     extractor = TeacherExtractor(sam, mask_size=16)
     with torch.no_grad():
         embedding = extractor.encode(extractor.preprocess(image))[1]
-    probe = automatic_segments(
-        sam,
-        embedding,
-        image.shape[:2],
-        points_per_side=3,
-        points_per_batch=9,
-        pred_iou_thresh=0.0,
-        stability_score_thresh=0.0,
-        stability_score_offset=0.05,
-        box_nms_thresh=1.0,
-    )
-    iou_t = float(probe.iou.median())
-    settings = dict(
-        points_per_side=3,
-        points_per_batch=9,
-        pred_iou_thresh=iou_t,
-        stability_score_thresh=0.0,
-        stability_score_offset=0.05,
-        box_nms_thresh=1.0,
-    )
+    probe, settings = probe_settings(sam, embedding, image.shape[:2], 3, 9, stability=False)
     ours = automatic_segments(sam, embedding, image.shape[:2], **settings)
     gen = SamAutomaticMaskGenerator(sam, **settings).generate(image)
     assert 1 < len(ours) < len(probe)
