@@ -357,6 +357,12 @@ class NeckConfig(_Section):
     channels: int = Field(128, ge=8)
     mask_stride: Literal[4, 8] = 4
     use_coord: bool = True
+    separable: bool = Field(
+        False,
+        description="depthwise-separable (3x3 depthwise + BN + ReLU, 1x1 pointwise + BN + ReLU) "
+        "instead of dense 3x3 conv + GroupNorm + ReLU for the FPN output convs and the mask "
+        "conv; fewer MACs, different state-dict keys (false: every existing checkpoint loads)",
+    )
 
 
 class HeadConfig(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -158,3 +159,63 @@ def test_no_attention_anywhere(name: str) -> None:
         "_softmax",
     }
     assert not forbidden & recorder.names
+
+
+def test_pydantic_neck_separable_reaches_the_neck() -> None:
+    from pipeline.config import ModelConfig
+
+    cfg = ModelConfig.model_validate({"neck": {"channels": 16}})
+    assert cfg.neck.separable is False  # the default: existing checkpoints load
+    assert not build_student(cfg, num_classes=2).neck.separable
+    cfg = ModelConfig.model_validate({"neck": {"channels": 16, "separable": True}})
+    assert build_student(cfg, num_classes=2).neck.separable
+    with pytest.raises(ValueError, match="separable"):
+        ModelConfig.model_validate({"neck": {"separable": "maybe"}})
+
+
+@pytest.mark.parametrize(
+    "dense_config, separable_config, saved",
+    [
+        # COCO student: neck 128 -> the hand count of tests/test_models_neck.py
+        (
+            "configs/coco/regnet_distill.yaml",
+            "configs/coco/regnet_distill_fast.yaml",
+            7_795_200_000,
+        ),
+        # default student: neck 64
+        ("configs/reg_sam/regnet_distill.yaml", None, 1_944_396_800),
+    ],
+)
+def test_separable_student_macs_at_640_differ_by_the_neck_only(
+    dense_config: str, separable_config: str | None, saved: int
+) -> None:
+    """The whole student at 640x640: separable saves exactly the hand-counted MACs of the
+    changed neck convs (backbone and head untouched), and the fast COCO config differs from
+    the COCO recipe in nothing but the neck (and its experiment name)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    no_weights = ["model.backbone.pretrained_path=null"]
+    dense_cfg = load_config(root / dense_config, no_weights)
+    if separable_config is None:
+        sep_cfg = load_config(root / dense_config, no_weights + ["model.neck.separable=true"])
+    else:
+        sep_cfg = load_config(root / separable_config, no_weights)
+        a, b = dense_cfg.to_dict(), sep_cfg.to_dict()
+        assert b["model"]["neck"] == {**a["model"]["neck"], "separable": True}
+        b["model"]["neck"]["separable"] = False
+        b["experiment"] = a["experiment"]
+        assert a == b
+
+    def macs(cfg) -> int:
+        torch.manual_seed(0)
+        student = build_student(cfg.model, num_classes=133).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            student(torch.randn(1, 3, 640, 640))
+        return counter.get_total_flops() // 2
+
+    assert not dense_cfg.model.neck.separable and sep_cfg.model.neck.separable
+    assert macs(dense_cfg) - macs(sep_cfg) == saved

@@ -129,8 +129,9 @@ def build_student(model_cfg: Any, num_classes: int) -> RegSAMStudent:
     """Build the student from ``cfg.model`` (any object with the attributes below).
 
     Reads ``backbone.{name, pretrained_path, freeze_bn}``, ``neck.{channels, mask_stride,
-    use_coord}``, ``use_learnable_fusion``, ``head.{num_queries, num_stages, ffn_dim, num_mask_fcs,
-    kernel_size}``. The kernel dimension is the neck width.
+    use_coord, separable}`` (``separable`` absent = false), ``use_learnable_fusion``,
+    ``head.{num_queries, num_stages, ffn_dim, num_mask_fcs, kernel_size}``. The kernel dimension
+    is the neck width.
     """
     bb, nk, hd = model_cfg.backbone, model_cfg.neck, model_cfg.head
     backbone = TimmBackbone(
@@ -143,6 +144,7 @@ def build_student(model_cfg: Any, num_classes: int) -> RegSAMStudent:
         mask_stride=nk.mask_stride,
         use_coord=nk.use_coord,
         use_learnable_fusion=model_cfg.use_learnable_fusion,
+        separable=getattr(nk, "separable", False),
     )
     head = KernelHead(
         num_classes=num_classes,
