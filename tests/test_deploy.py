@@ -3,6 +3,7 @@ INT8, BatchNorm folding, and clear errors on bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -291,3 +292,81 @@ def test_fold_batchnorm_on_the_student_keeps_outputs(trained):
     assert count > 10  # every RegNet conv-BN pair
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in student.modules())
     assert float((got["pred_logits"] - ref["pred_logits"]).abs().max()) <= 1e-4
+
+
+def test_separable_neck_folds_exports_and_matches_eager(tmp_path):
+    """model.neck.separable=true: its 10 neck BatchNorms (depthwise + pointwise of 4 output
+    convs and the mask conv) fold at export, and ONNX / torch.export match eager within 1e-4
+    at two sizes, as the dense student's files do."""
+    from types import SimpleNamespace
+
+    import onnx
+
+    from pipeline.deploy.runner import load_exported
+    from pipeline.export import export_blob
+    from pipeline.models.student import build_student
+
+    categories = [
+        SimpleNamespace(id=3, name="a", isthing=1, color=[1, 2, 3], train_id=0),
+        SimpleNamespace(id=7, name="b", isthing=0, color=[4, 5, 6], train_id=1),
+    ]
+    tiny = [
+        "model.neck.channels=16",
+        "model.head.num_queries=6",
+        "model.head.num_stages=2",
+        "model.head.ffn_dim=32",
+        "data.test_size=64",
+    ]
+    cfgs = {
+        sep: load_config(
+            ROOT / "configs/reg_sam/baseline.yaml", tiny + [f"model.neck.separable={sep}"]
+        )
+        for sep in ("false", "true")
+    }
+    torch.manual_seed(0)
+    students = {k: build_student(c.model, len(categories)) for k, c in cfgs.items()}
+    g = torch.Generator().manual_seed(4)
+    for student in students.values():  # trained-looking statistics, so folding does something
+        for bn in student.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.copy_(torch.rand(bn.num_features, generator=g) - 0.5)
+                bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+                bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+                bn.bias.data.copy_(torch.rand(bn.num_features, generator=g) - 0.5)
+        student.eval()
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=g)
+    folded = {k: fold_batchnorm(copy.deepcopy(s), s.normalize(images)) for k, s in students.items()}
+    assert folded["true"] == folded["false"] + 10  # the dense neck's GroupNorms never fold
+
+    ckpt = tmp_path / "final.pth"
+    torch.save(export_blob(students["true"], cfgs["true"], categories), ckpt)
+    student, cfg, _ = load_student_for_export(ckpt)
+    assert cfg.model.neck.separable and student.neck.separable
+    onnx_file = export_checkpoint(
+        ckpt, tmp_path / "s.onnx", fmt="onnx", size=(64, 64), dynamic=True
+    )
+    pt2_file = export_checkpoint(ckpt, tmp_path / "s.pt2", fmt="torch-export", size=(64, 64))
+    assert max(onnx_file["max_abs_diff"].values()) <= 1e-4
+    assert max(pt2_file["max_abs_diff"].values()) <= 1e-4
+    runners = [load_exported(Path(onnx_file["path"])), load_exported(Path(pt2_file["path"]))]
+    for size in [(64, 64), (96, 160)]:  # two sizes through the one dynamic ONNX file
+        x = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=g)
+        with torch.no_grad():
+            ref = student.forward_pixels(x)
+        for runner in runners if size == (64, 64) else runners[:1]:
+            got = runner.forward_pixels(x)
+            for key in ("pred_logits", "pred_masks", "pred_iou"):
+                diff = float((got[key] - ref[key]).abs().max())
+                assert diff <= 1e-4, (runner.backend, size, key, diff)
+    graph = onnx.load(onnx_file["path"]).graph
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    depthwise = sorted(
+        shapes[n.input[1]]
+        for n in graph.node
+        if n.op_type == "Conv"
+        and n.input[1] in shapes
+        and shapes[n.input[1]][1] == 1
+        and shapes[n.input[1]][0] in (16, 18)
+    )
+    assert depthwise == [[16, 1, 3, 3]] * 4 + [[18, 1, 3, 3]]  # 4 output convs, the mask conv
