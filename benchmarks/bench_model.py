@@ -15,7 +15,22 @@ Rows, per student config (random weights, ``num_classes = 133``, batch 1, fp32):
   onnxruntime's dynamic INT8 quantisation of it;
 
 and Mask2Former with a ResNet-50 backbone from ``transformers`` (random weights, 100 queries,
-133 classes, built from config objects: nothing downloaded), eager.
+133 classes, built from config objects: nothing downloaded), eager. The default configs are the
+default student, the COCO student and the COCO student with the depthwise-separable neck
+(``configs/coco/regnet_distill_fast.yaml``).
+
+Reference rows (``--no-reference`` skips them) measure what these cores deliver on the students'
+dominant operation: :class:`ConvReference`, a stack of ``REFERENCE_DEPTH`` 3x3 convolutions
+128 -> 128 channels (+ ReLU) at stride 4 (160x160 at 640x640: the FPN's P2 output conv and the
+mask conv of the COCO student), BatchNorm folded, run in torch eager and onnxruntime fp32 in the
+same round-robin; and the same stack depthwise-separable (the separable neck's blocks). The
+best reference GMAC/s then gives each student a FLOP floor (a second table): ``floor ms`` = the
+student's GMACs / the best reference GMAC/s, the fastest any runtime could run that many MACs on
+these cores if every MAC ran as fast as the best-measured dense convolution; ``max M2F / row`` =
+Mask2Former's eager ms / floor ms, the largest ratio to Mask2Former reachable at that FLOP count;
+``max eager / floor`` = the eager student's ms / floor ms, the largest speed-up any runtime
+(onnxruntime included) could give over eager; the same bounds for the backbone alone (its
+GMACs counted on the backbone module by itself) bound every student with that backbone.
 
 Columns: parameters, GMACs (multiply-adds, FlopCounterMode on the eager model; the papers'
 "GFLOPs"), median ms, Mask2Former's ms / the row's ms at equal size, achieved GMAC/s (GMACs /
@@ -27,8 +42,8 @@ BatchNorm-folded default student.
 Example (from the repository root)::
 
     python benchmarks/bench_model.py --config configs/reg_sam/regnet_distill.yaml \\
-        configs/coco/regnet_distill.yaml --sizes 640x640 1024x2048 --threads 2 --rounds 3 \\
-        --profile --out benchmarks/results/model.md
+        configs/coco/regnet_distill.yaml configs/coco/regnet_distill_fast.yaml \\
+        --sizes 640x640 1024x2048 --threads 2 --rounds 3 --profile --out benchmarks/results/model.md
 """
 
 from __future__ import annotations
@@ -63,6 +78,16 @@ from pipeline.evaluation.complexity import (  # noqa: E402
 NUM_CLASSES = 133  # COCO panoptic: 80 things + 53 stuff
 PEER = "Mask2Former R50 (transformers), eager"
 STUDENT_ROWS = ("eager", "torch.export", "onnxruntime fp32", "onnxruntime int8")
+DEFAULT_CONFIGS = [
+    "configs/reg_sam/regnet_distill.yaml",
+    "configs/coco/regnet_distill.yaml",
+    "configs/coco/regnet_distill_fast.yaml",
+]
+REFERENCE_CHANNELS = 128  # the COCO student's neck width
+REFERENCE_STRIDE = 4  # its P2 / mask-feature stride: 160x160 at 640x640
+REFERENCE_DEPTH = 3
+REFERENCE_KINDS = ("dense", "separable")
+REFERENCE_ROWS = ("eager", "onnxruntime fp32")
 
 
 # --------------------------------------------------------------------------- models
@@ -116,7 +141,8 @@ def student_label(config: str) -> str:
 
     m = load_config(config).model
     return (
-        f"student {m.backbone.name}, neck {m.neck.channels}, {m.head.num_queries} q × "
+        f"student {m.backbone.name}, neck {m.neck.channels}"
+        f"{' separable' if m.neck.separable else ''}, {m.head.num_queries} q × "
         f"{m.head.num_stages} st"
     )
 
@@ -128,6 +154,91 @@ class _Eager(nn.Module):
 
     def forward(self, images: Tensor) -> Any:
         return self.student.forward_pixels(images)
+
+
+class ConvReference(nn.Module):
+    """The roofline reference: ``depth`` 3x3 conv -> BatchNorm -> ReLU blocks,
+    ``channels -> channels``, dense (:class:`~pipeline.models.neck.ConvNormAct`'s conv with a
+    BatchNorm) or depthwise-separable (:class:`~pipeline.models.neck.SeparableConvNormAct`).
+
+    ``[B, channels, h, w] -> [B, channels, h, w]``. Built by :func:`build_reference`, which
+    folds the BatchNorms as export does, so what runs is conv (+ bias) -> ReLU, like the
+    exported students' neck.
+    """
+
+    def __init__(self, *, channels: int, depth: int, separable: bool = False) -> None:
+        super().__init__()
+        from pipeline.models.neck import SeparableConvNormAct
+
+        blocks: list[nn.Module] = []
+        for _ in range(depth):
+            if separable:
+                blocks.append(SeparableConvNormAct(in_channels=channels, out_channels=channels))
+            else:
+                blocks.append(
+                    nn.Sequential(
+                        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                        nn.BatchNorm2d(channels),
+                        nn.ReLU(inplace=True),
+                    )
+                )
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(x)
+
+
+def build_reference(kind: str, seed: int = 0) -> ConvReference:
+    """The eval-mode reference of ``kind`` ("dense" or "separable"), BatchNorm folded; the same
+    weights in every process (``seed``)."""
+    from pipeline.deploy.export import fold_batchnorm
+
+    if kind not in REFERENCE_KINDS:
+        raise ValueError(f"reference kind must be one of {REFERENCE_KINDS}, got {kind!r}")
+    torch.manual_seed(seed)
+    model = ConvReference(
+        channels=REFERENCE_CHANNELS, depth=REFERENCE_DEPTH, separable=kind == "separable"
+    ).eval()
+    example = torch.randn(1, REFERENCE_CHANNELS, 8, 8)
+    folded = fold_batchnorm(model, example)
+    expected = REFERENCE_DEPTH * (2 if kind == "separable" else 1)
+    if folded != expected:
+        raise RuntimeError(f"folded {folded} BatchNorms of the {kind} reference, not {expected}")
+    return model
+
+
+def reference_shape(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The reference's input ``[1, 128, H / 4, W / 4]`` for an image of ``size = (H, W)``."""
+    h, w = size
+    return (1, REFERENCE_CHANNELS, h // REFERENCE_STRIDE, w // REFERENCE_STRIDE)
+
+
+def reference_label(kind: str) -> str:
+    c, d = REFERENCE_CHANNELS, REFERENCE_DEPTH
+    op = f"3x3 conv {c}→{c}" if kind == "dense" else f"3x3 depthwise {c} + 1x1 conv {c}→{c}"
+    return f"reference: {d} × ({op}, BN folded, ReLU) at H/{REFERENCE_STRIDE}×W/{REFERENCE_STRIDE}"
+
+
+def export_reference_onnx(model: nn.Module, path: Path, opset: int = 18) -> Path:
+    """``model`` as ONNX (torch's dynamo exporter, as :func:`pipeline.deploy.export.export_onnx`)
+    with free H/W, input ``x``."""
+    example = torch.randn(1, REFERENCE_CHANNELS, 16, 16)
+    height = torch.export.Dim("height", min=2, max=4096)
+    width = torch.export.Dim("width", min=2, max=4096)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_shapes={"x": {2: height, 3: width}},
+        optimize=True,
+        external_data=False,
+        verbose=False,
+    )
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -160,8 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--config",
         nargs="+",
-        default=["configs/reg_sam/regnet_distill.yaml", "configs/coco/regnet_distill.yaml"],
-        help="student config(s); four rows each",
+        default=DEFAULT_CONFIGS,
+        help="student config(s); four rows each (default: %(default)s)",
     )
     p.add_argument("--sizes", nargs="+", type=parse_size, default=[(640, 640), (1024, 2048)])
     p.add_argument(
@@ -183,6 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="skip Mask2Former")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
     p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the dense/separable convolution reference rows (and the FLOP-floor table)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="torch.profiler top operators of the first student, eager and folded",
@@ -199,7 +315,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare(
-    configs: list[str], sizes: list[tuple[int, int]], workdir: Path, int8: bool, peer: bool
+    configs: list[str],
+    sizes: list[tuple[int, int]],
+    workdir: Path,
+    int8: bool,
+    peer: bool,
+    reference: bool = True,
 ) -> dict[str, Any]:
     """Build, export and count every model once; the child processes load these files."""
     from pipeline.deploy.export import export_onnx, export_torch, quantize_onnx_dynamic
@@ -215,6 +336,7 @@ def prepare(
         int8_path = quantize_onnx_dynamic(onnx, workdir / f"student{i}.int8.onnx") if int8 else None
         eager = _Eager(student=student)
         flops = {f"{h}x{w}": count_flops(eager, (1, 3, h, w)).gmacs for h, w in sizes}
+        backbone = {f"{h}x{w}": count_flops(student.backbone, (1, 3, h, w)).gmacs for h, w in sizes}
         students.append(
             {
                 "config": config,
@@ -225,9 +347,27 @@ def prepare(
                 "int8": str(int8_path) if int8_path else None,
                 "params": count_params(student),
                 "gmacs": flops,
+                "backbone_gmacs": backbone,
             }
         )
     out: dict[str, Any] = {"students": students}
+    if reference:
+        out["references"] = []
+        for kind in REFERENCE_KINDS:
+            model = build_reference(kind)
+            onnx = export_reference_onnx(model, workdir / f"reference_{kind}.onnx")
+            out["references"].append(
+                {
+                    "kind": kind,
+                    "label": reference_label(kind),
+                    "onnx": str(onnx),
+                    "params": count_params(model),
+                    "gmacs": {
+                        f"{h}x{w}": count_flops(model, reference_shape((h, w))).gmacs
+                        for h, w in sizes
+                    },
+                }
+            )
     if peer:
         model = PeerAdapter(model=build_mask2former_r50().eval())
         out["peer"] = {
@@ -269,6 +409,23 @@ def build_rows(spec: dict[str, Any]) -> list[tuple[str, Any]]:
                     lambda x, sess=int8: sess.run(None, {"images": x.numpy()}),
                 )
             )
+    for ref in spec.get("references", []):
+        model = build_reference(ref["kind"])
+        session = _ort_session(ref["onnx"], threads)
+        gen = torch.Generator().manual_seed(0)
+        inputs = {  # made here, never inside a timed forward; keyed by the image's (H, W)
+            (h, w): torch.randn(reference_shape((h, w)), generator=gen) for h, w in spec["sizes"]
+        }
+        arrays = {k: v.numpy() for k, v in inputs.items()}
+        rows.append(
+            (f"ref|{ref['kind']}|eager", lambda x, m=model, i=inputs: m(i[tuple(x.shape[-2:])]))
+        )
+        rows.append(
+            (
+                f"ref|{ref['kind']}|onnxruntime fp32",
+                lambda x, sess=session, a=arrays: sess.run(None, {"x": a[tuple(x.shape[-2:])]}),
+            )
+        )
     if spec["peer"]:
         torch.manual_seed(0)
         peer = PeerAdapter(model=build_mask2former_r50().eval())
@@ -410,6 +567,11 @@ def table(
     ]
     if "peer" in prepared:
         entries.append(("peer|eager", PEER, "", prepared["peer"]))
+    entries += [
+        (f"ref|{ref['kind']}|{r}", ref["label"], r, ref)
+        for ref in prepared.get("references", [])
+        for r in REFERENCE_ROWS
+    ]
     for key, label, kind, info in entries:
         if not all(key in run["ms"][f"{h}x{w}"] for run in runs for h, w in sizes):
             continue
@@ -428,10 +590,91 @@ def table(
             )
             row[f"GMACs {s}"] = info["gmacs"][s]
             row[f"ms {s}"] = ms
-            row[f"M2F / row {s}"] = peer_ms / ms if peer_ms else None
+            row[f"M2F / row {s}"] = peer_ms / ms if peer_ms and not key.startswith("ref|") else None
             row[f"GMAC/s {s}"] = info["gmacs"][s] / (ms / 1e3)
         rows.append(row)
     return complexity_table(rows, float_format=".2f")
+
+
+def _median_ms(runs: list[dict[str, Any]], size: str, key: str) -> float | None:
+    if not all(key in run["ms"][size] for run in runs):
+        return None
+    return statistics.median(run["ms"][size][key] for run in runs)
+
+
+def best_reference(
+    prepared: dict[str, Any], runs: list[dict[str, Any]], size: str
+) -> tuple[float, str] | None:
+    """(GMAC/s, row) of the fastest reference row at ``size`` (median ms over processes), or
+    None without reference rows."""
+    best: tuple[float, str] | None = None
+    for ref in prepared.get("references", []):
+        for r in REFERENCE_ROWS:
+            ms = _median_ms(runs, size, f"ref|{ref['kind']}|{r}")
+            if ms is None:
+                continue
+            rate = ref["gmacs"][size] / (ms / 1e3)
+            if best is None or rate > best[0]:
+                best = (rate, f"{ref['kind']}, {r}")
+    return best
+
+
+def floor_table(
+    prepared: dict[str, Any], runs: list[dict[str, Any]], sizes: list[tuple[int, int]]
+) -> str | None:
+    """Per student and size, what its GMACs allow at the best reference GMAC/s: floor ms (the
+    GMACs at that rate), the largest ratio to Mask2Former's eager ms any runtime could reach,
+    the largest speed-up over the eager student, and the same two ratios for the backbone
+    alone. None without reference rows."""
+    best = {f"{h}x{w}": best_reference(prepared, runs, f"{h}x{w}") for h, w in sizes}
+    if not any(best.values()):
+        return None
+    rows = []
+    for i, student in enumerate(prepared["students"]):
+        row: dict[str, Any] = {"model": student["label"]}
+        for h, w in sizes:
+            s = f"{h}x{w}"
+            rate = best[s][0] if best[s] else None
+            peer_ms = _median_ms(runs, s, "peer|eager") if "peer" in prepared else None
+            eager_ms = _median_ms(runs, s, f"{i}|eager")
+            gmacs, backbone = student["gmacs"][s], student["backbone_gmacs"][s]
+            floor_ms = 1e3 * gmacs / rate if rate else None
+            backbone_ms = 1e3 * backbone / rate if rate else None
+            row[f"GMACs {s}"] = gmacs
+            row[f"backbone GMACs {s}"] = backbone
+            row[f"floor ms {s}"] = floor_ms
+            row[f"max M2F / row {s}"] = peer_ms / floor_ms if peer_ms and floor_ms else None
+            row[f"max M2F / row, backbone alone {s}"] = (
+                peer_ms / backbone_ms if peer_ms and backbone_ms else None
+            )
+            row[f"max eager / floor {s}"] = eager_ms / floor_ms if eager_ms and floor_ms else None
+        rows.append(row)
+    lines = [
+        "## FLOP floor",
+        "",
+        "What each student's multiply-adds allow on these cores: floor ms = the student's GMACs / "
+        "the best GMAC/s of the reference rows above (dense 3x3 convolutions at stride 4, the "
+        "students' dominant operation, BatchNorm folded), i.e. its time if every MAC ran as "
+        "fast as the fastest measured convolution; max M2F / row = Mask2Former's eager ms / "
+        "floor ms, the largest ratio to Mask2Former any runtime could reach at this FLOP count; "
+        "max eager / floor = the eager student's ms / floor ms, the largest speed-up any runtime "
+        "(onnxruntime included) could give over eager; backbone alone = the same bound from the "
+        "backbone's GMACs (the backbone module counted by itself), which binds every student "
+        "with that backbone whatever its neck and head. A measured bound, not a proof: a "
+        "runtime whose operators beat the best reference rate would beat it. The separable "
+        "reference rows show how close depthwise-separable blocks come to that rate: a student "
+        "made partly of them (the separable neck) spends its MACs slower than the floor assumes, "
+        "so its floor is further below its reachable time.",
+        "",
+        "- best reference: "
+        + "; ".join(
+            f"{s}: {b[0]:.2f} GMAC/s ({b[1]})" if b else f"{s}: not measured"
+            for s, b in best.items()
+        ),
+        "",
+        complexity_table(rows, float_format=".2f"),
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str | None:
@@ -448,9 +691,17 @@ def main(argv: list[str] | None = None) -> str | None:
     with tempfile.TemporaryDirectory(prefix="bench_model_files_") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        prepared = prepare(args.config, sizes, workdir, not args.no_int8, not args.no_peer)
+        prepared = prepare(
+            args.config,
+            sizes,
+            workdir,
+            not args.no_int8,
+            not args.no_peer,
+            reference=not args.no_reference,
+        )
         spec = {
             "students": prepared["students"],
+            "references": prepared.get("references", []),
             "peer": "peer" in prepared,
             "sizes": sizes,
             "warmup": warmups,
@@ -489,6 +740,15 @@ def main(argv: list[str] | None = None) -> str | None:
         "GMAC/s = GMACs / seconds; M2F / row = Mask2Former's ms / the row's ms",
         "- torch.export and onnxruntime rows run the exported graph: BatchNorm folded into the "
         "convolutions at export, dynamic H/W (one file for every size)",
+        "- reference rows: "
+        + (
+            f"{REFERENCE_DEPTH} blocks of 3x3 convolution {REFERENCE_CHANNELS}→"
+            f"{REFERENCE_CHANNELS} + ReLU (dense, and depthwise-separable) on a random float [1, "
+            f"{REFERENCE_CHANNELS}, H/{REFERENCE_STRIDE}, W/{REFERENCE_STRIDE}] input, BatchNorm "
+            "folded, in the same round-robin; no M2F / row; they set the FLOP floor below"
+            if not args.no_reference
+            else "not measured (--no-reference)"
+        ),
         "- GPU rows: "
         + (
             f"eager fp16 FPS on {device_description(torch.device('cuda'))} "
@@ -498,6 +758,9 @@ def main(argv: list[str] | None = None) -> str | None:
         ),
     ]
     report = "\n".join(header) + "\n\n" + table(prepared, runs, sizes)
+    floor = floor_table(prepared, runs, sizes)
+    if floor:
+        report += "\n" + floor
     if gpu:
         report += "\n## CUDA\n\n" + gpu
     if profile:

@@ -29,7 +29,7 @@ rule bench_model:
     output:
         "benchmarks/results/model.md",
     params:
-        configs=f"{config['main']} configs/coco/regnet_distill.yaml",
+        configs=f"{config['main']} configs/coco/regnet_distill.yaml configs/coco/regnet_distill_fast.yaml",
     threads: config["threads"]
     resources:
         gpu=config["gpus"],
