@@ -19,6 +19,7 @@ from pipeline.preflight import (
     check_cityscapes_root,
     check_split,
     check_teacher_checkpoint,
+    check_unlabeled,
     require,
 )
 
@@ -155,7 +156,13 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     split_check = check_split(cfg, "train" if args.split == "unlabeled" else args.split)
-    require([split_check, check_teacher_checkpoint(cfg)])
+    require(
+        [
+            split_check,
+            check_teacher_checkpoint(cfg),
+            check_unlabeled(cfg) if args.split == "unlabeled" else None,
+        ]
+    )
     path = build_cache(
         cfg, split=args.split, scheduler_address=args.scheduler_address, n_workers=args.workers
     )
@@ -196,6 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             check_split(cfg, "train"),
             check_backbone_weights(cfg),
             check_teacher_checkpoint(cfg) if cfg.model.use_sam_distill else None,
+            check_unlabeled(cfg) if cfg.training.unlabeled_ratio > 0 else None,
         ]
     )
     _require(cfg, ("training.init_from",))

@@ -24,6 +24,7 @@ __all__ = [
     "check_cityscapes_root",
     "check_split",
     "check_teacher_checkpoint",
+    "check_unlabeled",
     "require",
     "workflow_checks",
 ]
@@ -114,6 +115,37 @@ def check_split(cfg: Config, *splits: str) -> str | None:
     return f"data.root = {root} {where}. {todo}."
 
 
+def check_unlabeled(cfg: Config) -> str | None:
+    """Every ``data.unlabeled`` source: its image folder and, when set, its image-list JSON.
+
+    The synthetic dataset's ``unlabeled/`` folder is written by ``python -m pipeline synthetic``
+    (the synthetic_data rule), so it is not required beforehand. What the files hold is checked
+    when they are read (:func:`pipeline.data.unlabeled.source_images`).
+    """
+    if cfg.data.dataset == "synthetic":
+        return None
+    root = Path(cfg.data.root)
+    missing = []
+    for k, source in enumerate(cfg.data.unlabeled):
+        if not (root / source.images).is_dir():
+            missing.append(
+                f"data.unlabeled[{k}].images = {source.images} (folder {root / source.images})"
+            )
+        if source.image_list is not None and not (root / source.image_list).is_file():
+            missing.append(
+                f"data.unlabeled[{k}].image_list = {source.image_list} "
+                f"(file {root / source.image_list})"
+            )
+    if not missing:
+        return None
+    return (
+        f"unlabelled images not found under data.root = {root}: {'; '.join(missing)}. Point "
+        "data.unlabeled at folders of images relative to data.root (for COCO: unlabeled2017/ from "
+        "unlabeled2017.zip, with image_list: annotations/image_info_unlabeled2017.json from "
+        "image_info_unlabeled2017.zip, https://cocodataset.org/#download), or remove the entry."
+    )
+
+
 def check_cityscapes_root(cfg: Config) -> str | None:
     """``data.cityscapes_root`` must hold the official ``gtFine/`` and ``leftImg8bit/``."""
     if cfg.data.dataset != "cityscapes":
@@ -146,12 +178,15 @@ def workflow_checks(main: Config, runs: Iterable[Config]) -> list[str | None]:
     """Everything the Snakemake workflow reads that it does not produce itself.
 
     The dataset (for Cityscapes the official tree; the conversion is a rule), the teacher
-    checkpoint (its sha256 names the cache) and every run's backbone weights.
+    checkpoint (its sha256 names the cache), the unlabelled image sources and every run's
+    backbone weights.
     """
     checks: list[str | None] = [check_teacher_checkpoint(main)]
     if main.data.dataset == "cityscapes":
         checks.append(check_cityscapes_root(main))
     else:
         checks.append(check_split(main, "train", "val"))
+    runs = list(runs)
+    checks += [check_unlabeled(c) for c in [main, *runs] if c.data.unlabeled]
     checks += [check_backbone_weights(c) for c in runs]
     return checks

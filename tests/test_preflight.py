@@ -13,6 +13,7 @@ from pipeline.preflight import (
     check_cityscapes_root,
     check_split,
     check_teacher_checkpoint,
+    check_unlabeled,
     require,
     workflow_checks,
 )
@@ -104,3 +105,40 @@ def test_require_joins_paragraphs_once(tmp_path):
         "model.backbone.pretrained_path",
     ]
     require([None, None])  # nothing missing: no error
+
+
+def test_missing_unlabelled_sources_are_named_by_key_before_any_job(tmp_path):
+    unlabeled = (
+        "data.unlabeled=[{images: unlabeled2017, image_list: "
+        "annotations/image_info_unlabeled2017.json}, extra]"
+    )
+    cfg = coco(tmp_path, unlabeled)
+    root = tmp_path / "coco"
+    msg = check_unlabeled(cfg)
+    assert msg.startswith(f"unlabelled images not found under data.root = {root}: ")
+    assert (
+        f"data.unlabeled[0].images = unlabeled2017 (folder {root / 'unlabeled2017'}); "
+        "data.unlabeled[0].image_list = annotations/image_info_unlabeled2017.json (file "
+        f"{root / 'annotations/image_info_unlabeled2017.json'}); "
+        f"data.unlabeled[1].images = extra (folder {root / 'extra'})." in msg
+    )
+    # the workflow's preflight carries the same paragraph, once, after the dataset's
+    with pytest.raises(MissingInputError) as info:
+        require(workflow_checks(cfg, [cfg]))
+    assert [p.split(" = ")[0] for p in str(info.value).split("\n\n")] == [
+        "teacher.checkpoint",
+        "data.root",
+        "unlabelled images not found under data.root",
+        "model.backbone.pretrained_path",
+    ]
+    (root / "unlabeled2017").mkdir(parents=True)
+    (root / "extra").mkdir()
+    assert "data.unlabeled[0].image_list" in check_unlabeled(cfg)
+    assert "data.unlabeled[0].images" not in check_unlabeled(cfg)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "image_info_unlabeled2017.json").write_text("{}")
+    assert check_unlabeled(cfg) is None
+    assert check_unlabeled(coco(tmp_path)) is None  # no unlabelled sources: nothing to check
+    # the synthetic unlabelled folder is written by the synthetic_data rule
+    synthetic = load_config(ROOT / "configs/reg_sam/label_scarce.yaml", [f"data.root={tmp_path}"])
+    assert check_unlabeled(synthetic) is None

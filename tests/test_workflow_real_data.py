@@ -360,3 +360,34 @@ def test_train_run_with_two_gpus_launches_torchrun(tmp_path):
     )
     info = json.loads((ws / "runs" / "main" / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["status"] == "done"
+
+
+def test_cli_missing_unlabelled_folder_is_one_paragraph(tmp_path):
+    """`cache-teacher --split unlabeled` with a data.unlabeled folder that does not exist: the
+    preflight paragraph names the key and the path, no traceback."""
+    write_coco_panoptic(tmp_path)
+    ckpt = tmp_path / "sam_vit_h_4b8939.pth"
+    ckpt.write_bytes(b"x")  # exists; never opened, the preflight stops first
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "cache-teacher",
+        "--config",
+        str(ROOT / "configs/coco/regnet_distill.yaml"),
+        "--split",
+        "unlabeled",
+        "-o",
+        f"data.root={tmp_path}",
+        "-o",
+        f"teacher.checkpoint={ckpt}",
+        "-o",
+        "data.unlabeled=[unlabeled2017]",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env(), timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith(
+        f"error: unlabelled images not found under data.root = {tmp_path}: "
+        f"data.unlabeled[0].images = unlabeled2017 (folder {tmp_path / 'unlabeled2017'})."
+    ), res.stderr
