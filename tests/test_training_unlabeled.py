@@ -10,7 +10,12 @@ import torch
 from pipeline.cache.runner import build_cache
 from pipeline.config import load_config
 from pipeline.data.synthetic import generate_synthetic_coco_panoptic
-from pipeline.training.trainer import MixedBatchSampler, ResumableBatchSampler, Trainer
+from pipeline.training.trainer import (
+    UNLABELED_STREAM,
+    MixedBatchSampler,
+    ResumableBatchSampler,
+    Trainer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = [
@@ -92,6 +97,33 @@ def test_mixed_sampler_is_a_pure_function_of_the_iteration():
     assert sorted(k % 3 for k in u[:3]) == [0, 1, 2] and [k // 3 for k in u] == [0] * 3 + [1] * 3
     with pytest.raises(ValueError, match="unlabeled_per_batch"):
         MixedBatchSampler(5, 3, 4, 4, 0, 0, 1)
+
+
+def test_mixed_sampler_shards_both_streams_across_ranks():
+    """Under DDP (world size 2) the two ranks of an iteration take consecutive, disjoint parts of
+    each stream: together they are the one-process batch of twice the size, labelled and
+    unlabelled alike, so no image is seen twice within a step and resuming stays exact."""
+    W, B, B_u, N_l, N_u = 2, 4, 1, 7, 5
+    ranks = [
+        MixedBatchSampler(N_l, N_u, B, B_u, seed=3, start_iter=0, max_iters=9, rank=r, world_size=W)
+        for r in range(W)
+    ]
+    labelled = ResumableBatchSampler(N_l, W * (B - B_u), seed=3, start_iter=0, max_iters=9)
+    unlabelled = ResumableBatchSampler(
+        N_u, W * B_u, seed=3, start_iter=0, max_iters=9, stream=UNLABELED_STREAM
+    )
+    for it in range(9):
+        parts = [s.batch_at(it) for s in ranks]
+        assert parts[0][: B - B_u] + parts[1][: B - B_u] == labelled.batch_at(it)
+        assert [k for _, k in parts[0][B - B_u :] + parts[1][B - B_u :]] == unlabelled.batch_at(it)
+        # labelled keys epoch * N + index: within a step the ranks never share an image of an epoch
+        keys = parts[0][: B - B_u] + parts[1][: B - B_u]
+        assert len(set(keys)) == len(keys)
+    # a resumed rank continues its own shard
+    late = MixedBatchSampler(
+        N_l, N_u, B, B_u, seed=3, start_iter=5, max_iters=9, rank=1, world_size=W
+    )
+    assert list(late) == [ranks[1].batch_at(it) for it in range(5, 9)]
 
 
 def test_mixed_training_resumes_exactly(setup, tmp_path):
