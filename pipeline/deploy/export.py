@@ -193,7 +193,9 @@ def load_student_for_export(path: Path) -> tuple[RegSAMStudent, Any, list]:
 
 
 def _deploy_module(student: RegSAMStudent, example: Tensor, fold: bool) -> DeployStudent:
-    module = DeployStudent(student=copy.deepcopy(student).eval())
+    module = DeployStudent(
+        student=copy.deepcopy(student)
+    ).eval()  # the wrapper too: no train-mode export
     if fold:
         folded = fold_batchnorm(module.student, module.student.normalize(example))
         log.info("folded %d BatchNorm layers into their convolutions", folded)
