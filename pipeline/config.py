@@ -468,6 +468,13 @@ class TrainingConfig(_Section):
     lr_schedule: Literal["poly", "cosine"] = "poly"
     poly_power: float = Field(0.9, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
+    distill_warmup_iters: int = Field(
+        0,
+        ge=0,
+        description="ramp the distillation terms (loss_resolution_distill, loss_sam_distill, "
+        "loss_sam_distill_unlabeled) linearly from 0 to their full weight over the first N "
+        "iterations (factor min(1, it / N) at iteration it); 0 = full weight from the start",
+    )
     amp: bool = True
     checkpoint_interval: int = Field(100, ge=1)
     keep_checkpoints: int = Field(

@@ -18,6 +18,7 @@ from pipeline.cache.prototypes import (
     class_logits,
     class_sums,
     merge_class_sums,
+    fit_prototype_scale,
     prototypes_from_sums,
 )
 
@@ -125,3 +126,21 @@ def test_prototypes_are_normalised_means_of_unit_embeddings():
 def test_class_sums_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         class_sums(np.ones((1, 3)), np.array([2]), 2)
+
+
+def test_fitted_prototype_scale_matches_the_closed_form():
+    # 80 % of the segments sit 0.5 closer (in cosine) to their own class, 20 % 0.5 closer to the
+    # other one: the NLL of sigmoid(s * 0.5) is least where it equals 0.8, s = ln(4) / 0.5
+    cos = np.array([[0.9, 0.4]] * 8 + [[0.4, 0.9]] * 2)
+    labels = np.zeros(10, np.int64)
+    scale, nll = fit_prototype_scale(cos, labels)
+    assert scale == pytest.approx(np.log(4.0) / 0.5, rel=1e-3)
+    assert nll == pytest.approx(-(0.8 * np.log(0.8) + 0.2 * np.log(0.2)), rel=1e-6)
+    # always right with a margin: the NLL falls all the way to the upper bound of the search
+    assert fit_prototype_scale(cos[:8], labels[:8], bounds=(1.0, 50.0))[0] == pytest.approx(
+        50.0, rel=1e-3
+    )
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fit_prototype_scale(cos, np.full(10, 2))
+    with pytest.raises(ValueError, match="need cosines"):
+        fit_prototype_scale(cos[:0], labels[:0])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
@@ -206,6 +207,21 @@ def test_inspect_and_verify(built, tmp_path):
     assert first["min"] <= float(neck.min()) and float(neck.max()) <= first["max"]
     assert 0 < first["pca_explained_variance"] <= 1
     assert verify_cache(path, progress=False) == []
+    # calibration of the soft labels, recomputed by hand from the reader's own logits
+    cal = info["calibration"]
+    logits, labels = [], []
+    for image_id in cache.image_ids:
+        if cache.status(image_id) == "done":
+            entry = cache.get(image_id)
+            logits.append(entry["cls_logits"].double())
+            labels.append(entry["labels"])
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    assert cal["segments"] == labels.numel() > 0
+    assert cal["prototype_scale"] == cache.prototype_scale
+    assert cal["nll"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert cal["accuracy"] == pytest.approx((logits.argmax(1) == labels).double().mean().item())
+    refit = F.cross_entropy(logits / cache.prototype_scale * cal["fitted_scale"], labels).item()
+    assert cal["fitted_nll"] == pytest.approx(refit, rel=1e-5) and refit <= cal["nll"] + 1e-9
 
     broken = tmp_path / path.name
     shutil.copytree(path, broken)

@@ -11,7 +11,7 @@ from pipeline.config import load_config
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
 from pipeline.losses.weights import loss_weight_table
-from pipeline.training.trainer import build_criterion, total_loss
+from pipeline.training.trainer import build_criterion, distill_ramp, total_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,31 @@ def test_total_sums_the_table_terms_in_order_and_never_the_parts():
         + losses["loss_resolution_distill"]
     )
     assert torch.equal(total_loss(losses, table), without)
+    # a distillation warm-up scales the distillation totals only, never the task terms
+    half = (
+        losses["loss_cls"]
+        + losses["loss_mask"]
+        + losses["loss_dice"]
+        + losses["loss_iou"]
+        + 0.25 * losses["loss_resolution_distill"]
+    )
+    assert torch.allclose(total_loss(losses, table, distill_scale=0.25), half)
+    assert torch.equal(total_loss(losses, table, distill_scale=1.0), without)
+
+
+def test_distill_ramp_is_linear_from_zero_to_one():
+    assert [distill_ramp(it, 4) for it in (0, 1, 2, 3, 4, 5, 100)] == [
+        0.0,
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+        1.0,
+        1.0,
+    ]
+    assert distill_ramp(0, 0) == 1.0 and distill_ramp(7, 0) == 1.0  # off: full weight at once
+    with pytest.raises(ValueError, match="warmup_iters"):
+        distill_ramp(3, -1)
 
 
 def test_criterion_needs_a_weight_for_each_of_its_terms():

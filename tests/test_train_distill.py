@@ -133,3 +133,21 @@ def test_changed_teacher_never_reuses_the_cache(built):
         overrides(tmp, **{"model.sam_distill.temperature": 2.0, "training.max_iters": 1}),
     )
     assert Trainer(student_only, tmp / "run4", progress=False).train()["status"] == "done"
+
+
+def test_distill_warmup_ramps_the_distillation_terms_of_the_total(built):
+    tmp, cfg = built
+    cfg = load_config(
+        ROOT / "configs/reg_sam/regnet_distill.yaml",
+        overrides(tmp, **{"training.distill_warmup_iters": 2}),
+    )
+    work = tmp / "run_warmup"
+    assert Trainer(cfg, work, progress=False).train()["status"] == "done"
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    # factor min(1, it / 2) at the 0-based iterations 0, 1, 2; logged only while below 1
+    assert [r.get("distill_scale") for r in rows] == [0.0, 0.5, None]
+    for r, scale in zip(rows, (0.0, 0.5, 1.0)):
+        task = r["loss_cls"] + r["loss_mask"] + r["loss_dice"] + r["loss_iou"]
+        distill = r["loss_resolution_distill"] + r["loss_sam_distill"]
+        assert distill > 0.01  # the terms are computed (and logged unscaled) all along
+        assert r["loss"] == pytest.approx(task + scale * distill, rel=1e-5)

@@ -110,8 +110,11 @@ def inspect_cache(path: str | Path, max_images: int | None = 64) -> dict[str, An
             "max": hi if cnt else float("nan"),
         }
     counts = None
+    calibration = None
     if store.has_prototypes():
         counts = [int(c) for c in store.array("prototypes/counts")[...]]
+        if "automatic" not in store.fingerprint:  # labelled split: labels are the true classes
+            calibration = prototype_calibration(store, _spread(done, max_images))
     return {
         "path": str(store.path),
         "fingerprint": store.fingerprint,
@@ -134,6 +137,51 @@ def inspect_cache(path: str | Path, max_images: int | None = 64) -> dict[str, An
         "levels": stats,
         "stats_images": int(min(done.size, max_images or done.size)),
         "prototype_counts": counts,
+        "calibration": calibration,
+    }
+
+
+def prototype_calibration(store: CacheStore, indices: np.ndarray) -> dict[str, Any] | None:
+    """How well ``softmax(prototype_scale * cos)`` predicts the true classes of the segments of
+    the images ``indices``, against the NLL-optimal scale (:func:`fit_prototype_scale`).
+
+    Returns None without segments; else ``segments``, ``accuracy`` (argmax), ``prototype_scale``
+    and ``nll`` (the cache's scale), ``fitted_scale`` and ``fitted_nll``, and
+    ``mean_max_prob`` at each scale.
+    """
+    from scipy.special import softmax
+
+    from pipeline.cache.prototypes import fit_prototype_scale
+
+    protos = store.read_prototypes().astype(np.float64)
+    cos, labels = [], []
+    for i in indices:
+        emb, lab = store.read_segments(int(i))
+        if emb.shape[0] == 0:
+            continue
+        emb = emb.astype(np.float64)
+        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        cos.append(unit @ protos.T)
+        labels.append(lab.astype(np.int64))
+    if not cos:
+        return None
+    c, y = np.concatenate(cos), np.concatenate(labels)
+    scale = float(store.fingerprint["prototype_scale"])
+    fitted, fitted_nll = fit_prototype_scale(c, y)
+
+    def nll(s: float) -> float:
+        p = softmax(s * c, axis=1)[np.arange(y.size), y]
+        return float(-np.log(np.maximum(p, 1e-300)).mean())
+
+    return {
+        "segments": int(y.size),
+        "accuracy": float((c.argmax(1) == y).mean()),
+        "prototype_scale": scale,
+        "nll": nll(scale),
+        "mean_max_prob": float(softmax(scale * c, axis=1).max(1).mean()),
+        "fitted_scale": fitted,
+        "fitted_nll": fitted_nll,
+        "fitted_mean_max_prob": float(softmax(fitted * c, axis=1).max(1).mean()),
     }
 
 
@@ -178,6 +226,15 @@ def print_inspection(info: dict[str, Any]) -> None:
         print("  " + "  ".join(v.rjust(w) for v, w in zip(r, widths)))
     if info["prototype_counts"] is not None:
         print(f"prototypes   segments per class {info['prototype_counts']}")
+        cal = info.get("calibration")
+        if cal:
+            print(
+                f"calibration  {cal['segments']} segments, prototype accuracy "
+                f"{100 * cal['accuracy']:.1f}%; cache.prototype_scale {cal['prototype_scale']:g}: "
+                f"NLL {cal['nll']:.3f}, mean max prob {cal['mean_max_prob']:.2f}; "
+                f"NLL-optimal scale {cal['fitted_scale']:.1f}: NLL {cal['fitted_nll']:.3f}, "
+                f"mean max prob {cal['fitted_mean_max_prob']:.2f}"
+            )
     else:
         print("prototypes   missing")
 

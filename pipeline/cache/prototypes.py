@@ -17,7 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClassSums", "class_logits", "class_sums", "merge_class_sums", "prototypes_from_sums"]
+__all__ = [
+    "ClassSums",
+    "class_logits",
+    "class_sums",
+    "fit_prototype_scale",
+    "merge_class_sums",
+    "prototypes_from_sums",
+]
 
 _EPS = 1e-12
 
@@ -85,3 +92,47 @@ def class_logits(embeddings: torch.Tensor, prototypes: torch.Tensor, scale: floa
     """
     unit = F.normalize(embeddings.float(), dim=1, eps=_EPS)
     return scale * unit @ prototypes.float().T
+
+
+def fit_prototype_scale(
+    cosines: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.1, 1000.0)
+) -> tuple[float, float]:
+    """Temperature scaling of the prototype classifier (Guo et al., 2017).
+
+    The scale ``s`` that minimises the mean negative log-likelihood of the true classes,
+    ``mean_m [logsumexp_k(s * cos_mk) - s * cos_m,y_m]``, which is convex in ``s``; found by
+    scipy's bounded scalar search on ``log s``. It makes ``softmax(s * cos)`` calibrated on the
+    given segments, so the soft labels distilled from the cache are as confident as the
+    prototypes are right, not as flat as an arbitrary scale makes them.
+
+    Arguments:
+      cosines: ``[M, K]`` cosines of segment embeddings to the class prototypes
+        (``class_logits(..., scale=1)``).
+      labels: int ``[M]`` true train ids.
+      bounds: search interval of ``s``.
+
+    Returns:
+      ``(scale, nll)``: the fitted scale and its mean NLL (nats).
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    cos = np.asarray(cosines, np.float64)
+    labels = np.asarray(labels, np.int64)
+    if cos.ndim != 2 or labels.shape != cos.shape[:1] or cos.shape[0] == 0:
+        raise ValueError(
+            f"need cosines [M, K] and labels [M] with M >= 1, got {cos.shape} and {labels.shape}"
+        )
+    if labels.min() < 0 or labels.max() >= cos.shape[1]:
+        raise ValueError(
+            f"labels must lie in [0, {cos.shape[1]}), got {labels.min()}..{labels.max()}"
+        )
+    true = cos[np.arange(labels.size), labels]
+
+    def nll(log_s: float) -> float:
+        s = np.exp(log_s)
+        return float(np.mean(logsumexp(s * cos, axis=1) - s * true))
+
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    res = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x)), float(res.fun)

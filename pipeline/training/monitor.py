@@ -67,7 +67,7 @@ class RunMonitor:
             return
         add = self.writer.add_scalar
         for key, value in record.items():
-            if key.startswith("loss") or key in ("lr", "grad_norm"):
+            if key.startswith("loss") or key in ("lr", "grad_norm", "distill_scale"):
                 add(f"train/{key}", value, it)
         for stride, weight in zip(FUSION_STRIDES, record.get("fusion_weights") or ()):
             add(f"fusion/stride{stride}", weight, it)

@@ -32,7 +32,7 @@ from pipeline.device import resolve_device
 from pipeline.export import export_blob, load_student_weights
 from pipeline.losses.criterion import SetCriterion
 from pipeline.losses.matcher import HungarianMatcher
-from pipeline.losses.weights import loss_weight_table
+from pipeline.losses.weights import DISTILL_TERMS, loss_weight_table
 from pipeline.models.student import RegSAMStudent, build_student
 from pipeline.training.checkpoint import (
     checkpoint_candidates,
@@ -364,13 +364,36 @@ class TrainStep(nn.Module):
         return losses
 
 
-def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+def total_loss(
+    losses: dict[str, torch.Tensor], weights: dict[str, float], distill_scale: float = 1.0
+) -> torch.Tensor:
     """Sum of the terms of the loss table ``weights`` (:func:`loss_weight_table`), in its order.
 
     The terms arrive weighted by the modules that compute them; the distillation parts
-    (``loss_sr``, ...) are not terms of the table and are not re-added.
+    (``loss_sr``, ...) are not terms of the table and are not re-added. ``distill_scale``
+    multiplies the distillation totals (:data:`DISTILL_TERMS`), e.g. the
+    :func:`distill_ramp` factor; at 1 the sum is bit-identical to the plain one.
     """
-    return sum(losses[k] for k in weights if k in losses)
+    if distill_scale == 1.0:
+        return sum(losses[k] for k in weights if k in losses)
+    return sum(
+        losses[k] * distill_scale if k in DISTILL_TERMS else losses[k]
+        for k in weights
+        if k in losses
+    )
+
+
+def distill_ramp(it: int, warmup_iters: int) -> float:
+    """Factor of the distillation terms at iteration ``it`` (0-based): ``min(1, it / N)``.
+
+    ``N = training.distill_warmup_iters``; 0 gives 1 at every iteration. The first step
+    (``it = 0``) trains on the task losses alone; the factor reaches 1 at ``it = N``.
+    """
+    if warmup_iters < 0 or it < 0:
+        raise ValueError(f"need it >= 0 and warmup_iters >= 0, got {it} and {warmup_iters}")
+    if warmup_iters == 0:
+        return 1.0
+    return min(1.0, it / warmup_iters)
 
 
 def check_finite(losses: dict[str, torch.Tensor], it: int) -> None:
@@ -958,7 +981,8 @@ class Trainer:
                 losses = self.model(images, targets, teacher, num_labeled)
         fusion = losses.pop("_fusion_weights", None)
         check_finite(losses, it)
-        loss = total_loss(losses, self.loss_weights)
+        distill_scale = distill_ramp(it, self.cfg.training.distill_warmup_iters)
+        loss = total_loss(losses, self.loss_weights, distill_scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.training.grad_clip:
@@ -976,6 +1000,8 @@ class Trainer:
         record: dict[str, Any] = {"lr": lr, "loss": float(loss.detach())}
         record.update({k: float(v.detach()) for k, v in losses.items()})
         record["grad_norm"] = float(grad_norm)
+        if distill_scale != 1.0:
+            record["distill_scale"] = distill_scale
         if fusion is not None:
             record["fusion_weights"] = [round(float(w), 5) for w in fusion]
         return record
@@ -1117,6 +1143,7 @@ __all__ = [
     "NonFiniteParameterError",
     "train",
     "total_loss",
+    "distill_ramp",
     "check_finite",
     "progress_line",
 ]
