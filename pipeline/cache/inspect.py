@@ -149,35 +149,29 @@ def prototype_calibration(store: CacheStore, indices: np.ndarray) -> dict[str, A
     and ``nll`` (the cache's scale), ``fitted_scale`` and ``fitted_nll``, and
     ``mean_max_prob`` at each scale.
     """
+    import torch
     from scipy.special import softmax
 
-    from pipeline.cache.prototypes import fit_prototype_scale
+    from pipeline.cache.prototypes import class_logits, fit_prototype_scale, prototype_nll
 
-    protos = store.read_prototypes().astype(np.float64)
+    protos = torch.from_numpy(store.read_prototypes())
     cos, labels = [], []
     for i in indices:
         emb, lab = store.read_segments(int(i))
         if emb.shape[0] == 0:
             continue
-        emb = emb.astype(np.float64)
-        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        cos.append(unit @ protos.T)
+        cos.append(class_logits(torch.from_numpy(emb), protos, 1.0).numpy())  # the reader's cosines
         labels.append(lab.astype(np.int64))
     if not cos:
         return None
-    c, y = np.concatenate(cos), np.concatenate(labels)
+    c, y = np.concatenate(cos).astype(np.float64), np.concatenate(labels)
     scale = float(store.fingerprint["prototype_scale"])
     fitted, fitted_nll = fit_prototype_scale(c, y)
-
-    def nll(s: float) -> float:
-        p = softmax(s * c, axis=1)[np.arange(y.size), y]
-        return float(-np.log(np.maximum(p, 1e-300)).mean())
-
     return {
         "segments": int(y.size),
         "accuracy": float((c.argmax(1) == y).mean()),
         "prototype_scale": scale,
-        "nll": nll(scale),
+        "nll": prototype_nll(c, y, scale),
         "mean_max_prob": float(softmax(scale * c, axis=1).max(1).mean()),
         "fitted_scale": fitted,
         "fitted_nll": fitted_nll,

@@ -23,6 +23,7 @@ __all__ = [
     "class_sums",
     "fit_prototype_scale",
     "merge_class_sums",
+    "prototype_nll",
     "prototypes_from_sums",
 ]
 
@@ -115,7 +116,6 @@ def fit_prototype_scale(
       ``(scale, nll)``: the fitted scale and its mean NLL (nats).
     """
     from scipy.optimize import minimize_scalar
-    from scipy.special import logsumexp
 
     cos = np.asarray(cosines, np.float64)
     labels = np.asarray(labels, np.int64)
@@ -127,12 +127,21 @@ def fit_prototype_scale(
         raise ValueError(
             f"labels must lie in [0, {cos.shape[1]}), got {labels.min()}..{labels.max()}"
         )
-    true = cos[np.arange(labels.size), labels]
-
-    def nll(log_s: float) -> float:
-        s = np.exp(log_s)
-        return float(np.mean(logsumexp(s * cos, axis=1) - s * true))
-
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
-    res = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    res = minimize_scalar(
+        lambda log_s: prototype_nll(cos, labels, float(np.exp(log_s))),
+        bounds=(lo, hi),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     return float(np.exp(res.x)), float(res.fun)
+
+
+def prototype_nll(cosines: np.ndarray, labels: np.ndarray, scale: float) -> float:
+    """Mean NLL (nats) of the true classes under ``softmax(scale * cosines)``;
+    ``cosines [M, K]``, ``labels [M]``."""
+    from scipy.special import logsumexp
+
+    cos = np.asarray(cosines, np.float64)
+    true = cos[np.arange(len(labels)), np.asarray(labels, np.int64)]
+    return float(np.mean(logsumexp(scale * cos, axis=1) - scale * true))
