@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config, load_config_dict
 from pipeline.report import figures
+from pipeline.report.dynamics import loss_trace, plateau_exit
 from pipeline.report.seeds import SeedRun, image_stat_matrix, seed_table, split_seed_name
 
 __all__ = [
@@ -777,6 +778,68 @@ def loss_magnitude_section(runs: Sequence[RunRecord], tail: float = 0.2) -> str 
     )
 
 
+def plateau_section(
+    runs: Sequence[RunRecord], term: str = "loss_cls", frac: float = 0.5, window: int = 10
+) -> str | None:
+    """When ``term`` leaves its starting plateau (:func:`pipeline.report.dynamics.plateau_exit`)
+    in each seed run, next to its things PQ, and the Spearman rank correlation of the two over
+    all seed runs (a run whose loss never halves ranks after every run that does)."""
+    from scipy.stats import spearmanr
+
+    by_variant: dict[str, dict[int, tuple[int | None, int, float | None]]] = {}
+    for r in runs:
+        parsed = split_seed_name(r.name)
+        if parsed is None or not r.metrics:
+            continue
+        iters, _ = loss_trace(r.metrics, term)
+        if iters.size == 0:
+            continue
+        things = _group_value(r, "Things", "pq")
+        exit_iter = plateau_exit(r.metrics, term, frac, window)
+        by_variant.setdefault(parsed[0], {})[parsed[1]] = (exit_iter, int(iters[-1]), things)
+    if not by_variant:
+        return None
+    seeds = sorted({s for v in by_variant.values() for s in v})
+    rows = []
+    for variant, per_seed in by_variant.items():
+        cells = []
+        for s in seeds:
+            if s not in per_seed:
+                cells.append(MISSING)
+                continue
+            exit_iter, last, things = per_seed[s]
+            where = f"> {last}" if exit_iter is None else str(exit_iter)
+            cells.append(f"{where} ({_fmt(things, '.1f')})")
+        exits = [e for e, _, _ in per_seed.values() if e is not None]
+        never = sum(e is None for e, _, _ in per_seed.values())
+        mean = _fmt(sum(exits) / len(exits), ".0f") if exits else MISSING
+        rows.append([variant, *cells, mean, str(never)])
+    text = (
+        f"## When `{term}` leaves its plateau\n\n"
+        f"Iteration at which the {window}-record moving average of `{term}` first falls below "
+        f"{frac:g} × its starting value, per seed (PQ Th in brackets); a run that gets there late "
+        "has little of its schedule left to learn the classes.\n\n"
+        + _md_table(
+            ["variant", *(f"seed {s}" for s in seeds), "mean exit", "never"],
+            rows,
+            [False] + [True] * (len(seeds) + 2),
+        )
+    )
+    pairs = [
+        (last + 1 if e is None else e, th)
+        for per_seed in by_variant.values()
+        for e, last, th in per_seed.values()
+        if th is not None
+    ]
+    if len(pairs) >= 4 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
+        rho, pval = spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
+        text += (
+            f"\nSpearman rank correlation of exit iteration and PQ Th over {len(pairs)} runs: "
+            f"{rho:+.2f} (p = {pval:.2g}).\n"
+        )
+    return text
+
+
 def teacher_section(paths: Sequence[Path]) -> str:
     """The "Teacher" section: prompted-mask quality of each ``evaluate-teacher`` JSON."""
     rows = []
@@ -891,6 +954,9 @@ def build_report(
         magnitudes = loss_magnitude_section(runs)
         if magnitudes:
             parts.append(magnitudes)
+        plateau = plateau_section(runs)
+        if plateau:
+            parts.append(plateau)
     if teacher_evals:
         parts.append(teacher_section(teacher_evals))
     attention = [r for r in runs if r.notes]
