@@ -43,6 +43,12 @@ from pipeline.training.checkpoint import (
     save_atomic,
     set_rng_state,
 )
+from pipeline.training.dynamics import (
+    PLATEAU_WINDOW,
+    late_plateau_exit,
+    loss_trace,
+    plateau_exit,
+)
 from pipeline.training.monitor import RunMonitor, eval_summary
 from pipeline.training.schedule import build_scheduler
 from pipeline.training.teacher_targets import batch_warp_teacher_targets, stack_teacher_items
@@ -1091,6 +1097,38 @@ class Trainer:
         ]
         path.write_text("".join(ln + "\n" for ln in keep))
 
+    def _plateau_exit(self, it: int) -> int | None:
+        """When ``loss_cls`` left its starting plateau in this run's ``metrics.jsonl``
+        (:func:`pipeline.training.dynamics.plateau_exit`; None when it did not or the run logged
+        fewer than its window), with a warning when that came late in a run trained from
+        scratch (a run started from ``training.init_from`` may have no plateau to leave)."""
+        path = self.work_dir / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a diagnostic: a torn line must not fail a finished run
+            if isinstance(row, dict) and isinstance(row.get("iter"), int) and row["iter"] <= it:
+                records.append(row)
+        iters, _ = loss_trace(records)
+        if iters.size < PLATEAU_WINDOW:
+            return None
+        exit_iter = plateau_exit(records, window=PLATEAU_WINDOW)
+        if self.cfg.training.init_from is None and late_plateau_exit(exit_iter, it):
+            when = "never" if exit_iter is None else f"only at iteration {exit_iter} of {it}"
+            log.warning(
+                "loss_cls left its starting plateau %s (its %d-iteration mean halving): the "
+                "classes had little of the schedule left to be learned, and such runs can miss "
+                "whole classes; a longer schedule (training.max_iters) helps (README, ablation "
+                "section)",
+                when,
+                PLATEAU_WINDOW,
+            )
+        return exit_iter
+
     def _finish(self, it: int, seconds: float) -> dict[str, Any]:
         summary = {
             "status": "done",
@@ -1108,6 +1146,7 @@ class Trainer:
                 prev = json.loads(info_path.read_text())
             total_seconds = prev.get("train_seconds_total", 0.0) + seconds
             summary["train_seconds_total"] = round(total_seconds, 1)
+            summary["loss_cls_plateau_exit"] = self._plateau_exit(it)
             self._write_run_info(summary)
             log.info("data summary: %s", self.skips.report())
         if dist.is_initialized():

@@ -3,8 +3,9 @@
 Set-prediction students (Hungarian matching, a "no object" class) spend their first iterations
 on a plateau where ``loss_cls`` barely moves; the iteration at which it drops decides how much of
 a short schedule is left to learn the classes. On the embedded default's 200-iteration ablations
-that exit iteration predicts the things PQ of a run (README, ablation section), so the report
-shows it per run next to PQ Th.
+that exit iteration predicts the things PQ of a run (README, ablation section). The trainer
+records it in ``run_info.json`` and warns when it comes late (:func:`late_plateau_exit`); the
+ablation report shows it per run next to PQ Th.
 
 Definition (:func:`plateau_exit`): with ``m_k`` the mean of the ``window`` logged values ending at
 record ``k``, the exit is the iteration of the first record whose ``m_k`` is below ``frac`` times
@@ -19,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["loss_trace", "plateau_exit"]
+__all__ = ["PLATEAU_WINDOW", "late_plateau_exit", "loss_trace", "plateau_exit"]
+
+PLATEAU_WINDOW = 10  # records per moving average
 
 
 def loss_trace(
@@ -45,7 +48,7 @@ def plateau_exit(
     records: Sequence[Mapping[str, Any]],
     term: str = "loss_cls",
     frac: float = 0.5,
-    window: int = 10,
+    window: int = PLATEAU_WINDOW,
 ) -> int | None:
     """Iteration at which the ``window``-record moving average of ``term`` first falls below
     ``frac`` times its first full-window value.
@@ -73,3 +76,10 @@ def plateau_exit(
     means = np.convolve(values, np.ones(window) / window, mode="valid")
     below = np.nonzero(means < frac * means[0])[0]
     return int(iters[below[0] + window - 1]) if below.size else None
+
+
+def late_plateau_exit(exit_iter: int | None, iterations: int, late: float = 0.5) -> bool:
+    """True when ``loss_cls`` left its plateau after ``late`` of a run's ``iterations`` (or
+    never): the classes then had little of the schedule left. On the embedded default's
+    200-iteration runs, every run that left after iteration 131 lost whole thing classes."""
+    return exit_iter is None or exit_iter > late * iterations

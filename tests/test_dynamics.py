@@ -1,11 +1,15 @@
-"""When a loss leaves its plateau (pipeline.report.dynamics) and the report section built on it."""
+"""When a loss leaves its plateau (pipeline.training.dynamics), the report section and the trainer's warning built on it."""
 
+import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from pipeline.report.dynamics import loss_trace, plateau_exit
 from pipeline.report.report import RunRecord, plateau_section
+from pipeline.training.dynamics import late_plateau_exit, loss_trace, plateau_exit
+from pipeline.training.trainer import Trainer
 
 
 def rows(values, start=1, term="loss_cls"):
@@ -81,3 +85,48 @@ def test_plateau_section_table_and_rank_correlation():
 def test_plateau_section_without_seed_runs_or_losses_is_none():
     assert plateau_section([run("main", [10, 1], 50.0)]) is None
     assert plateau_section([RunRecord(name="a-s0", path=Path("/x"))]) is None
+
+
+def test_late_plateau_exit_by_hand():
+    assert late_plateau_exit(None, 200)
+    assert late_plateau_exit(101, 200)
+    assert not late_plateau_exit(100, 200)
+    assert not late_plateau_exit(130, 200, late=0.7)
+
+
+def fake_trainer(tmp_path, values, init_from=None, torn=False):
+    lines = [json.dumps(r) for r in rows(values)]
+    if torn:
+        lines.insert(3, '{"iter": 4, "loss_c')  # a line cut by a kill
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = SimpleNamespace(training=SimpleNamespace(init_from=init_from))
+    return SimpleNamespace(work_dir=tmp_path, cfg=cfg)
+
+
+def test_trainer_records_and_warns_on_a_late_exit(tmp_path, caplog):
+    values = [10.0] * 30 + [1.0] * 10  # the 10-record mean first < 5 at record 36
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.trainer"):
+        assert Trainer._plateau_exit(fake_trainer(tmp_path, values, torn=True), 40) == 36
+    assert "only at iteration 36 of 40" in caplog.text
+    caplog.clear()
+    # the same run judged at iteration 80 (its later records): exit at 36 <= 40, no warning
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.trainer"):
+        assert Trainer._plateau_exit(fake_trainer(tmp_path, values + [1.0] * 40), 80) == 36
+    assert caplog.text == ""
+
+
+def test_trainer_plateau_exit_quiet_cases(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.trainer"):
+        # a progressive stage (init_from) may start below its plateau: recorded, no warning
+        t = fake_trainer(tmp_path, [10.0] * 30 + [1.0] * 10, init_from="runs/base/final.pth")
+        assert Trainer._plateau_exit(t, 40) == 36
+        # too short to judge: fewer than 10 records
+        assert Trainer._plateau_exit(fake_trainer(tmp_path, [10.0] * 9), 9) is None
+    assert caplog.records == []
+
+
+def test_trainer_plateau_never_left_warns_and_ignores_later_records(tmp_path, caplog):
+    # judged at iteration 10, the drop logged after it does not count
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.trainer"):
+        assert Trainer._plateau_exit(fake_trainer(tmp_path, [10.0] * 10 + [1.0] * 10), 10) is None
+    assert "plateau never" in caplog.text
