@@ -1,4 +1,4 @@
-"""When a loss leaves its plateau (pipeline.training.dynamics), the report section and the trainer's warning built on it."""
+"""When a loss leaves its plateau (pipeline.evaluation.dynamics), the report section and the trainer's warning built on it."""
 
 import json
 import logging
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.report.report import RunRecord, plateau_section
-from pipeline.training.dynamics import late_plateau_exit, loss_trace, plateau_exit
+from pipeline.evaluation.dynamics import late_plateau_exit, loss_trace, plateau_exit
 from pipeline.training.trainer import Trainer
 
 

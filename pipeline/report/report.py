@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config, load_config_dict
 from pipeline.report import figures
-from pipeline.training.dynamics import loss_trace, plateau_exit
+from pipeline.evaluation.dynamics import loss_trace, plateau_exit
 from pipeline.report.seeds import SeedRun, image_stat_matrix, seed_table, split_seed_name
 
 __all__ = [
@@ -781,7 +781,7 @@ def loss_magnitude_section(runs: Sequence[RunRecord], tail: float = 0.2) -> str 
 def plateau_section(
     runs: Sequence[RunRecord], term: str = "loss_cls", frac: float = 0.5, window: int = 10
 ) -> str | None:
-    """When ``term`` leaves its starting plateau (:func:`pipeline.training.dynamics.plateau_exit`)
+    """When ``term`` leaves its starting plateau (:func:`pipeline.evaluation.dynamics.plateau_exit`)
     in each seed run, next to its things PQ, and the Spearman rank correlation of the two over
     all seed runs (a run whose loss never halves ranks after every run that does)."""
     from scipy.stats import spearmanr

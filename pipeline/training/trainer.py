@@ -43,7 +43,7 @@ from pipeline.training.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from pipeline.training.dynamics import (
+from pipeline.evaluation.dynamics import (
     PLATEAU_WINDOW,
     late_plateau_exit,
     loss_trace,
@@ -1099,7 +1099,7 @@ class Trainer:
 
     def _plateau_exit(self, it: int) -> int | None:
         """When ``loss_cls`` left its starting plateau in this run's ``metrics.jsonl``
-        (:func:`pipeline.training.dynamics.plateau_exit`; None when it did not or the run logged
+        (:func:`pipeline.evaluation.dynamics.plateau_exit`; None when it did not or the run logged
         fewer than its window), with a warning when that came late in a run trained from
         scratch (a run started from ``training.init_from`` may have no plateau to leave)."""
         path = self.work_dir / "metrics.jsonl"
