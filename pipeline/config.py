@@ -278,6 +278,12 @@ class TeacherAdaptConfig(_Section):
     box_prob: float = Field(
         0.5, ge=0, le=1, description="chance that a thing is prompted by its box"
     )
+    hflip_prob: float = Field(
+        0.0, ge=0, le=1, description="chance that an image and its segments are mirrored left-right"
+    )
+    vflip_prob: float = Field(
+        0.0, ge=0, le=1, description="chance that an image and its segments are flipped top-bottom"
+    )
     box_noise: float = Field(0.1, ge=0, description="box corner noise std, fraction of the side")
     box_noise_max: float = Field(20.0, ge=0, description="cap of that std, in frame pixels")
     max_points: int = Field(3, ge=1, description="point prompts are 1..max_points positives")

@@ -358,3 +358,62 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     assert not any(k.startswith("module.") for k in state)
     rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["iteration"] for r in rows] == [0, 1]
+
+
+def _adapt_samples(cfg, keys):
+    from pipeline.data.coco_panoptic import PanopticDataset
+    from pipeline.training.adapt_teacher import AdaptDataset
+
+    data = PanopticDataset(*cfg.split_paths("train"), transform=None, seed=0)
+    ds = AdaptDataset(
+        data, cfg.teacher.tiny.img_size, cfg.teacher_adapt.loss_size, cfg.teacher_adapt
+    )
+    return [ds[k] for k in keys]
+
+
+def test_flips_mirror_image_targets_and_valid_together_and_prompts_stay_inside(tiny_data, tmp_path):
+    """hflip/vflip at chance 1 against a chance so small it never fires (the same two draws,
+    so the same segments are prompted): every array is the mirror of the unflipped one, and
+    each positive point of a flipped sample lies on its own target."""
+    tiny = "teacher_adapt.{}_prob={}"
+    plain = _cfg(tiny_data, tmp_path, tiny.format("hflip", 1e-12), tiny.format("vflip", 1e-12))
+    h = _cfg(tiny_data, tmp_path, tiny.format("hflip", 1), tiny.format("vflip", 1e-12))
+    hv = _cfg(tiny_data, tmp_path, tiny.format("hflip", 1), tiny.format("vflip", 1))
+    keys = [0, 3, 7]
+    for cfg, dims in ((h, [-1]), (hv, [-1, -2])):
+        for a, b in zip(_adapt_samples(plain, keys), _adapt_samples(cfg, keys)):
+            assert b["targets"].shape[0] == a["targets"].shape[0] > 0
+            assert torch.equal(b["targets"], a["targets"].flip(dims))
+            assert torch.equal(b["valid"], a["valid"].flip(dims))
+            diff = (b["image"].int() - a["image"].flip(dims).int()).abs().max()
+            assert diff <= 1  # the resize of a mirrored image, up to uint8 rounding
+            assert torch.equal(b["is_box"], a["is_box"])
+            L = b["targets"].shape[-1]
+            f = cfg.teacher.tiny.img_size / L
+            for p in range(b["targets"].shape[0]):
+                for (x, y), lab in zip(b["points"][p].tolist(), b["labels"][p].tolist()):
+                    if lab == 1:  # frame pixel -> loss-grid cell
+                        gx, gy = round((x + 0.5) / f - 0.5), round((y + 0.5) / f - 0.5)
+                        assert b["targets"][p, gy, gx]
+                if b["is_box"][p]:
+                    ys, xs = torch.nonzero(b["targets"][p], as_tuple=True)
+                    x0, y0, x1, y1 = b["boxes"][p].tolist()
+                    cx, cy = (
+                        (xs.float().mean() + 0.5) * f - 0.5,
+                        (ys.float().mean() + 0.5) * f - 0.5,
+                    )
+                    assert x0 < cx < x1 and y0 < cy < y1  # the box surrounds its segment
+
+
+def test_flips_off_keep_the_adaptation_identity(tiny_data, tmp_path):
+    """Chance 0 (the default) leaves the identity, so the folder, of existing adaptations as it
+    was; any other chance makes a new adaptation."""
+    from pipeline.teacher.adapted import adapt_identity
+
+    base = _cfg(tiny_data, tmp_path)
+    off = _cfg(tiny_data, tmp_path, "teacher_adapt.hflip_prob=0", "teacher_adapt.vflip_prob=0")
+    on = _cfg(tiny_data, tmp_path, "teacher_adapt.hflip_prob=0.5")
+    assert "hflip_prob" not in adapt_identity(base)["teacher_adapt"]
+    assert adapted_dir(off) == adapted_dir(base)
+    assert adapt_identity(on)["teacher_adapt"]["hflip_prob"] == 0.5
+    assert adapted_dir(on) != adapted_dir(base)

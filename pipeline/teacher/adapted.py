@@ -42,6 +42,9 @@ def adapt_identity(cfg: Config) -> dict[str, Any]:
     adapt = cfg.teacher_adapt.model_dump(mode="json")
     for key in ("enabled", "checkpoint_interval", "log_interval", "num_workers"):
         adapt.pop(key)  # do not change the result
+    for key in ("hflip_prob", "vflip_prob"):
+        if adapt[key] == 0:  # off draws nothing: adaptations from before these keys stay valid
+            adapt.pop(key)
     teacher = cfg.teacher.model_dump(mode="json")
     return {
         "teacher_type": teacher["type"],

@@ -83,6 +83,26 @@ def _resize_bool(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- data
+def _random_flips(
+    sample: dict[str, Any], hflip_prob: float, vflip_prob: float, g: torch.Generator
+) -> dict[str, Any]:
+    """Mirror ``image`` ``[3, H, W]``, ``masks`` ``[K, H, W]`` and ``ignore`` ``[H, W]``
+    left-right with chance ``hflip_prob`` and top-bottom with chance ``vflip_prob``.
+
+    SAM's objective is class-agnostic, so either flip keeps every prompt and target valid. Two
+    numbers are always drawn from ``g`` (when either chance is above 0), so the prompts drawn
+    after them do not depend on whether an image was flipped."""
+    u = torch.rand(2, generator=g)
+    probs = (hflip_prob, vflip_prob)
+    dims = [d for d, draw, p in zip((-1, -2), u.tolist(), probs) if draw < p]
+    if not dims:
+        return sample
+    out = dict(sample)
+    for key in ("image", "masks", "ignore"):
+        out[key] = sample[key].flip(dims)
+    return out
+
+
 class AdaptDataset(Dataset):
     """Samples of the train split in the teacher frame, with their prompts already drawn.
 
@@ -117,11 +137,12 @@ class AdaptDataset(Dataset):
         if "skip_reason" in sample:
             return sample
         a, S, L = self.adapt, self.S, self.L
-        H0, W0 = sample["orig_size"]
+        g = _generator(self.adapt.seed, int(key))
+        if a.hflip_prob > 0 or a.vflip_prob > 0:
+            sample = _random_flips(sample, a.hflip_prob, a.vflip_prob, g)
         image = self.resize.apply_image(sample["image"].permute(1, 2, 0).numpy())
         h, w = image.shape[:2]
         hl, wl = max(1, round(h * L / S)), max(1, round(w * L / S))
-        g = _generator(self.adapt.seed, int(key))
 
         masks = sample["masks"]
         count = masks.shape[0]
@@ -169,7 +190,7 @@ class AdaptDataset(Dataset):
             "labels": labels,
             "is_box": is_box,
             "image_id": sample["image_id"],
-            "orig_size": (H0, W0),
+            "orig_size": tuple(sample["orig_size"]),
         }
 
 
