@@ -137,6 +137,7 @@ class AdaptDataset(Dataset):
         if "skip_reason" in sample:
             return sample
         a, S, L = self.adapt, self.S, self.L
+        H0, W0 = sample["orig_size"]
         g = _generator(self.adapt.seed, int(key))
         if a.hflip_prob > 0 or a.vflip_prob > 0:
             sample = _random_flips(sample, a.hflip_prob, a.vflip_prob, g)
@@ -190,7 +191,7 @@ class AdaptDataset(Dataset):
             "labels": labels,
             "is_box": is_box,
             "image_id": sample["image_id"],
-            "orig_size": tuple(sample["orig_size"]),
+            "orig_size": (H0, W0),
         }
 
 
