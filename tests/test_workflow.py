@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dry_run(
-    tmp_path: Path, *targets: str, main: Path | None = None, ablation: Path | None = None
+    tmp_path: Path,
+    *targets: str,
+    main: Path | None = None,
+    ablation: Path | None = None,
+    find_spec: bool = False,
 ) -> subprocess.CompletedProcess:
+    """``snakemake -n``; ``find_spec`` passes no ablation, so the workflow looks beside main."""
     main = main or ROOT / "configs/reg_sam/regnet_distill.yaml"
     ablation = ablation or ROOT / "configs/ablation.yaml"
     cmd = [
@@ -34,7 +39,7 @@ def dry_run(
         str(ROOT / "configs/workflow.yaml"),
         "--config",
         f"main={main}",
-        f"ablation={ablation}",
+        *([] if find_spec else [f"ablation={ablation}"]),
     ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
@@ -90,6 +95,36 @@ def test_adaptation_off_caches_the_configured_teacher(tmp_path):
     assert "adapt_teacher" not in counts and counts["cache_teacher"] == 1
     assert counts["evaluate_teacher"] == 1  # the configured teacher only
     assert re.search(r"cache/sam_tiny-train-[0-9a-f]{12}/COMPLETE\.json", res.stdout)
+
+
+def test_a_spec_found_beside_main_that_does_not_fit_is_left_out(tmp_path):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    main = folder / "main.yaml"  # another teacher than the spec's base
+    main.write_text(
+        f"_base_: {ROOT / 'configs/reg_sam/regnet_distill.yaml'}\nteacher_adapt: {{iters: 2000}}\n"
+    )
+    spec = folder / "ablation.yaml"
+    spec.write_text(
+        f"base: {ROOT / 'configs/reg_sam/baseline.yaml'}\nvariants: {{baseline: {{}}}}\n"
+    )
+    # found beside main, not asked for: a note, and the main chain alone
+    res = dry_run(tmp_path, main=main, find_spec=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"note: {spec}, found beside main={main}, is left out" in res.stderr
+    assert "teacher_adapt.iters: 2000 vs 350" in res.stderr
+    counts = job_counts(res.stdout)
+    assert counts["train_run"] == 1 and counts["adapt_teacher"] == 1
+    # the ablation target then says what to pass
+    res = dry_run(tmp_path, "ablation", main=main, find_spec=True)
+    assert res.returncode != 0
+    assert "no ablation runs" in res.stderr + res.stdout
+    assert "--config ablation=PATH" in res.stderr + res.stdout
+    # passed explicitly, the same spec is an error before any job
+    res = dry_run(tmp_path, main=main, ablation=spec)
+    assert res.returncode == 1
+    assert "changes the teacher/cache/data settings" in res.stderr
+    assert "Job stats" not in res.stdout
 
 
 def test_progressive_chains_three_stages(tmp_path):

@@ -34,7 +34,11 @@ STARTED = time.time()
 
 def load_workflow(main_config, ablation):
     """(runs, their configs, the teacher cache's completion marker), or ConfigError /
-    MissingInputError."""
+    MissingInputError.
+
+    A spec passed as ``ablation`` must share main's teacher, cache and data settings (else
+    ConfigError). A spec only found beside main (``find_ablation_spec``) that does not is left
+    out with a note, so `snakemake --config main=OTHER` still runs the main chain."""
     spec = ablation or find_ablation_spec(main_config)
     runs = expand_spec(spec) if spec else RunTable()  # no spec: the main chain only
     runs.add(Run("main", main_config))
@@ -43,13 +47,23 @@ def load_workflow(main_config, ablation):
     # One cached teacher serves every run: refuse runs whose teacher or cache settings differ.
     for name, cfg in configs.items():
         diff = shared_differences(main_cfg, cfg)
-        if diff:
+        if not diff:
+            continue
+        if ablation:
             raise ConfigError(
                 f"run {name!r} of {spec} changes the teacher/cache/data settings of "
                 f"main={main_config} ({'; '.join(diff[:4])}). All runs of one workflow share "
                 "one teacher cache: use an ablation spec whose base has main's teacher, cache and "
                 "data sections (e.g. configs/coco/ablation.yaml for configs/coco/*), passed with "
                 "--config ablation=PATH or placed as ablation.yaml beside the main config.")
+        print(f"note: {spec}, found beside main={main_config}, is left out: its run {name!r} "
+              f"changes main's teacher/cache/data settings ({'; '.join(diff[:4])}). The main "
+              "chain runs; ablation, sweep and progressive targets need --config ablation=PATH "
+              "with a spec whose base has main's teacher.", file=sys.stderr)
+        runs = RunTable()
+        runs.add(Run("main", main_config))
+        configs = {"main": main_cfg}
+        break
     require(workflow_checks(main_cfg, configs.values()))
     return runs, configs, cache_marker(main_cfg, "train")
 
