@@ -111,7 +111,7 @@ def test_a_spec_found_beside_main_that_does_not_fit_is_left_out(tmp_path):
     # found beside main, not asked for: a note, and the main chain alone
     res = dry_run(tmp_path, main=main, find_spec=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"note: {spec}, found beside main={main}, is left out" in res.stderr
+    assert f"note: {spec}, the ablation spec found for main={main}, is left out" in res.stderr
     assert "teacher_adapt.iters: 2000 vs 350" in res.stderr
     counts = job_counts(res.stdout)
     assert counts["train_run"] == 1 and counts["adapt_teacher"] == 1

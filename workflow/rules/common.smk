@@ -56,10 +56,11 @@ def load_workflow(main_config, ablation):
                 "one teacher cache: use an ablation spec whose base has main's teacher, cache and "
                 "data sections (e.g. configs/coco/ablation.yaml for configs/coco/*), passed with "
                 "--config ablation=PATH or placed as ablation.yaml beside the main config.")
-        print(f"note: {spec}, found beside main={main_config}, is left out: its run {name!r} "
-              f"changes main's teacher/cache/data settings ({'; '.join(diff[:4])}). The main "
-              "chain runs; ablation, sweep and progressive targets need --config ablation=PATH "
-              "with a spec whose base has main's teacher.", file=sys.stderr)
+        print(f"note: {spec}, the ablation spec found for main={main_config}, is left out: "
+              f"its run {name!r} changes main's teacher/cache/data settings "
+              f"({'; '.join(diff[:4])}). The main chain runs; ablation, sweep and progressive "
+              "targets need --config ablation=PATH with a spec whose base has main's teacher.",
+              file=sys.stderr)
         runs = RunTable()
         runs.add(Run("main", main_config))
         configs = {"main": main_cfg}
