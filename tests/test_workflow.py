@@ -19,7 +19,7 @@ def dry_run(
     ablation: Path | None = None,
     find_spec: bool = False,
 ) -> subprocess.CompletedProcess:
-    """``snakemake -n``; ``find_spec`` passes no ablation, so the workflow looks beside main."""
+    """``snakemake -n``; ``find_spec`` passes no ablation, so the workflow looks one up for main."""
     main = main or ROOT / "configs/reg_sam/regnet_distill.yaml"
     ablation = ablation or ROOT / "configs/ablation.yaml"
     cmd = [

@@ -37,7 +37,7 @@ def load_workflow(main_config, ablation):
     MissingInputError.
 
     A spec passed as ``ablation`` must share main's teacher, cache and data settings (else
-    ConfigError). A spec only found beside main (``find_ablation_spec``) that does not is left
+    ConfigError). A spec only looked up for main (``find_ablation_spec``) that does not is left
     out with a note, so `snakemake --config main=OTHER` still runs the main chain."""
     spec = ablation or find_ablation_spec(main_config)
     runs = expand_spec(spec) if spec else RunTable()  # no spec: the main chain only
