@@ -384,6 +384,10 @@ def _ort_session(path: str, threads: int, providers: list[str] | None = None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # onnxruntime's worker threads otherwise keep spinning after a run, taking the cores from
+    # whichever row comes next in the round-robin (measured: the eager row after an
+    # onnxruntime row ran slower); back to back, one session is as fast either way
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
 
 
@@ -729,7 +733,8 @@ def main(argv: list[str] | None = None) -> str | None:
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
         f"onnxruntime {_ort_version()}",
         f"- device: {device_description(torch.device('cpu'))}; {args.threads} threads "
-        f"(torch.set_num_threads and onnxruntime intra-op; children reported "
+        f"(torch.set_num_threads and onnxruntime intra-op, onnxruntime's idle spinning off so "
+        f"it does not take the cores from the next row; children reported "
         f"{sorted({r['torch_threads'] for r in runs})} torch threads)",
         f"- load average (1/5/15 min): at start {load_start}; per process before/after: "
         + "; ".join(f"{r['load_before']} → {r['load_after']}" for r in runs),

@@ -3,9 +3,11 @@
 The exported graph is :class:`DeployStudent`: uint8 (or float 0-255) RGB ``[1, 3, H, W]`` in,
 the student's own normalisation inside (its backbone's timm pretrained mean/std), the last
 stage's ``pred_logits [1, Q, K + 1]``, ``pred_masks [1, Q, H / r, W / r]`` and
-``pred_iou [1, Q]`` out (no deep-supervision outputs). Before export every BatchNorm that
-directly follows a convolution is folded into it (:func:`fold_batchnorm`), so the exported
-model runs one convolution where the trained one ran a convolution and a normalisation.
+``pred_iou [1, Q]`` out (no deep-supervision outputs). Before export the copy being exported is
+put in its inference form (:func:`pipeline.deploy.fold.inference_form`): every BatchNorm that
+directly follows a convolution is folded into it, the neck's fusion weights are folded into its
+levels and its coordinate conv is split, so the exported model computes the same outputs with
+fewer and better-shaped operations.
 
 Everything :mod:`pipeline.deploy.runner` needs to reproduce the PyTorch predictions travels
 in the file (ONNX ``metadata_props`` / the ``.pt2``'s extra file ``regsam.json``): categories,
@@ -23,6 +25,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from pipeline.deploy.fold import fold_batchnorm, inference_form
 from pipeline.evaluation.predict import categories_to_json
 from pipeline.models.student import RegSAMStudent
 
@@ -70,95 +73,6 @@ class DeployStudent(nn.Module):
         return out["pred_logits"], out["pred_masks"], out["pred_iou"]
 
 
-def _conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
-    """(conv name, BatchNorm name) pairs where the BatchNorm's input is the conv's output tensor,
-    found by running ``model`` once on ``example`` with forward hooks."""
-    names = {m: n for n, m in model.named_modules()}
-    produced: dict[int, str] = {}
-    keep_alive: list[Tensor] = []  # holds outputs so their ids stay unique during the pass
-    pairs: list[tuple[str, str]] = []
-
-    def conv_hook(module, _inputs, output):
-        keep_alive.append(output)
-        produced[id(output)] = names[module]
-
-    def bn_hook(module, inputs, _output):
-        conv = produced.get(id(inputs[0]))
-        if conv is not None:
-            pairs.append((conv, names[module]))
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.BatchNorm2d):
-            handles.append(module.register_forward_hook(bn_hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(pairs))
-
-
-def _bn_activation(bn: nn.BatchNorm2d) -> nn.Module:
-    """What is left of a BatchNorm once folded: timm's ``BatchNormAct2d`` keeps its drop + act."""
-    parts = [
-        getattr(bn, attr)
-        for attr in ("drop", "act")
-        if isinstance(getattr(bn, attr, None), nn.Module)
-    ]
-    parts = [p for p in parts if not isinstance(p, nn.Identity)]
-    return nn.Sequential(*parts) if parts else nn.Identity()
-
-
-def fold_batchnorm(model: nn.Module, example: Tensor) -> int:
-    """Fold every eval-mode BatchNorm that directly follows a Conv2d into that conv, in place.
-
-    ``conv' = conv * g / sqrt(var + eps)``, ``bias' = (bias - mean) * g / sqrt(var + eps) + b``;
-    the BatchNorm module is replaced by its activation (timm ``BatchNormAct2d``) or an identity.
-    A conv whose output feeds something besides its BatchNorm is never folded (its pairs are
-    found by tensor identity on a forward pass of ``example``).
-
-    Returns:
-        the number of BatchNorms folded.
-    """
-    if model.training:
-        raise ValueError("fold_batchnorm needs an eval-mode model (running statistics)")
-    pairs = _conv_bn_pairs(model, example)
-    uses: dict[str, int] = {}
-    for conv_name, _ in pairs:
-        uses[conv_name] = uses.get(conv_name, 0) + 1
-    folded = 0
-    for conv_name, bn_name in pairs:
-        if uses[conv_name] != 1:
-            continue
-        conv: nn.Conv2d = model.get_submodule(conv_name)
-        bn: nn.BatchNorm2d = model.get_submodule(bn_name)
-        if not bn.track_running_stats or bn.running_var is None:
-            continue
-        with torch.no_grad():
-            scale = (
-                bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                if bn.affine
-                else 1.0 / torch.sqrt(bn.running_var + bn.eps)
-            )
-            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-            new_bias = (bias - bn.running_mean) * scale + shift
-            if conv.bias is None:
-                conv.bias = nn.Parameter(new_bias, requires_grad=False)
-            else:
-                conv.bias.copy_(new_bias)
-        parent_name, _, attr = bn_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _bn_activation(bn))
-        folded += 1
-    return folded
-
-
 def check_input_size(size: Sequence[int], stride: int) -> tuple[int, int]:
     """``(H, W)`` as ints, or :class:`ExportError` unless both are positive multiples of ``stride``."""
     if len(size) != 2:
@@ -197,8 +111,14 @@ def _deploy_module(student: RegSAMStudent, example: Tensor, fold: bool) -> Deplo
         student=copy.deepcopy(student)
     ).eval()  # the wrapper too: no train-mode export
     if fold:
-        folded = fold_batchnorm(module.student, module.student.normalize(example))
-        log.info("folded %d BatchNorm layers into their convolutions", folded)
+        done = inference_form(module.student, module.student.normalize(example))
+        log.info(
+            "inference form: %d BatchNorm layers folded into their convolutions, %d fusion "
+            "weights folded into the levels, %d coordinate conv split",
+            done["batchnorms_folded"],
+            done["fusion_levels_folded"],
+            done["coord_convs_split"],
+        )
     for p in module.parameters():
         p.requires_grad_(False)
     return module

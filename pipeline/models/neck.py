@@ -22,6 +22,7 @@ __all__ = [
     "FPNNeck",
     "resize_to_stride",
     "coord_channels",
+    "CoordChannels",
 ]
 
 
@@ -50,7 +51,7 @@ class SeparableConvNormAct(nn.Sequential):
     Multiply-adds per output pixel: ``in_channels * k * k + in_channels * out_channels``
     instead of the dense conv's ``in_channels * out_channels * k * k``. BatchNorm (not the dense
     block's GroupNorm) so that export folds both normalisations into their convolutions
-    (:func:`pipeline.deploy.export.fold_batchnorm`).
+    (:func:`pipeline.deploy.fold.fold_batchnorm`).
     """
 
     def __init__(self, *, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
@@ -101,6 +102,13 @@ def coord_channels(x: Tensor) -> Tensor:
     xs = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) / width * 2 - 1
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y]).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+class CoordChannels(nn.Module):
+    """Appends :func:`coord_channels`: ``[B, C, H, W] -> [B, C + 2, H, W]`` (no parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, coord_channels(x)], dim=1)
 
 
 class LevelFusion(nn.Module):
@@ -183,6 +191,7 @@ class FPNNeck(nn.Module):
             block(in_channels=channels, out_channels=channels, kernel_size=3) for _ in in_channels
         )
         self.fusion = LevelFusion(num_levels=len(in_channels), learnable=use_learnable_fusion)
+        self.coords = CoordChannels() if use_coord else nn.Identity()
         self.mask_conv = block(
             in_channels=channels + (2 if use_coord else 0), out_channels=channels, kernel_size=3
         )
@@ -221,7 +230,5 @@ class FPNNeck(nn.Module):
             for x, s in zip(levels, self.strides)
         ]
         fused = self.fusion(resized)
-        if self.use_coord:
-            fused = torch.cat([fused, coord_channels(fused)], dim=1)
-        mask_features = self.mask_proj(self.mask_conv(fused))
+        mask_features = self.mask_proj(self.mask_conv(self.coords(fused)))
         return levels, mask_features
