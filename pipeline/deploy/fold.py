@@ -1,7 +1,7 @@
 """The student's inference form: exact rewrites applied to a copy of the model before export.
 
 Each function changes how the eval-mode model computes, never what it computes (up to float
-rounding; ``tests/test_deploy.py`` checks every one against the unchanged model):
+rounding; ``tests/test_deploy_fold.py`` checks every one against the unchanged model):
 
 * :func:`fold_batchnorm`: an eval-mode BatchNorm that directly follows a convolution becomes
   part of that convolution's weight and bias;
@@ -13,9 +13,9 @@ rounding; ``tests/test_deploy.py`` checks every one against the unchanged model)
   large conv keeps a channel count that onnxruntime's blocked (NCHWc) kernels accept and the
   ``C + 2``-channel concatenation is never materialised.
 
-Measured on the default student at 640x640 with onnxruntime on 2 threads, the last two with
-the head's einsums written as matmuls took the exported graph from about 81 to 68 ms
-(README, Deployment).
+With the head's einsums written as matmuls, the last two made the exported default student
+1.19x faster in onnxruntime at 640x640 on 2 threads, the COCO student 1.09x
+(``benchmarks/bench_onnx.py``; README, Benchmarks).
 """
 
 from __future__ import annotations
