@@ -1,5 +1,5 @@
 """benchmarks/bench_onnx.py: the side-by-side table by hand, a real run on two tiny ONNX files,
-and a clear error for a missing file."""
+a clear error for a missing file, and the spinning check."""
 
 from __future__ import annotations
 
@@ -53,3 +53,18 @@ def test_missing_file_is_named(tmp_path, capsys):
         bench_onnx.main([str(tmp_path / "nope.onnx")])
     err = capsys.readouterr().err
     assert "no such ONNX file" in err and "nope.onnx" in err
+
+
+def test_spinning_check_times_both_sessions_and_the_eager_forward_after_each():
+    import check_ort_spinning
+
+    result = check_ort_spinning.main(["--size", "64", "64", "--threads", "1", "--rounds", "2"])
+    assert sorted(result) == sorted(
+        [
+            "onnxruntime, spinning 1",
+            "onnxruntime, spinning 0",
+            "eager right after it (spinning 1)",
+            "eager right after it (spinning 0)",
+        ]
+    )
+    assert all(v > 0 for v in result.values())
