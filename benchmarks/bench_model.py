@@ -65,6 +65,8 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: this checkout's pipeline
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # and its sibling bench_onnx, however loaded
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline.evaluation.complexity import (  # noqa: E402
     complexity_table,
@@ -379,16 +381,12 @@ def prepare(
 
 # ----------------------------------------------------------------------------- child
 def _ort_session(path: str, threads: int, providers: list[str] | None = None):
-    import onnxruntime as ort
+    # spinning off: onnxruntime's idle worker threads otherwise keep spinning after a run,
+    # taking the cores from whichever row comes next in the round-robin (measured by
+    # check_ort_spinning.py); back to back, one session is as fast either way
+    from bench_onnx import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # onnxruntime's worker threads otherwise keep spinning after a run, taking the cores from
-    # whichever row comes next in the round-robin (measured: the eager row after an
-    # onnxruntime row ran slower); back to back, one session is as fast either way
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+    return ort_session(path, threads, spinning=False, providers=providers)
 
 
 def build_rows(spec: dict[str, Any]) -> list[tuple[str, Any]]:

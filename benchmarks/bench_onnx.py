@@ -24,21 +24,26 @@ import time
 from pathlib import Path
 
 
-def _session(path: str, threads: int):
+def ort_session(
+    path: str, threads: int, *, spinning: bool = False, providers: list[str] | None = None
+):
+    """An onnxruntime session on ``threads`` intra-op threads (one inter-op). ``spinning``
+    False: idle worker threads sleep instead of spinning, so they do not take the cores from
+    whatever runs next (``check_ort_spinning.py`` measures the difference)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
 
 
 def measure(files: list[str], size: tuple[int, int], threads: int, warmup: int, iters: int):
     """Per file, the median ms of ``iters`` runs alternated round-robin in this process."""
     import numpy as np
 
-    sessions = [_session(f, threads) for f in files]
+    sessions = [ort_session(f, threads) for f in files]
     rng = np.random.default_rng(0)
     inputs = []
     for s in sessions:

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import build_student_from  # noqa: E402
+from bench_onnx import ort_session  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -34,8 +35,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=14, help="timed rounds (2 more warm up)")
     args = p.parse_args(argv)
-    import onnxruntime as ort
-
     from pipeline.deploy.export import export_onnx
 
     torch.set_num_threads(args.threads)
@@ -43,15 +42,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     size = (args.size[0], args.size[1])
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(student, Path(tmp) / "student.onnx", size, dynamic=False)
-        sessions = {}
-        for spin in ("1", "0"):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = args.threads
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-            sessions[spin] = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+        sessions = {
+            spin: ort_session(str(path), args.threads, spinning=spin == "1") for spin in ("1", "0")
+        }
     image = np.random.default_rng(0).integers(0, 256, (1, 3, *size)).astype(np.uint8)
     tensor = torch.from_numpy(image)
     times: dict[str, list[float]] = {}

@@ -20,13 +20,17 @@ With the head's einsums written as matmuls, the last two made the exported defau
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.neck import ConvNormAct, CoordChannels, FPNNeck, coord_channels
+from pipeline.models.neck import (
+    ConvNormAct,
+    CoordChannels,
+    FPNNeck,
+    SeparableConvNormAct,
+    coord_channels,
+)
 
 __all__ = [
     "fold_batchnorm",
@@ -36,8 +40,6 @@ __all__ = [
     "SumFusion",
     "CoordSplitConv2d",
 ]
-
-log = logging.getLogger(__name__)
 
 
 def _conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
@@ -154,7 +156,7 @@ def _last_affine_norm(block: nn.Module) -> nn.Module | None:
     """The normalisation whose output, through ReLU/identity only, is ``block``'s output."""
     if isinstance(block, ConvNormAct):
         layers = list(block)
-    elif hasattr(block, "pointwise"):  # SeparableConvNormAct
+    elif isinstance(block, SeparableConvNormAct):
         layers = list(block.pointwise)
     else:
         return None

@@ -42,7 +42,7 @@ def mask_pool(mask_logits: Tensor, features: Tensor, eps: float = 1e-6) -> Tenso
     """
     weights = mask_logits.sigmoid()
     # einsum("bqhw,bchw->bqc") written as one batched matmul over flattened pixels: the same
-    # bmm on CPU (bit-identical values and gradients, tests/test_models_head.py), and a plain
+    # bmm on CPU (bit-identical values and gradients, tests/test_deploy_fold.py), and a plain
     # MatMul in the exported graph (onnxruntime's Einsum is several times slower)
     pooled = torch.matmul(weights.flatten(2), features.flatten(2).transpose(1, 2))
     return pooled / (weights.sum(dim=(2, 3)).unsqueeze(-1) + eps)
