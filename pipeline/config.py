@@ -240,7 +240,7 @@ class TeacherConfig(_Section):
 
 def teacher_depth(teacher_type: str, tiny: SamTinyConfig) -> int:
     """Number of ViT blocks of a teacher type (``tiny.depth`` for ``sam_tiny``)."""
-    from pipeline.teacher.sam_builder import spec_for  # imported late: it imports this module
+    from pipeline.teacher.specs import spec_for  # imported late: it imports this module
 
     return spec_for(teacher_type, tiny).depth
 

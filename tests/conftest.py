@@ -1,11 +1,18 @@
 """Shared test settings."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.data.synthetic import generate_synthetic_coco_panoptic
+
+# Under pytest-xdist (the README's test command runs one worker per core, a file per worker), a
+# worker's module fixtures share the cores with the other workers: give each its share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import SamTinyConfig
-from pipeline.teacher import sam_builder
+from pipeline.teacher import specs
 from pipeline.teacher.sam_builder import (
     TEACHER_SPECS,
     build_teacher,
@@ -152,7 +152,7 @@ def test_sha256_without_writable_sidecar(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError("read-only directory")
 
-    monkeypatch.setattr(sam_builder.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(specs.tempfile, "mkstemp", refuse)
     assert sha256_file(f) == hashlib.sha256(b"data").hexdigest()
     assert not (tmp_path / "w.pth.sha256").exists()
 

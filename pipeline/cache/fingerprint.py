@@ -30,7 +30,7 @@ reuses). With ``data.labeled_fraction < 1`` the train cache's fingerprint record
 subset, whose segments alone make the class prototypes.
 
 Computing the fingerprint builds no model: checkpoint digests come from
-:func:`pipeline.teacher.sam_builder.sha256_file`, so Snakemake can call :func:`cache_dir` at DAG
+:func:`pipeline.teacher.specs.sha256_file`, so Snakemake can call :func:`cache_dir` at DAG
 time.
 """
 
@@ -43,7 +43,7 @@ from typing import Any
 
 from pipeline.config import Config, TeacherConfig
 from pipeline.teacher.adapted import adapted_dir, effective_teacher
-from pipeline.teacher.sam_builder import PIXEL_MEAN, PIXEL_STD, sha256_file, spec_for
+from pipeline.teacher.specs import PIXEL_MEAN, PIXEL_STD, sha256_file, spec_for
 
 __all__ = [
     "CACHE_SCHEMA_VERSION",
