@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,7 @@ __all__ = [
     "load_config_dict",
     "apply_overrides",
     "config_digest",
+    "is_timm_model",
     "missing_input_files",
     "OBJECT_MASK_THRESHOLD",
     "OVERLAP_THRESHOLD",
@@ -341,6 +343,49 @@ class CacheConfig(_Section):
 
 
 # ---------------------------------------------------------------------------- model
+def _timm_names_file(version: str) -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "regsam" / f"timm-{version}-models.json"
+
+
+def is_timm_model(name: str) -> bool:
+    """Whether timm knows the architecture ``name`` (``arch`` or ``arch.pretrained_tag``).
+
+    Importing timm (and with it torch and torchvision) takes about 5 s, which Snakemake would pay
+    at every DAG build. So the architecture names of the installed timm version are kept in
+    ``~/.cache/regsam/timm-<version>-models.json`` (``$XDG_CACHE_HOME`` respected), written the
+    first time timm is imported for this check. The file only ever confirms a name: a name it
+    lacks, an unreadable file or a process that has imported timm already asks timm itself, so a
+    stale or edited list can delay an error to the student's construction but never reject a
+    valid name.
+    """
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    arch = name.split(".", 1)[0]
+    if "timm" not in sys.modules:
+        try:
+            names_file = _timm_names_file(version("timm"))
+            names = json.loads(names_file.read_text())
+            if isinstance(names, list) and arch in names:
+                return True
+        except (OSError, ValueError, PackageNotFoundError):
+            pass
+    import timm
+
+    known = timm.is_model(name)
+    try:
+        names_file = _timm_names_file(timm.__version__)
+        if not names_file.is_file():
+            names_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = names_file.with_name(f".{names_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(sorted(timm.list_models())))
+            os.replace(tmp, names_file)
+    except OSError:
+        pass  # a read-only home: every check imports timm
+    return known
+
+
 class BackboneConfig(_Section):
     name: str = "regnetx_002"
     pretrained_path: str | None = None
@@ -349,9 +394,8 @@ class BackboneConfig(_Section):
     @field_validator("name")
     @classmethod
     def _timm_model(cls, v: str) -> str:
-        import timm  # the model's own check (strides 4-32) runs when the student is built
-
-        if not timm.is_model(v):
+        # the model's own check (strides 4-32) runs when the student is built
+        if not is_timm_model(v):
             raise ValueError(
                 f"must be a timm model name with features_only support (e.g. "
                 f"regnetx_002, resnet18, mobilenetv3_large_100), got {v!r}"

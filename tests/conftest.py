@@ -41,6 +41,19 @@ if _WORKERS > 1:
     torch.set_num_threads(max(1, usable_cpus() // _WORKERS))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_home(tmp_path_factory):
+    """Keep what the code under test caches in ``$XDG_CACHE_HOME`` (the timm model names of
+    :func:`pipeline.config.is_timm_model`) out of the user's home; subprocesses inherit it."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors run fastest, and most repeatably, on one intra-op thread (2-core CI)."""
