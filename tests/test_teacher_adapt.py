@@ -340,8 +340,7 @@ def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29531",
+        "--standalone",  # a free port: test files run in parallel (pytest-xdist)
         "-m",
         *args[i:],
     ]

@@ -296,8 +296,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_root):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
+        "--standalone",  # a free port: test files run in parallel (pytest-xdist)
         "-m",
         "pipeline",
         "train",
