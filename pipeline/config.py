@@ -369,8 +369,8 @@ def is_timm_model(name: str) -> bool:
             names = json.loads(names_file.read_text())
             if isinstance(names, list) and arch in names:
                 return True
-        except (OSError, ValueError, PackageNotFoundError):
-            pass
+        except (OSError, ValueError, RuntimeError, PackageNotFoundError):
+            pass  # no file yet, unreadable, or no home directory: timm decides
     import timm
 
     known = timm.is_model(name)
@@ -381,8 +381,8 @@ def is_timm_model(name: str) -> bool:
             tmp = names_file.with_name(f".{names_file.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(sorted(timm.list_models())))
             os.replace(tmp, names_file)
-    except OSError:
-        pass  # a read-only home: every check imports timm
+    except (OSError, RuntimeError):
+        pass  # a read-only or missing home: every check imports timm
     return known
 
 
